@@ -1,0 +1,223 @@
+//! [`AlignedBuf`]: an owned heap buffer aligned for O_DIRECT.
+//!
+//! O_DIRECT and io_uring on an O_DIRECT descriptor need the buffer address
+//! aligned to the device's logical block size; a `Vec<u8>` only guarantees
+//! alignment 1. Every buffer the queue hands to the kernel is one of these,
+//! so the queue never has to bounce.
+
+#![allow(unsafe_code)]
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+use super::IO_ALIGN;
+
+/// An owned, zero-initialised byte buffer whose address is a multiple of
+/// [`IO_ALIGN`].
+///
+/// A zero-length buffer allocates nothing; its pointer is still aligned.
+pub struct AlignedBuf {
+    /// Start of the allocation (dangling but aligned when `len == 0`).
+    ptr: NonNull<u8>,
+    /// Length in bytes; also the size of the allocation.
+    len: usize,
+}
+
+// SAFETY: `AlignedBuf` owns its allocation exclusively (like `Vec<u8>`), so
+// moving it to another thread moves the only handle to the bytes.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out `&[u8]`, and mutation needs `&mut`,
+// so the usual borrow rules prevent data races (as for `Vec<u8>`).
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// The layout of a non-empty buffer of `len` bytes.
+    ///
+    /// Panics only if `len` rounded up to [`IO_ALIGN`] overflows `isize`,
+    /// which no real allocation can reach anyway (like `Vec`'s capacity
+    /// overflow).
+    fn layout(len: usize) -> Layout {
+        match Layout::from_size_align(len, IO_ALIGN) {
+            Ok(layout) => layout,
+            Err(_) => panic!("AlignedBuf of {len} bytes exceeds the address space"),
+        }
+    }
+
+    /// A dangling pointer that is nevertheless aligned to [`IO_ALIGN`], for
+    /// empty buffers (so `as_ptr()` is aligned even then).
+    fn dangling() -> NonNull<u8> {
+        // `IO_ALIGN` is a non-zero power of two, so this is never null.
+        NonNull::new(std::ptr::without_provenance_mut::<u8>(IO_ALIGN))
+            .unwrap_or(NonNull::dangling())
+    }
+
+    /// Allocate `len` zeroed bytes aligned to [`IO_ALIGN`].
+    ///
+    /// Aborts on allocation failure, like `Vec`.
+    pub fn new(len: usize) -> AlignedBuf {
+        if len == 0 {
+            return AlignedBuf {
+                ptr: Self::dangling(),
+                len: 0,
+            };
+        }
+        let layout = Self::layout(len);
+        // SAFETY: `layout` has a non-zero size (len > 0 was checked above).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        match NonNull::new(raw) {
+            Some(ptr) => AlignedBuf { ptr, len },
+            None => alloc::handle_alloc_error(layout),
+        }
+    }
+
+    /// An aligned copy of `data`.
+    pub fn from_slice(data: &[u8]) -> AlignedBuf {
+        let mut buf = AlignedBuf::new(data.len());
+        buf.as_mut_slice().copy_from_slice(data);
+        buf
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes, shared.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `len` initialised bytes we own (zeroed at
+        // allocation; or `len == 0` with a non-null aligned dangling
+        // pointer), and `&self` keeps them from being mutated meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, exclusive.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes this the only
+        // live reference to the bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Raw pointer to the first byte (aligned to [`IO_ALIGN`]).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Raw mutable pointer to the first byte (aligned to [`IO_ALIGN`]); the
+    /// heap address stays the same when the `AlignedBuf` itself is moved.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: a non-empty buffer was allocated in `new` with exactly
+            // this layout (same `len`, same alignment) and is freed once.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
+        }
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+impl Clone for AlignedBuf {
+    fn clone(&self) -> AlignedBuf {
+        AlignedBuf::from_slice(self.as_slice())
+    }
+}
+
+impl fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The contents are usually megabytes of sector data: print the shape.
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("ptr", &self.ptr)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_buffer_is_zeroed_and_aligned() {
+        for len in [1usize, 511, 512, 4096, 4097, 1 << 20] {
+            let buf = AlignedBuf::new(len);
+            assert_eq!(buf.len(), len);
+            assert_eq!(buf.as_ptr() as usize % IO_ALIGN, 0, "len {len}");
+            assert!(buf.iter().all(|&b| b == 0), "len {len}");
+        }
+    }
+
+    #[test]
+    fn empty_buffer_is_allowed_and_aligned() {
+        let mut buf = AlignedBuf::new(0);
+        assert!(buf.is_empty());
+        assert_eq!(buf.as_slice(), &[] as &[u8]);
+        assert_eq!(buf.as_mut_slice().len(), 0);
+        assert_eq!(buf.as_ptr() as usize % IO_ALIGN, 0);
+        let copy = buf.clone();
+        assert_eq!(copy.len(), 0);
+    }
+
+    #[test]
+    fn writes_through_deref_mut_are_visible() {
+        let mut buf = AlignedBuf::new(8192);
+        buf[100] = 7;
+        buf.as_mut_slice()[8191] = 9;
+        assert_eq!(buf.as_slice()[100], 7);
+        assert_eq!(buf[8191], 9);
+        let copy = buf.clone();
+        assert_eq!(copy.as_slice(), buf.as_slice());
+        assert_ne!(copy.as_ptr(), buf.as_ptr());
+    }
+
+    #[test]
+    fn from_slice_copies_and_aligns() {
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let buf = AlignedBuf::from_slice(&data);
+        assert_eq!(&buf[..], &data[..]);
+        assert_eq!(buf.as_ptr() as usize % IO_ALIGN, 0);
+    }
+
+    #[test]
+    fn heap_address_survives_a_move() {
+        let mut buf = AlignedBuf::new(4096);
+        let before = buf.as_mut_ptr();
+        let moved = Box::new(buf);
+        assert_eq!(moved.as_ptr(), before as *const u8);
+    }
+
+    #[test]
+    fn buffers_can_be_sent_between_threads() {
+        let mut buf = AlignedBuf::new(512);
+        buf[0] = 42;
+        let back = std::thread::spawn(move || {
+            buf[1] = 43;
+            buf
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(&back[..2], &[42, 43]);
+    }
+}

@@ -1,0 +1,525 @@
+//! [`FileBacking`]: a regular file or block device as the backing store.
+//!
+//! Opened with O_DIRECT so the cache, not the host page cache, decides what
+//! stays in memory, and so a completed write has reached the device (its
+//! volatile cache at least; `flush` covers the rest). File systems that
+//! refuse O_DIRECT get a buffered descriptor instead, with a warning.
+
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{AlignedBuf, Backing, IO_ALIGN};
+
+/// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes (libc has
+/// no constant for it).
+const BLKGETSIZE64: libc::c_ulong = 0x80081272;
+
+/// Granularity of offsets and lengths (the trait's contract).
+const SECTOR: u64 = 512;
+
+/// Largest piece an unaligned buffer is bounced through at once, so a huge
+/// unaligned request does not allocate a huge bounce buffer.
+const BOUNCE_CHUNK: usize = 1 << 20;
+
+/// A raw file or block device opened for the cache to write back to.
+#[derive(Debug)]
+pub struct FileBacking {
+    /// The open descriptor; closed on drop.
+    file: File,
+    /// The path it was opened from (for messages).
+    path: PathBuf,
+    /// Size in bytes, fixed at open.
+    size: u64,
+    /// Whether `file` was opened with O_DIRECT.
+    direct: bool,
+    /// Whether `file` was opened read-only.
+    read_only: bool,
+}
+
+impl FileBacking {
+    /// Open `path` (a regular file or a block device) as a backing store.
+    ///
+    /// Tries O_DIRECT first and falls back to buffered I/O, with a warning,
+    /// when the file system refuses it. Fails if the path is anything else,
+    /// or if its size is not a multiple of 512 bytes.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<FileBacking> {
+        Self::open_with(path, read_only, true)
+    }
+
+    /// [`FileBacking::open`], with O_DIRECT only attempted if `try_direct`
+    /// (tests use `false` to exercise the buffered path on any file system).
+    pub(crate) fn open_with(
+        path: &Path,
+        read_only: bool,
+        try_direct: bool,
+    ) -> io::Result<FileBacking> {
+        // Check the kind before opening: opening a directory for writing
+        // fails with a bare "Is a directory", and opening a FIFO could block.
+        let kind = std::fs::metadata(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        check_kind(path, &kind.file_type())?;
+
+        let mut direct = try_direct;
+        let file = if try_direct {
+            match open_file(path, read_only, libc::O_DIRECT) {
+                Ok(file) => file,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "the file system refuses O_DIRECT; using buffered I/O \
+                         (the host page cache will hold backing data, and flush \
+                         will fdatasync)"
+                    );
+                    direct = false;
+                    open_file(path, read_only, 0)?
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            open_file(path, read_only, 0)?
+        };
+
+        // Check again on what was actually opened (the path may have changed
+        // in between).
+        let meta = file
+            .metadata()
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let file_type = meta.file_type();
+        check_kind(path, &file_type)?;
+        let size = if file_type.is_block_device() {
+            block_device_size(&file).map_err(|e| {
+                io::Error::new(e.kind(), format!("{}: BLKGETSIZE64: {e}", path.display()))
+            })?
+        } else {
+            meta.len()
+        };
+        if !size.is_multiple_of(SECTOR) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: size {size} bytes is not a multiple of {SECTOR} bytes",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(FileBacking {
+            file,
+            path: path.to_path_buf(),
+            size,
+            direct,
+            read_only,
+        })
+    }
+
+    /// The path this store was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the descriptor uses O_DIRECT (false: buffered fallback).
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Check that `len` bytes at `off` lie inside the store and on sector
+    /// boundaries.
+    fn check_range(&self, off: u64, len: usize) -> io::Result<()> {
+        check_range(&self.path, self.size, off, len)
+    }
+
+    /// Whether `buf` can go to the kernel as it is (O_DIRECT needs an
+    /// aligned address and a whole number of sectors).
+    fn needs_bounce(&self, addr: *const u8, len: usize) -> bool {
+        self.direct
+            && (!(addr as usize).is_multiple_of(IO_ALIGN) || !(len as u64).is_multiple_of(SECTOR))
+    }
+}
+
+/// Reject anything that is neither a regular file nor a block device.
+fn check_kind(path: &Path, file_type: &std::fs::FileType) -> io::Result<()> {
+    if file_type.is_file() || file_type.is_block_device() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: not a regular file or block device", path.display()),
+        ))
+    }
+}
+
+/// Check that `len` bytes at `off` lie inside a store of `size` bytes, on
+/// 512-byte boundaries; `InvalidInput` otherwise.
+pub(super) fn check_range(path: &Path, size: u64, off: u64, len: usize) -> io::Result<()> {
+    let len64 = len as u64;
+    if !off.is_multiple_of(SECTOR) || !len64.is_multiple_of(SECTOR) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{}: I/O of {len} bytes at offset {off} is not aligned to {SECTOR} bytes",
+                path.display()
+            ),
+        ));
+    }
+    match off.checked_add(len64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{}: I/O of {len} bytes at offset {off} is beyond the end ({size} bytes)",
+                path.display()
+            ),
+        )),
+    }
+}
+
+/// Open `path` read-only or read-write with extra `flags`, close-on-exec.
+fn open_file(path: &Path, read_only: bool, flags: libc::c_int) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(flags | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            // Keep the errno (callers look at EINVAL) and add the path.
+            match e.raw_os_error() {
+                Some(errno) if errno == libc::EINVAL => e,
+                _ => io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+            }
+        })
+}
+
+/// The size of the block device open as `file`.
+fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points
+    // to a live local u64; the descriptor is open for the whole call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// `pread` until `buf` is full; EINTR is retried, end of file is an error.
+fn pread_all(file: &File, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match file.read_at(buf, off) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "end of file at offset {off} with {} bytes left to read",
+                        buf.len()
+                    ),
+                ))
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                off += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `pwrite` until all of `buf` is written; EINTR is retried.
+fn pwrite_all(file: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match file.write_at(buf, off) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("write made no progress at offset {off}"),
+                ))
+            }
+            Ok(n) => {
+                buf = &buf[n..];
+                off += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Backing for FileBacking {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.check_range(off, buf.len())?;
+        if !self.needs_bounce(buf.as_ptr(), buf.len()) {
+            return pread_all(&self.file, buf, off);
+        }
+        let mut bounce = AlignedBuf::new(buf.len().min(BOUNCE_CHUNK));
+        let mut off = off;
+        for piece in buf.chunks_mut(BOUNCE_CHUNK) {
+            let staged = &mut bounce[..piece.len()];
+            pread_all(&self.file, staged, off)?;
+            piece.copy_from_slice(staged);
+            off += piece.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.check_range(off, buf.len())?;
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{}: opened read-only", self.path.display()),
+            ));
+        }
+        if !self.needs_bounce(buf.as_ptr(), buf.len()) {
+            return pwrite_all(&self.file, buf, off);
+        }
+        let mut bounce = AlignedBuf::new(buf.len().min(BOUNCE_CHUNK));
+        let mut off = off;
+        for piece in buf.chunks(BOUNCE_CHUNK) {
+            let staged = &mut bounce[..piece.len()];
+            staged.copy_from_slice(piece);
+            pwrite_all(&self.file, staged, off)?;
+            off += piece.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // fdatasync in both modes: with O_DIRECT it flushes the device's
+        // volatile write cache, buffered it also writes back dirty pages.
+        loop {
+            match self.file.sync_data() {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        let mode = if self.direct { "O_DIRECT" } else { "buffered" };
+        format!("{} ({mode})", self.path.display())
+    }
+
+    fn uring_fd(&self) -> Option<(RawFd, bool)> {
+        Some((self.file.as_raw_fd(), self.direct))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// A directory on a disk file system, where O_DIRECT works (unlike on
+    /// tmpfs before Linux 6.6).
+    fn disk_dir() -> tempfile::TempDir {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        std::fs::create_dir_all(&base).expect("target dir");
+        tempfile::tempdir_in(base).expect("tempdir")
+    }
+
+    fn make_file(dir: &Path, name: &str, len: u64) -> PathBuf {
+        let path = dir.join(name);
+        let f = File::create(&path).expect("create");
+        f.set_len(len).expect("set_len");
+        path
+    }
+
+    /// Writes random data through `buf_offset`-shifted (so possibly
+    /// unaligned) slices and reads it back the same way.
+    fn round_trip(b: &FileBacking, buf_offset: usize, len: usize, off: u64, seed: u64) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut src = vec![0u8; len + buf_offset];
+        rng.fill(&mut src[..]);
+        b.write_at(&src[buf_offset..], off).expect("write");
+        let mut dst = vec![0u8; len + buf_offset];
+        b.read_at(&mut dst[buf_offset..], off).expect("read");
+        assert_eq!(&dst[buf_offset..], &src[buf_offset..]);
+        // Aligned read of the same range sees the same bytes.
+        let mut aligned = AlignedBuf::new(len);
+        b.read_at(&mut aligned, off).expect("aligned read");
+        assert_eq!(&aligned[..], &src[buf_offset..]);
+    }
+
+    fn exercise(b: &FileBacking) {
+        // Aligned buffers, several sizes, including one larger than the
+        // bounce chunk.
+        let mut big = AlignedBuf::new(3 * BOUNCE_CHUNK + 4096);
+        rand::rngs::StdRng::seed_from_u64(1).fill(&mut big[..]);
+        b.write_at(&big, 8192).expect("aligned write");
+        let mut back = AlignedBuf::new(big.len());
+        b.read_at(&mut back, 8192).expect("aligned read");
+        assert_eq!(&back[..], &big[..]);
+        // Unaligned addresses (Vec + odd offset), small and multi-chunk.
+        round_trip(b, 1, 512, 0, 2);
+        round_trip(b, 3, 4096 * 3, 512 * 7, 3);
+        round_trip(b, 17, 2 * BOUNCE_CHUNK + 1536, 1 << 22, 4);
+        // Last sector of the store.
+        round_trip(b, 5, 512, b.size() - 512, 5);
+        b.flush().expect("flush");
+    }
+
+    #[test]
+    fn round_trips_aligned_and_unaligned_buffers_with_o_direct() {
+        let dir = disk_dir();
+        let path = make_file(dir.path(), "disk", 16 << 20);
+        let b = FileBacking::open(&path, false).expect("open");
+        assert!(
+            b.is_direct(),
+            "O_DIRECT should work on the scratch ext4 dir"
+        );
+        assert_eq!(b.describe(), format!("{} (O_DIRECT)", path.display()));
+        assert_eq!(b.uring_fd().map(|(_, d)| d), Some(true));
+        assert_eq!(b.size(), 16 << 20);
+        assert_eq!(b.path(), path.as_path());
+        exercise(&b);
+        // Data reached the file: a fresh buffered open sees it.
+        drop(b);
+        let again = FileBacking::open_with(&path, true, false).expect("reopen");
+        assert!(!again.is_direct());
+        let mut first = vec![0u8; 512];
+        again.read_at(&mut first, 8192).expect("read");
+        let mut expect = AlignedBuf::new(3 * BOUNCE_CHUNK + 4096);
+        rand::rngs::StdRng::seed_from_u64(1).fill(&mut expect[..]);
+        assert_eq!(&first[..], &expect[..512]);
+    }
+
+    #[test]
+    fn round_trips_aligned_and_unaligned_buffers_buffered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = make_file(dir.path(), "disk", 16 << 20);
+        let b = FileBacking::open_with(&path, false, false).expect("open");
+        assert!(!b.is_direct());
+        assert_eq!(b.describe(), format!("{} (buffered)", path.display()));
+        assert_eq!(b.uring_fd().map(|(_, d)| d), Some(false));
+        exercise(&b);
+    }
+
+    #[test]
+    fn falls_back_to_buffered_when_the_file_system_refuses_o_direct() {
+        // procfs refuses O_DIRECT with EINVAL on every kernel (tmpfs accepts
+        // it since Linux 6.6), and its files are regular with size 0.
+        let path = Path::new("/proc/self/status");
+        let b = FileBacking::open(path, true).expect("open");
+        assert!(!b.is_direct(), "procfs should refuse O_DIRECT");
+        assert_eq!(b.size(), 0);
+        assert!(b.describe().ends_with("(buffered)"));
+        let mut empty = [0u8; 0];
+        b.read_at(&mut empty, 0).expect("empty read");
+        let mut sector = [0u8; 512];
+        let err = b.read_at(&mut sector, 0).expect_err("beyond end");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn tmpfs_mode_matches_what_the_kernel_allows() {
+        // /dev/shm is tmpfs: whichever mode we got must match a direct probe.
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let path = make_file(dir.path(), "disk", 1 << 20);
+        let probe = open_file(&path, false, libc::O_DIRECT).is_ok();
+        let b = FileBacking::open(&path, false).expect("open");
+        assert_eq!(b.is_direct(), probe);
+        round_trip(&b, 1, 4096, 4096, 9);
+    }
+
+    #[test]
+    fn out_of_range_and_misaligned_io_is_invalid_input() {
+        let dir = disk_dir();
+        let path = make_file(dir.path(), "disk", 1 << 20);
+        for direct in [true, false] {
+            let b = FileBacking::open_with(&path, false, direct).expect("open");
+            assert_eq!(b.is_direct(), direct);
+            let size = b.size();
+            let mut buf = AlignedBuf::new(1024);
+            let cases: [(u64, usize); 6] = [
+                (size, 512),
+                (size - 512, 1024),
+                (u64::MAX - 511, 1024),
+                (100, 512),
+                (0, 100),
+                (size + 4096, 0),
+            ];
+            for (off, len) in cases {
+                let e = b.read_at(&mut buf[..len], off).expect_err("read");
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "read {off} {len}");
+                let e = b.write_at(&buf[..len], off).expect_err("write");
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "write {off} {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn size_not_a_multiple_of_512_is_rejected() {
+        let dir = disk_dir();
+        let path = make_file(dir.path(), "odd", 4096 + 100);
+        let e = FileBacking::open(&path, false).expect_err("odd size");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("not a multiple of 512"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_is_rejected_with_a_clear_message() {
+        let dir = disk_dir();
+        for read_only in [true, false] {
+            let e = FileBacking::open(dir.path(), read_only).expect_err("dir");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+            assert!(
+                e.to_string().contains("not a regular file or block device"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_path_names_the_path() {
+        let dir = disk_dir();
+        let path = dir.path().join("nope");
+        let e = FileBacking::open(&path, false).expect_err("missing");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn read_only_store_refuses_writes() {
+        let dir = disk_dir();
+        let path = make_file(dir.path(), "disk", 8192);
+        let b = FileBacking::open(&path, true).expect("open");
+        let buf = AlignedBuf::new(512);
+        let e = b.write_at(&buf, 0).expect_err("write");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        let mut back = AlignedBuf::new(512);
+        b.read_at(&mut back, 0).expect("read");
+    }
+
+    #[test]
+    fn reading_a_file_truncated_behind_our_back_is_unexpected_eof() {
+        let dir = disk_dir();
+        let path = make_file(dir.path(), "disk", 8192);
+        for direct in [true, false] {
+            let b = FileBacking::open_with(&path, false, direct).expect("open");
+            let f = OpenOptions::new().write(true).open(&path).expect("open");
+            f.set_len(4096).expect("truncate");
+            let mut buf = AlignedBuf::new(8192);
+            let e = b.read_at(&mut buf, 0).expect_err("eof");
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "direct {direct}");
+            f.set_len(8192).expect("restore");
+        }
+    }
+
+    #[test]
+    fn a_character_device_is_rejected() {
+        let e = FileBacking::open(Path::new("/dev/null"), true).expect_err("chr");
+        assert!(e.to_string().contains("not a regular file or block device"));
+    }
+}

@@ -1,0 +1,104 @@
+//! Garbage collection: reclaiming segments from key_tail.
+//!
+//! When the share of used segments reaches gc_percent (or a writer found
+//! the cache full), GC walks the log from key_tail up to dirty_tail (never
+//! past it: those keys are not written back yet) and drops one segment
+//! reference per key; a data segment whose last reference goes is
+//! invalidated and freed. Log segments are freed when key_tail leaves them.
+//! Eviction is FIFO in log order, as in dm-pcache.
+
+use super::{stats, Engine, Error, Result};
+use crate::format::{self, data_off, PosOnMedia, KSET_MAX_BYTES};
+
+/// Persist key_tail at least this often (in ksets) during a GC pass. A
+/// crash between dropping references and persisting key_tail is safe: the
+/// keys replayed again are stale if their segment was freed, and take their
+/// reference again if not.
+const TAIL_PERSIST_KSETS: usize = 32;
+
+impl Engine {
+    fn gc_wanted(&self, forced: bool) -> bool {
+        let used = self.segs.used() as u64;
+        let pct = self.gc_percent() as u64;
+        forced || used * 100 >= self.n_segs as u64 * pct
+    }
+
+    /// One GC pass. `forced` ignores gc_percent (a writer is waiting for
+    /// space). Returns the number of segments freed.
+    pub fn gc_once(&self, forced: bool) -> Result<u32> {
+        let _pass = self.gc_lock.lock().expect("gc lock");
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let dirty = self.dirty_tail();
+        let mut tail = self.key_tail.lock().expect("key_tail lock");
+        let mut pos = tail.pos;
+        let mut freed = 0u32;
+        let mut data_freed = false;
+        let mut since_persist = 0usize;
+        let mut buf = [0u8; KSET_MAX_BYTES];
+        let used_before = self.segs.used();
+        while pos.lsn < dirty.lsn && self.gc_wanted(forced) {
+            let view = self.read_kset(pos, &mut buf).map_err(|end| {
+                Error::Format(format::Error::Corrupt {
+                    what: "key log",
+                    offset: data_off(pos.seg, pos.off),
+                    detail: format!("GC found {end:?} before dirty_tail (lsn {} < {})", pos.lsn, dirty.lsn),
+                })
+            })?;
+            let h = view.header;
+            if h.is_last() {
+                let old = pos.seg;
+                pos = PosOnMedia { seg: h.next_seg, off: 0, lsn: pos.lsn + 1 };
+                // key_tail must leave the segment durably before it can be
+                // reused and overwritten.
+                self.write_tail(&mut tail, format::KEY_TAIL_OFF, pos)?;
+                since_persist = 0;
+                self.segs.free(old);
+                freed += 1;
+                continue;
+            }
+            for (i, key) in view.iter().enumerate() {
+                let at = data_off(pos.seg, pos.off) + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
+                key.validate(self.n_segs, self.backing_bytes, at)?;
+                // A key holds a reference only while its gen is current.
+                if key.gen == self.segs.gen(key.seg) {
+                    let before = self.segs.used();
+                    self.segs.put_ref(&self.region, key.seg).map_err(Error::Persist)?;
+                    if self.segs.used() < before {
+                        freed += 1;
+                        data_freed = true;
+                    }
+                }
+            }
+            pos.off += h.bytes() as u32;
+            pos.lsn += 1;
+            since_persist += 1;
+            if since_persist >= TAIL_PERSIST_KSETS {
+                self.write_tail(&mut tail, format::KEY_TAIL_OFF, pos)?;
+                since_persist = 0;
+            }
+        }
+        if pos != tail.pos {
+            self.write_tail(&mut tail, format::KEY_TAIL_OFF, pos)?;
+        }
+        drop(tail);
+        if data_freed {
+            self.sweep_stale();
+        }
+        if freed > 0 {
+            stats::add(&self.stats.gc_segs_freed, freed as u64);
+            tracing::debug!(freed, used_before, used = self.segs.used(), "gc pass");
+        }
+        Ok(freed)
+    }
+
+    /// Drop index extents whose segment was reclaimed, so DRAM use follows
+    /// the cache's contents rather than everything ever cached.
+    fn sweep_stale(&self) {
+        for shard in self.shards.iter().filter_map(|s| s.get()) {
+            let mut sh = shard.lock().expect("shard lock");
+            sh.map.retain(|e| self.segs.gen(e.seg) as u32 == e.gen);
+        }
+    }
+}

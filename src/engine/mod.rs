@@ -1,0 +1,363 @@
+//! The cache engine: a userspace port of dm-pcache.
+//!
+//! It knows sectors, not descriptors: requests arrive as byte offsets and
+//! buffers, and nothing here knows about virtio or sockets.
+//!
+//! | file | kernel counterpart | holds |
+//! |---|---|---|
+//! | `segment.rs` | `cache_segment.c` | allocation, refs, gens |
+//! | `index.rs`, `key.rs` | `cache_key.c` (tree part) | the sharded extent index |
+//! | `kset.rs` | `cache_key.c` (kset part) | open ksets, key head, log segments |
+//! | `req.rs` | `cache_req.c` | read, write, miss fill, flush |
+//! | `writeback.rs` | `cache_writeback.c` | dirty keys to the backing store |
+//! | `gc.rs` | `cache_gc.c` | reclaiming segments from key_tail |
+//! | `replay.rs` | `cache_key_replay` | rebuilding state at open |
+//! | `open.rs` | `cache.c`, `cache_dev.c` | format, open, tails, settings |
+//!
+//! Lock order (outer first): index shard -> open kset -> log head ->
+//! segment map. Tail mutexes and the settings mutex are leaves.
+
+mod gc;
+mod index;
+mod key;
+mod kset;
+mod open;
+mod replay;
+mod req;
+mod segment;
+mod stats;
+mod workers;
+mod writeback;
+
+pub use index::{Extent, ExtentMap};
+pub use key::CacheExt;
+pub use open::{FormatOptions, OpenOptions};
+pub use req::{DataHead, Miss};
+pub use segment::LOG_RESERVE_SEGS;
+pub use stats::{Stats, StatsSnapshot};
+pub use workers::Workers;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use crate::format::{self, PosOnMedia, Superblock};
+use crate::pmem::Region;
+
+use index::ExtentMap as Map;
+use kset::{LogHead, OpenKset};
+use segment::SegTable;
+
+/// Errors from the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The cache medium could not be mapped.
+    #[error(transparent)]
+    Pmem(#[from] crate::pmem::Error),
+    /// A record on the cache medium is invalid.
+    #[error(transparent)]
+    Format(#[from] format::Error),
+    /// Persisting to the cache medium failed.
+    #[error("Persisting to the cache medium failed")]
+    Persist(#[source] io::Error),
+    /// No free segment: retry after GC frees one. `done` bytes of the
+    /// request were cached before space ran out.
+    #[error("Cache is full ({done} bytes of the request were cached)")]
+    CacheFull {
+        /// Bytes already handled.
+        done: u64,
+    },
+    /// The request reaches past the end of the device or overflows.
+    #[error("Request {off:#x}+{len:#x} is outside the {size:#x}-byte device")]
+    OutOfRange {
+        /// Offset asked for.
+        off: u64,
+        /// Length asked for.
+        len: u64,
+        /// Device size.
+        size: u64,
+    },
+    /// Offset or length is not a multiple of 512.
+    #[error("Request {off:#x}+{len:#x} is not aligned to 512-byte sectors")]
+    Unaligned {
+        /// Offset asked for.
+        off: u64,
+        /// Length asked for.
+        len: u64,
+    },
+    /// Cached dirty data failed its data CRC; it cannot be served.
+    #[error("Cached data at {off:#x}+{len:#x} failed its CRC check")]
+    DataCorrupt {
+        /// Logical offset.
+        off: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The backing store failed.
+    #[error("Backing store I/O failed")]
+    Backing(#[source] io::Error),
+    /// An earlier persist failed; the engine refuses writes until restart.
+    #[error("The cache failed earlier (a persist to the medium did not complete); restart pcache")]
+    Failed,
+    /// The cache was opened read-only.
+    #[error("The cache is open read-only")]
+    ReadOnly,
+    /// The medium already holds pcache metadata and `force` was not given,
+    /// or an option conflicts with what the medium records.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A log position plus which replica of its record is newest.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    pos: PosOnMedia,
+    slot: usize,
+    seq: u64,
+}
+
+/// Persistent settings and the replica that holds them.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    info: format::CacheInfo,
+    slot: usize,
+    seq: u64,
+}
+
+/// Wakes a background worker.
+#[derive(Debug, Default)]
+struct Kick {
+    pending: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Kick {
+    fn kick(&self) {
+        *self.pending.lock().expect("kick lock") = true;
+        self.cv.notify_all();
+    }
+
+    /// Sleep until kicked or `timeout`; returns whether kicked.
+    fn wait(&self, timeout: std::time::Duration) -> bool {
+        let g = self.pending.lock().expect("kick lock");
+        let (mut g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |p| !*p)
+            .expect("kick lock");
+        std::mem::replace(&mut *g, false)
+    }
+}
+
+/// One index shard: the extents of a 4 MiB region.
+#[derive(Debug, Default)]
+struct Shard {
+    map: Map<u16, CacheExt>,
+    /// Bumped by every write into the region; a miss fill whose read
+    /// started at an older version is dropped, since the backing data it
+    /// read may be older than what the guest wrote meanwhile.
+    write_version: u64,
+}
+
+/// A pcache engine on an opened cache medium.
+///
+/// # Invariants
+/// - `key_tail <= dirty_tail <= key_head` in log order.
+/// - Every extent in the index points at data that was persisted before
+///   its key was appended to a kset.
+/// - A data segment's `refs` counts its data head (if any) plus every key
+///   in the log after key_tail or in an open kset whose gen equals the
+///   segment's.
+pub struct Engine {
+    region: Arc<Region>,
+    sb: Superblock,
+    n_segs: u32,
+    backing_bytes: u64,
+    data_crc: bool,
+    read_only: bool,
+    gc_percent: AtomicU8,
+    settings: Mutex<Settings>,
+    segs: SegTable,
+    shards: Box<[OnceLock<Box<Mutex<Shard>>>]>,
+    ksets: Box<[Mutex<OpenKset>]>,
+    /// Guards key_head and the flush epoch; written by kset closes.
+    log: Mutex<LogHead>,
+    /// Written by the GC worker only.
+    key_tail: Mutex<Tail>,
+    /// Written by the writeback worker only.
+    dirty_tail: Mutex<Tail>,
+    /// Sticky failure: set when a persist fails.
+    failed: AtomicBool,
+    /// A writer found the cache full: GC runs regardless of gc_percent.
+    space_wanted: AtomicBool,
+    stats: Stats,
+    writeback_kick: Kick,
+    gc_kick: Kick,
+    /// Serialises whole writeback passes (online worker vs. `drain`).
+    writeback_lock: Mutex<()>,
+    /// Serialises GC passes.
+    gc_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("n_segs", &self.n_segs)
+            .field("backing_bytes", &self.backing_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// The superblock.
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    /// The mapped medium.
+    pub fn region(&self) -> &Arc<Region> {
+        &self.region
+    }
+
+    /// Size of the cached device in bytes (= the backing store's size).
+    pub fn size(&self) -> u64 {
+        self.backing_bytes
+    }
+
+    /// Number of segments.
+    pub fn n_segs(&self) -> u32 {
+        self.n_segs
+    }
+
+    /// Is per-key data CRC on?
+    pub fn data_crc(&self) -> bool {
+        self.data_crc
+    }
+
+    /// Current gc_percent.
+    pub fn gc_percent(&self) -> u8 {
+        self.gc_percent.load(Ordering::Relaxed)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Segments in use.
+    pub fn segs_used(&self) -> u32 {
+        self.segs.used()
+    }
+
+    /// key_head: where the next kset goes.
+    pub fn key_head(&self) -> PosOnMedia {
+        self.log.lock().expect("log lock").pos
+    }
+
+    /// dirty_tail: the first kset not yet written back.
+    pub fn dirty_tail(&self) -> PosOnMedia {
+        self.dirty_tail.lock().expect("dirty_tail lock").pos
+    }
+
+    /// key_tail: the first kset not yet reclaimed by GC.
+    pub fn key_tail(&self) -> PosOnMedia {
+        self.key_tail.lock().expect("key_tail lock").pos
+    }
+
+    /// Has a persist failed?
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(Error::Failed);
+        }
+        Ok(())
+    }
+
+    /// Persistence point; a failure makes the engine fail from now on.
+    fn persist(&self) -> Result<()> {
+        self.region.persist().map_err(|e| {
+            if !self.failed.swap(true, Ordering::Relaxed) {
+                tracing::error!(error = %e, "persist to the cache medium failed; refusing writes until restart");
+            }
+            Error::Persist(e)
+        })
+    }
+
+    /// Change gc_percent (0..=90) and persist it.
+    pub fn set_gc_percent(&self, pct: u8) -> Result<()> {
+        if pct > format::GC_PERCENT_MAX {
+            return Err(Error::Refused(format!(
+                "gc_percent must be 0..={}, not {pct}",
+                format::GC_PERCENT_MAX
+            )));
+        }
+        self.check_writable()?;
+        let mut s = self.settings.lock().expect("settings lock");
+        let mut info = s.info;
+        info.gc_percent = pct;
+        self.write_settings(&mut s, info)?;
+        self.gc_percent.store(pct, Ordering::Relaxed);
+        self.gc_kick.kick();
+        Ok(())
+    }
+
+    fn shard(&self, region: u64) -> Option<&Mutex<Shard>> {
+        self.shards.get(region as usize)?.get().map(|b| &**b)
+    }
+
+    fn shard_or_create(&self, region: u64) -> &Mutex<Shard> {
+        self.shards[region as usize].get_or_init(Default::default)
+    }
+
+    fn kset_for(&self, region: u64) -> &Mutex<OpenKset> {
+        &self.ksets[region as usize % self.ksets.len()]
+    }
+
+    /// Number of extents in the index (walks every shard).
+    pub fn extent_count(&self) -> u64 {
+        self.shards
+            .iter()
+            .filter_map(|s| s.get())
+            .map(|s| s.lock().expect("shard lock").map.len() as u64)
+            .sum()
+    }
+
+    /// Check the engine's invariants (tests).
+    pub fn assert_invariants(&self) {
+        for s in self.shards.iter().filter_map(|s| s.get()) {
+            #[cfg(debug_assertions)]
+            s.lock().expect("shard lock").map.assert_invariants();
+            #[cfg(not(debug_assertions))]
+            let _ = s;
+        }
+        let kt = self.key_tail();
+        let dt = self.dirty_tail();
+        let kh = self.key_head();
+        assert!(
+            kt.lsn <= dt.lsn && dt.lsn <= kh.lsn,
+            "log order broken: key_tail {kt:?} dirty_tail {dt:?} key_head {kh:?}"
+        );
+    }
+}
+
+fn region_of(off: u64) -> u64 {
+    off >> format::REGION_SHIFT
+}
+
+fn check_range(off: u64, len: u64, size: u64) -> Result<()> {
+    if off % format::SECTOR_BYTES != 0 || len % format::SECTOR_BYTES != 0 {
+        return Err(Error::Unaligned { off, len });
+    }
+    match off.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { off, len, size }),
+    }
+}

@@ -1,0 +1,307 @@
+//! Formatting a cache medium and opening it: superblock, settings, tails,
+//! segment gens, then replay.
+
+use std::sync::atomic::{AtomicBool, AtomicU8};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::kset::{LogHead, OpenKset};
+use super::segment::SegTable;
+use super::{Engine, Error, Kick, Result, Settings, Stats, Tail};
+use crate::format::{
+    self, pick_latest, seg_off, segs_for_size, CacheInfo, MetaRecord, PosOnMedia, SegGen, SegInfo,
+    Superblock, CACHE_FLAG_DATA_CRC, CACHE_FLAG_INIT_DONE, CACHE_INFO_OFF, DIRTY_TAIL_OFF,
+    FORMAT_VERSION, KEY_TAIL_OFF, KSET_HEADER_BYTES, REGION_BYTES, SB_OFF, SEGMENTS_OFF,
+    SEG_DATA_OFF, SEG_GEN_OFF, SEG_INFO_OFF, SEG_INFO_TYPE_DATA,
+};
+use crate::pmem::Region;
+
+/// Settings for a new cache.
+#[derive(Debug, Clone, Copy)]
+pub struct FormatOptions {
+    /// Size of the backing store the cache will front.
+    pub backing_bytes: u64,
+    /// Keep a crc32c of every key's data and check it on every hit.
+    pub data_crc: bool,
+    /// GC starts when this percentage of segments is used (0..=90).
+    pub gc_percent: u8,
+    /// Overwrite a medium that already holds pcache metadata.
+    pub force: bool,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions {
+            backing_bytes: 0,
+            data_crc: false,
+            gc_percent: format::GC_PERCENT_DEFAULT,
+            force: false,
+        }
+    }
+}
+
+/// How to open a cache.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Open ksets (keys of 4 MiB region r go to kset r % n_ksets).
+    pub n_ksets: usize,
+    /// Never write to the medium (inspect, check).
+    pub read_only: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            n_ksets: 16,
+            read_only: false,
+        }
+    }
+}
+
+fn read_vec(region: &Region, off: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    region.read(off, &mut v);
+    v
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        if f.read_exact(&mut u).is_ok() {
+            return u;
+        }
+    }
+    // No /dev/urandom: time and pid still make a collision very unlikely.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    u[..16].copy_from_slice(&(t ^ ((std::process::id() as u128) << 64)).to_le_bytes());
+    u
+}
+
+impl Engine {
+    /// Write a new, empty pcache onto `region`.
+    ///
+    /// Refuses a medium that already holds a pcache superblock (or any
+    /// non-zero superblock area) unless `opts.force`. Write order: zero the
+    /// metadata, initialise every segment (headers zeroed, gen 0, info),
+    /// settings, tails, and the superblock last, so a crash during format
+    /// leaves a medium that is not mistaken for a valid cache.
+    pub fn format(region: &Region, opts: &FormatOptions) -> Result<Superblock> {
+        let n_segs = segs_for_size(region.len())?;
+        if opts.gc_percent > format::GC_PERCENT_MAX {
+            return Err(Error::Refused(format!(
+                "gc_percent must be 0..={}, not {}",
+                format::GC_PERCENT_MAX,
+                opts.gc_percent
+            )));
+        }
+        if opts.backing_bytes == 0 || opts.backing_bytes % format::SECTOR_BYTES != 0 {
+            return Err(Error::Refused(format!(
+                "backing store size {} is not a positive multiple of 512",
+                opts.backing_bytes
+            )));
+        }
+        if !opts.force {
+            let sb = read_vec(region, SB_OFF, format::SB_BYTES);
+            match Superblock::decode(&sb, region.len()) {
+                Err(format::Error::NotPcache) if sb.iter().all(|b| *b == 0) => {}
+                Err(format::Error::NotPcache) => {
+                    return Err(Error::Refused(format!(
+                        "{} holds data in its superblock area but no pcache magic; refusing to format it (use --force to overwrite)",
+                        region.path().display()
+                    )))
+                }
+                _ => {
+                    return Err(Error::Refused(format!(
+                        "{} already holds a pcache cache; refusing to re-format it (use --force to erase it, losing any dirty data)",
+                        region.path().display()
+                    )))
+                }
+            }
+        }
+        region.zero(0, SEGMENTS_OFF as usize);
+        region.persist().map_err(Error::Persist)?; // old superblock gone first
+        for seg in 0..n_segs {
+            let base = seg_off(seg);
+            region.zero(base, SEG_DATA_OFF as usize + KSET_HEADER_BYTES);
+            region.write(base + SEG_GEN_OFF[0], &SegGen { gen: 0 }.encode(1));
+            let info = SegInfo {
+                flags: SEG_INFO_TYPE_DATA << 1 | u32::from(seg + 1 < n_segs),
+                next_seg: if seg + 1 < n_segs { seg + 1 } else { 0 },
+            };
+            region.write(base + SEG_INFO_OFF[0], &info.encode(1));
+        }
+        let info = CacheInfo {
+            n_segs,
+            flags: if opts.data_crc { CACHE_FLAG_DATA_CRC } else { 0 },
+            gc_percent: opts.gc_percent,
+        };
+        region.write(CACHE_INFO_OFF[0], &info.encode(1));
+        let start = PosOnMedia { seg: 0, off: 0, lsn: 1 };
+        region.write(KEY_TAIL_OFF[0], &start.encode(1));
+        region.write(DIRTY_TAIL_OFF[0], &start.encode(1));
+        region.persist().map_err(Error::Persist)?; // everything before the superblock
+        let sb = Superblock {
+            flags: 0,
+            version: FORMAT_VERSION,
+            seg_num: n_segs,
+            uuid: random_uuid(),
+            cache_bytes: region.len(),
+            backing_bytes: opts.backing_bytes,
+        };
+        region.write(SB_OFF, &sb.encode());
+        region.persist().map_err(Error::Persist)?;
+        tracing::info!(segments = n_segs, backing_bytes = opts.backing_bytes, "formatted cache");
+        Ok(sb)
+    }
+
+    /// Open the pcache on `region`: validate every metadata record, replay
+    /// the key log and rebuild the index. Background workers are not
+    /// started (see [`super::Workers`]).
+    pub fn open(region: Arc<Region>, opts: &OpenOptions) -> Result<Arc<Engine>> {
+        let sb_bytes = read_vec(&region, SB_OFF, format::SB_BYTES);
+        let sb = Superblock::decode(&sb_bytes, region.len())?;
+        let n_segs = sb.seg_num;
+
+        let slots = |offs: [u64; 2], len: usize| [read_vec(&region, offs[0], len), read_vec(&region, offs[1], len)];
+        let ci = slots(CACHE_INFO_OFF, CacheInfo::BYTES);
+        let info = pick_latest::<CacheInfo>([&ci[0], &ci[1]], CACHE_INFO_OFF)?;
+        warn_replica("cache_info", &info.other_error);
+        if info.rec.n_segs != n_segs {
+            return Err(format::Error::Corrupt {
+                what: "cache_info",
+                offset: CACHE_INFO_OFF[info.slot],
+                detail: format!("n_segs {} differs from the superblock's {}", info.rec.n_segs, n_segs),
+            }
+            .into());
+        }
+        let kt = slots(KEY_TAIL_OFF, PosOnMedia::BYTES);
+        let key_tail = pick_latest::<PosOnMedia>([&kt[0], &kt[1]], KEY_TAIL_OFF).map_err(|e| rename(e, "key_tail"))?;
+        warn_replica("key_tail", &key_tail.other_error);
+        let dt = slots(DIRTY_TAIL_OFF, PosOnMedia::BYTES);
+        let dirty_tail = pick_latest::<PosOnMedia>([&dt[0], &dt[1]], DIRTY_TAIL_OFF).map_err(|e| rename(e, "dirty_tail"))?;
+        warn_replica("dirty_tail", &dirty_tail.other_error);
+        for (name, t, offs) in [("key_tail", &key_tail, KEY_TAIL_OFF), ("dirty_tail", &dirty_tail, DIRTY_TAIL_OFF)] {
+            check_pos(name, &t.rec, n_segs, offs[t.slot])?;
+        }
+
+        let mut gens = Vec::with_capacity(n_segs as usize);
+        for seg in 0..n_segs {
+            let base = seg_off(seg);
+            let g = slots([base + SEG_GEN_OFF[0], base + SEG_GEN_OFF[1]], SegGen::BYTES);
+            let gen = pick_latest::<SegGen>([&g[0], &g[1]], [base + SEG_GEN_OFF[0], base + SEG_GEN_OFF[1]])?;
+            warn_replica("segment_gen", &gen.other_error);
+            let si = slots([base + SEG_INFO_OFF[0], base + SEG_INFO_OFF[1]], SegInfo::BYTES);
+            let inf = pick_latest::<SegInfo>([&si[0], &si[1]], [base + SEG_INFO_OFF[0], base + SEG_INFO_OFF[1]])?;
+            warn_replica("segment_info", &inf.other_error);
+            gens.push((gen.rec.gen, gen.slot as u8));
+        }
+
+        let n_regions = sb.backing_bytes.div_ceil(REGION_BYTES) as usize;
+        let n_ksets = opts.n_ksets.max(1);
+        let engine = Engine {
+            sb,
+            n_segs,
+            backing_bytes: sb.backing_bytes,
+            data_crc: info.rec.flags & CACHE_FLAG_DATA_CRC != 0,
+            read_only: opts.read_only,
+            gc_percent: AtomicU8::new(info.rec.gc_percent),
+            settings: Mutex::new(Settings {
+                info: info.rec,
+                slot: info.slot,
+                seq: info.seq,
+            }),
+            segs: SegTable::new(gens),
+            shards: (0..n_regions).map(|_| OnceLock::new()).collect(),
+            ksets: (0..n_ksets).map(|_| Mutex::new(OpenKset::default())).collect(),
+            log: Mutex::new(LogHead {
+                pos: key_tail.rec,
+                epoch: 0,
+            }),
+            key_tail: Mutex::new(Tail {
+                pos: key_tail.rec,
+                slot: key_tail.slot,
+                seq: key_tail.seq,
+            }),
+            dirty_tail: Mutex::new(Tail {
+                pos: dirty_tail.rec,
+                slot: dirty_tail.slot,
+                seq: dirty_tail.seq,
+            }),
+            failed: AtomicBool::new(false),
+            space_wanted: AtomicBool::new(false),
+            stats: Stats::default(),
+            writeback_kick: Kick::default(),
+            gc_kick: Kick::default(),
+            writeback_lock: Mutex::new(()),
+            gc_lock: Mutex::new(()),
+            region,
+        };
+        let started = std::time::Instant::now();
+        engine.replay()?;
+        let s = engine.stats.snapshot();
+        tracing::info!(
+            keys = s.replay_keys,
+            stale = s.replay_stale_keys,
+            key_head = ?engine.key_head(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "replayed key log"
+        );
+        if !opts.read_only && engine.settings.lock().expect("settings lock").info.flags & CACHE_FLAG_INIT_DONE == 0 {
+            let mut s = engine.settings.lock().expect("settings lock");
+            let mut info = s.info;
+            info.flags |= CACHE_FLAG_INIT_DONE;
+            engine.write_settings(&mut s, info)?;
+        }
+        Ok(Arc::new(engine))
+    }
+
+    /// Persist new settings into the replica that is not the newest.
+    pub(super) fn write_settings(&self, s: &mut Settings, info: CacheInfo) -> Result<()> {
+        let slot = 1 - s.slot;
+        let seq = s.seq + 1;
+        self.region.write(CACHE_INFO_OFF[slot], &info.encode(seq));
+        self.persist()?;
+        *s = Settings { info, slot, seq };
+        Ok(())
+    }
+
+    /// Persist a new position into a tail record (key_tail or dirty_tail),
+    /// into the replica that does not hold the newest copy.
+    pub(super) fn write_tail(&self, tail: &mut Tail, offs: [u64; 2], pos: PosOnMedia) -> Result<()> {
+        let slot = 1 - tail.slot;
+        let seq = tail.seq + 1;
+        self.region.write(offs[slot], &pos.encode(seq));
+        self.persist()?;
+        *tail = Tail { pos, slot, seq };
+        Ok(())
+    }
+}
+
+fn warn_replica(what: &str, err: &Option<format::Error>) {
+    if let Some(e) = err {
+        tracing::warn!(record = what, error = %e, "one replica is invalid; using the other");
+    }
+}
+
+fn rename(e: format::Error, what: &'static str) -> format::Error {
+    match e {
+        format::Error::Corrupt { offset, detail, .. } => format::Error::Corrupt { what, offset, detail },
+        other => other,
+    }
+}
+
+fn check_pos(what: &'static str, p: &PosOnMedia, n_segs: u32, offset: u64) -> Result<()> {
+    let max_off = format::SEG_DATA_BYTES - KSET_HEADER_BYTES as u64;
+    if p.seg >= n_segs || p.off as u64 > max_off || p.lsn == 0 {
+        return Err(format::Error::Corrupt {
+            what,
+            offset,
+            detail: format!("position {}:{} lsn {} is outside the cache", p.seg, p.off, p.lsn),
+        }
+        .into());
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Rebuilding the in-memory state from the key log at open.
+//!
+//! Walk from key_tail, one kset at a time, each with the next LSN. The log
+//! ends at the first kset that is not the one expected there (no magic, a
+//! torn CRC, another format's, or an earlier lap's LSN). A kset that passes
+//! its CRC but holds an impossible key is corruption, and the open fails:
+//! skipping it could hide dirty data.
+//!
+//! Each key whose gen equals its segment's gen goes into the index (log
+//! order is write order for overlapping keys) and takes a segment reference
+//! that GC drops later. A key with an older gen is stale (GC reclaimed its
+//! segment and crashed before persisting key_tail) and is skipped.
+//! Differs from dm-pcache: the gen is checked before any data CRC, so a
+//! stale key in a reused segment never fails the open.
+
+use std::sync::atomic::Ordering;
+
+use super::key::CacheExt;
+use super::{region_of, Engine, Result};
+use crate::format::{
+    self, data_off, KsetEnd, KsetView, PosOnMedia, KEY_FLAG_CLEAN, KSET_MAX_BYTES, REGION_BYTES,
+    SECTOR_BYTES, SEG_DATA_BYTES,
+};
+
+/// Why the log ended where it did (for `check` and logs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEnd {
+    /// key_head: the position after the last valid kset.
+    pub head: PosOnMedia,
+    /// What was found there.
+    pub reason: KsetEnd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Free,
+    Log,
+    Data,
+}
+
+impl Engine {
+    /// Read the kset at `pos` with the LSN it must have.
+    pub(super) fn read_kset<'a>(&self, pos: PosOnMedia, buf: &'a mut [u8; KSET_MAX_BYTES]) -> std::result::Result<KsetView<'a>, KsetEnd> {
+        let room = (SEG_DATA_BYTES - pos.off as u64).min(KSET_MAX_BYTES as u64) as usize;
+        self.region.read(data_off(pos.seg, pos.off), &mut buf[..room]);
+        KsetView::parse(&buf[..room], self.sb.format_id(), pos.lsn, self.n_segs)
+    }
+
+    pub(super) fn replay(&self) -> Result<LogEnd> {
+        let mut uses = vec![Use::Free; self.n_segs as usize];
+        let key_tail = self.key_tail();
+        let dirty_tail = self.dirty_tail();
+        let mut pos = key_tail;
+        uses[pos.seg as usize] = Use::Log;
+        let mut seen_dirty = false;
+        let mut dirty_bytes = 0i64;
+        let mut keys = 0u64;
+        let mut stale = 0u64;
+        let mut buf = [0u8; KSET_MAX_BYTES];
+        let corrupt = |pos: PosOnMedia, detail: String| -> super::Error {
+            format::Error::Corrupt {
+                what: "key log",
+                offset: data_off(pos.seg, pos.off),
+                detail,
+            }
+            .into()
+        };
+        let reason = loop {
+            if (pos.seg, pos.off) == (dirty_tail.seg, dirty_tail.off) && pos.lsn == dirty_tail.lsn {
+                seen_dirty = true;
+            }
+            let view = match self.read_kset(pos, &mut buf) {
+                Ok(v) => v,
+                Err(KsetEnd::Invalid(why)) => {
+                    return Err(corrupt(pos, format!("kset with lsn {} is invalid: {why}", pos.lsn)))
+                }
+                Err(end) => break end,
+            };
+            let h = view.header;
+            if h.is_last() {
+                let next = h.next_seg;
+                if uses[next as usize] != Use::Free {
+                    return Err(corrupt(pos, format!("LAST kset links to segment {next}, which the log already uses")));
+                }
+                uses[next as usize] = Use::Log;
+                pos = PosOnMedia { seg: next, off: 0, lsn: pos.lsn + 1 };
+                continue;
+            }
+            for (i, key) in view.iter().enumerate() {
+                let at = data_off(pos.seg, pos.off) + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
+                key.validate(self.n_segs, self.backing_bytes, at)?;
+                if key.gen != self.segs.gen(key.seg) {
+                    stale += 1;
+                    continue;
+                }
+                match uses[key.seg as usize] {
+                    Use::Log => {
+                        return Err(corrupt(pos, format!("key {i} points into log segment {}", key.seg)));
+                    }
+                    Use::Free => {
+                        uses[key.seg as usize] = Use::Data;
+                        self.segs.mark_used(key.seg);
+                    }
+                    Use::Data => {}
+                }
+                self.segs.get_ref(key.seg);
+                let region = region_of(key.off);
+                let start = (key.off & (REGION_BYTES - 1)) / SECTOR_BYTES;
+                let mut sh = self.shard_or_create(region).lock().expect("shard lock");
+                sh.map.insert(start, CacheExt::from_key(&key));
+                keys += 1;
+                if seen_dirty && key.flags & KEY_FLAG_CLEAN == 0 {
+                    dirty_bytes += key.len as i64;
+                }
+            }
+            pos.off += h.bytes() as u32;
+            pos.lsn += 1;
+        };
+        if !seen_dirty {
+            return Err(format::Error::Corrupt {
+                what: "dirty_tail",
+                offset: format::DIRTY_TAIL_OFF[0],
+                detail: format!(
+                    "dirty_tail {}:{} lsn {} is not on the key log (key_tail {}:{} lsn {}, log ends at {}:{} lsn {})",
+                    dirty_tail.seg, dirty_tail.off, dirty_tail.lsn, key_tail.seg, key_tail.off, key_tail.lsn, pos.seg, pos.off, pos.lsn
+                ),
+            }
+            .into());
+        }
+        for (seg, u) in uses.iter().enumerate() {
+            if *u == Use::Log {
+                self.segs.mark_used(seg as u32);
+            }
+        }
+        self.log.lock().expect("log lock").pos = pos;
+        self.stats.dirty_bytes.store(dirty_bytes, Ordering::Relaxed);
+        self.stats.replay_keys.store(keys, Ordering::Relaxed);
+        self.stats.replay_stale_keys.store(stale, Ordering::Relaxed);
+        Ok(LogEnd { head: pos, reason })
+    }
+}

@@ -1,0 +1,433 @@
+//! The request paths: write, read (hits and misses), miss fill.
+//!
+//! Every request is cut at 4 MiB logical boundaries, so each piece touches
+//! one index shard and one kset.
+//!
+//! Reads never block on the backing store: [`Engine::read`] copies what is
+//! cached and returns the gaps as [`Miss`]es. The caller reads those from
+//! the backing store however it likes (a queue worker's io_uring) and may
+//! then hand the data to [`Engine::fill`] to cache it as clean data.
+
+use std::sync::atomic::{fence, Ordering};
+
+use super::key::{CacheExt, EXT_CLEAN};
+use super::segment::SegKind;
+use super::{check_range, region_of, stats, Engine, Error, Result};
+use crate::backing::Backing;
+use crate::format::{
+    data_off, KeyOnMedia, KEY_FLAG_CLEAN, REGION_BYTES, SECTOR_BYTES, SEG_DATA_BYTES,
+};
+
+/// A caller's current data segment and the next free byte in it. Each queue
+/// worker owns one, so writers never contend for space (dm-pcache keeps one
+/// per CPU).
+///
+/// # Invariants
+/// - While `seg` is Some, the head holds one reference on it.
+#[derive(Debug, Default)]
+pub struct DataHead {
+    seg: Option<u32>,
+    off: u32,
+    gen: u64,
+}
+
+/// A piece of a read that the cache did not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Miss {
+    /// Logical byte offset.
+    pub off: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Offset of this piece in the caller's buffer.
+    pub buf_off: usize,
+    /// Shard write version when the miss was found.
+    version: u64,
+}
+
+/// Space handed out by a data head.
+struct Alloc {
+    seg: u32,
+    off: u32,
+    len: u32,
+    gen: u64,
+}
+
+impl Engine {
+    /// Carve up to `want` bytes out of `head`'s segment, taking a segment
+    /// reference for the key that will point there. May return less than
+    /// `want` (the end of a segment); `None` when the cache is full.
+    fn data_alloc(&self, head: &mut DataHead, want: u32) -> Option<Alloc> {
+        let seg = match head.seg {
+            Some(s) => s,
+            None => {
+                let s = self.segs.alloc(SegKind::Data)?;
+                self.segs.get_ref(s); // the head's reference
+                head.seg = Some(s);
+                head.off = 0;
+                head.gen = self.segs.gen(s);
+                s
+            }
+        };
+        let room = SEG_DATA_BYTES as u32 - head.off;
+        let len = want.min(room);
+        let a = Alloc {
+            seg,
+            off: head.off,
+            len,
+            gen: head.gen,
+        };
+        self.segs.get_ref(seg); // the key's reference
+        head.off += len;
+        if head.off == SEG_DATA_BYTES as u32 {
+            self.head_release(head);
+        }
+        Some(a)
+    }
+
+    /// Drop `head`'s segment (its unused remainder is reclaimed when GC
+    /// frees the segment).
+    pub fn head_release(&self, head: &mut DataHead) {
+        if let Some(seg) = head.seg.take() {
+            if let Err(e) = self.segs.put_ref(&self.region, seg) {
+                self.note_persist_error(e);
+            }
+        }
+    }
+
+    fn note_persist_error(&self, e: std::io::Error) {
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            tracing::error!(error = %e, "persist to the cache medium failed; refusing writes until restart");
+        }
+    }
+
+    /// Cache a write of `data` at logical byte `off`.
+    ///
+    /// On `Err(CacheFull { done })` the first `done` bytes are cached; retry
+    /// the rest once space frees up (see [`Engine::wait_for_space`]).
+    pub fn write(&self, head: &mut DataHead, off: u64, data: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let len = data.len() as u64;
+        check_range(off, len, self.backing_bytes)?;
+        let mut done = 0u64;
+        while done < len {
+            let pos = off + done;
+            let region_left = REGION_BYTES - (pos & (REGION_BYTES - 1));
+            let want = (len - done).min(region_left) as u32;
+            let Some(a) = self.data_alloc(head, want) else {
+                stats::add(&self.stats.cache_full, 1);
+                self.space_wanted.store(true, Ordering::Relaxed);
+                self.gc_kick.kick();
+                return Err(Error::CacheFull { done });
+            };
+            let piece = &data[done as usize..(done + a.len as u64) as usize];
+            // Data first: it is in place before its key can be found.
+            self.region.write(data_off(a.seg, a.off), piece);
+            let crc = if self.data_crc {
+                crc32c::crc32c(piece)
+            } else {
+                0
+            };
+            let key = KeyOnMedia {
+                off: pos,
+                len: a.len,
+                flags: 0,
+                seg: a.seg,
+                seg_off: a.off,
+                gen: a.gen,
+                data_crc: crc,
+            };
+            if let Err(e) = self.key_insert(&key, None) {
+                self.put_key_ref(a.seg);
+                if let Error::CacheFull { .. } = e {
+                    return Err(Error::CacheFull { done });
+                }
+                return Err(e);
+            }
+            done += a.len as u64;
+        }
+        stats::add(&self.stats.write_bytes, len);
+        Ok(())
+    }
+
+    fn put_key_ref(&self, seg: u32) {
+        if let Err(e) = self.segs.put_ref(&self.region, seg) {
+            self.note_persist_error(e);
+        }
+    }
+
+    /// Insert `key` into the index and append it to its kset, under the
+    /// shard lock so log order equals index order. With `fill_version`,
+    /// the insert is skipped (Ok(false)) when a write reached the region
+    /// since that version.
+    fn key_insert(&self, key: &KeyOnMedia, fill_version: Option<u64>) -> Result<bool> {
+        let region = region_of(key.off);
+        let shard = self.shard_or_create(region);
+        let mut sh = shard.lock().expect("shard lock");
+        if let Some(v) = fill_version {
+            if sh.write_version != v {
+                return Ok(false);
+            }
+        }
+        let mut ks = self.kset_for(region).lock().expect("kset lock");
+        if ks.is_full() {
+            self.kset_close(&mut ks)?;
+        }
+        let start = (key.off & (REGION_BYTES - 1)) / SECTOR_BYTES;
+        sh.map.insert(start, CacheExt::from_key(key));
+        let clean = key.flags & KEY_FLAG_CLEAN != 0;
+        if !clean {
+            sh.write_version += 1;
+        }
+        ks.push(key, !clean);
+        if ks.is_full() {
+            // Best effort: a failure leaves it full, and the next append,
+            // the timer or a flush closes it.
+            let _ = self.kset_close(&mut ks);
+        }
+        Ok(true)
+    }
+
+    /// Read `buf.len()` bytes at logical byte `off`. Cached pieces are
+    /// copied into `buf`; the rest is appended to `misses` for the caller to
+    /// read from the backing store (into `buf[miss.buf_off..]`).
+    pub fn read(&self, off: u64, buf: &mut [u8], misses: &mut Vec<Miss>) -> Result<()> {
+        let len = buf.len() as u64;
+        check_range(off, len, self.backing_bytes)?;
+        let first_miss = misses.len();
+        let mut done = 0u64;
+        while done < len {
+            let pos = off + done;
+            let region_left = REGION_BYTES - (pos & (REGION_BYTES - 1));
+            let n = (len - done).min(region_left);
+            let piece = &mut buf[done as usize..(done + n) as usize];
+            self.read_piece(pos, piece, done as usize, misses)?;
+            done += n;
+        }
+        let missed: u64 = misses[first_miss..].iter().map(|m| m.len).sum();
+        stats::add(&self.stats.read_miss_bytes, missed);
+        stats::add(&self.stats.read_hit_bytes, len - missed);
+        if missed == 0 {
+            stats::add(&self.stats.read_hits, 1);
+        } else {
+            stats::add(&self.stats.read_misses, 1);
+        }
+        Ok(())
+    }
+
+    fn read_piece(&self, pos: u64, buf: &mut [u8], buf_base: usize, misses: &mut Vec<Miss>) -> Result<()> {
+        let region = region_of(pos);
+        let base = region << crate::format::REGION_SHIFT;
+        let Some(shard) = self.shard(region) else {
+            misses.push(Miss {
+                off: pos,
+                len: buf.len() as u64,
+                buf_off: buf_base,
+                version: 0,
+            });
+            return Ok(());
+        };
+        let mut sh = shard.lock().expect("shard lock");
+        let version = sh.write_version;
+        let start = (pos - base) / SECTOR_BYTES;
+        let sectors = buf.len() as u64 / SECTOR_BYTES;
+        // Pieces: (sector in region, sectors, extent start, extent)
+        let mut pieces: smallvec_lite::Pieces = Default::default();
+        sh.map.lookup(start, sectors, |s, n, e| pieces.push((s, n, e)));
+        let mut stale = Vec::new();
+        let mut result = Ok(());
+        let gap = |s: u64, n: u64, misses: &mut Vec<Miss>| {
+            let off = base + s * SECTOR_BYTES;
+            let buf_off = buf_base + ((s - start) * SECTOR_BYTES) as usize;
+            // Merge with the previous miss when contiguous.
+            if let Some(last) = misses.last_mut() {
+                if last.off + last.len == off && last.version == version && last.buf_off + last.len as usize == buf_off {
+                    last.len += n * SECTOR_BYTES;
+                    return;
+                }
+            }
+            misses.push(Miss {
+                off,
+                len: n * SECTOR_BYTES,
+                buf_off,
+                version,
+            });
+        };
+        let mut hits = Vec::new();
+        for &(s, n, e) in pieces.iter() {
+            let Some((ext_start, ext)) = e else {
+                gap(s, n, misses);
+                continue;
+            };
+            let seg_gen = self.segs.gen(ext.seg);
+            if seg_gen as u32 != ext.gen {
+                // Lazy invalidation: the segment was reclaimed.
+                stale.push(ext_start);
+                gap(s, n, misses);
+                continue;
+            }
+            if self.data_crc && !self.ext_crc_ok(&ext) {
+                stats::add(&self.stats.data_crc_errors, 1);
+                let off = base + s * SECTOR_BYTES;
+                if ext.is_clean() {
+                    tracing::warn!(off, len = n * SECTOR_BYTES, "cached clean data failed its CRC; refetching from the backing store");
+                    stale.push(ext_start);
+                    gap(s, n, misses);
+                    continue;
+                }
+                tracing::error!(off, len = n * SECTOR_BYTES, "cached dirty data failed its CRC; failing the read");
+                result = Err(Error::DataCorrupt {
+                    off,
+                    len: n * SECTOR_BYTES,
+                });
+                break;
+            }
+            let b = ((s - start) * SECTOR_BYTES) as usize;
+            let blen = (n * SECTOR_BYTES) as usize;
+            self.region
+                .read(data_off(ext.seg, ext.data_byte_off()), &mut buf[b..b + blen]);
+            hits.push((s, n, ext.seg, seg_gen));
+        }
+        // A segment reclaimed and reused while we copied would have bumped
+        // its gen first; re-check after the copy (a seqlock read).
+        fence(Ordering::Acquire);
+        for &(s, n, seg, g) in &hits {
+            if self.segs.gen(seg) != g {
+                gap(s, n, misses);
+            }
+        }
+        for s in stale {
+            sh.map.remove(s);
+        }
+        result
+    }
+
+    /// Does an extent's logged key still match its data CRC?
+    fn ext_crc_ok(&self, ext: &CacheExt) -> bool {
+        let key_off = (ext.seg_off - ext.orig_skip) as u64 * SECTOR_BYTES;
+        let len = ext.orig_len as usize * SECTOR_BYTES as usize;
+        self.region.crc32c(data_off(ext.seg, key_off as u32), len) == ext.crc
+    }
+
+    /// Cache `data`, read from the backing store for `miss`, as clean data.
+    /// Best effort: skipped when the cache is full or a write reached the
+    /// region since the miss was found.
+    pub fn fill(&self, head: &mut DataHead, miss: &Miss, data: &[u8]) {
+        if self.check_writable().is_err() || data.len() as u64 != miss.len {
+            return;
+        }
+        let mut done = 0u64;
+        while done < miss.len {
+            let pos = miss.off + done;
+            let region_left = REGION_BYTES - (pos & (REGION_BYTES - 1));
+            let want = (miss.len - done).min(region_left) as u32;
+            let Some(a) = self.data_alloc(head, want) else {
+                return;
+            };
+            let piece = &data[done as usize..(done + a.len as u64) as usize];
+            self.region.write(data_off(a.seg, a.off), piece);
+            let key = KeyOnMedia {
+                off: pos,
+                len: a.len,
+                flags: KEY_FLAG_CLEAN,
+                seg: a.seg,
+                seg_off: a.off,
+                gen: a.gen,
+                data_crc: if self.data_crc { crc32c::crc32c(piece) } else { 0 },
+            };
+            match self.key_insert(&key, Some(miss.version)) {
+                Ok(true) => stats::add(&self.stats.fill_bytes, a.len as u64),
+                Ok(false) | Err(_) => {
+                    self.put_key_ref(a.seg);
+                    return;
+                }
+            }
+            done += a.len as u64;
+        }
+        let _ = EXT_CLEAN;
+    }
+
+    /// Read through the cache, reading misses from `backing` on this thread
+    /// and filling them in. For tools and tests; queue workers use
+    /// [`Engine::read`] with their own asynchronous backing queue.
+    pub fn read_sync(&self, head: &mut DataHead, backing: &dyn Backing, off: u64, buf: &mut [u8]) -> Result<()> {
+        let mut misses = Vec::new();
+        self.read(off, buf, &mut misses)?;
+        for m in &misses {
+            let piece = &mut buf[m.buf_off..m.buf_off + m.len as usize];
+            backing.read_at(piece, m.off).map_err(Error::Backing)?;
+            self.fill(head, m, piece);
+        }
+        Ok(())
+    }
+
+    /// Write, waiting for GC to free space whenever the cache is full.
+    pub fn write_blocking(&self, head: &mut DataHead, off: u64, data: &[u8]) -> Result<()> {
+        let mut done = 0usize;
+        loop {
+            let epoch = self.segs.space_epoch();
+            match self.write(head, off + done as u64, &data[done..]) {
+                Err(Error::CacheFull { done: d }) => {
+                    done += d as usize;
+                    self.wait_for_space(epoch);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sleep until a segment is freed after the space epoch `epoch` was read
+    /// (or a short timeout), kicking GC and writeback.
+    pub fn wait_for_space(&self, epoch: u64) {
+        self.space_wanted.store(true, Ordering::Relaxed);
+        self.gc_kick.kick();
+        self.writeback_kick.kick();
+        self.segs
+            .wait_space(epoch, std::time::Duration::from_millis(50));
+    }
+
+    /// Current space epoch (see [`Engine::wait_for_space`]).
+    pub fn space_epoch(&self) -> u64 {
+        self.segs.space_epoch()
+    }
+
+    /// Register an eventfd written whenever a segment is freed.
+    pub fn add_space_fd(&self, fd: std::os::fd::RawFd) {
+        self.segs.add_space_fd(fd)
+    }
+
+    /// Unregister a space eventfd.
+    pub fn remove_space_fd(&self, fd: std::os::fd::RawFd) {
+        self.segs.remove_space_fd(fd)
+    }
+}
+
+/// A tiny inline vector for lookup pieces, so a read allocates nothing in
+/// the common case of a handful of pieces.
+mod smallvec_lite {
+    use super::CacheExt;
+
+    type Piece = (u64, u64, Option<(u64, CacheExt)>);
+
+    /// Up to 8 pieces inline, then a Vec.
+    #[derive(Default)]
+    pub struct Pieces {
+        inline: [Option<Piece>; 8],
+        n: usize,
+        more: Vec<Piece>,
+    }
+
+    impl Pieces {
+        pub fn push(&mut self, p: Piece) {
+            if self.n < 8 {
+                self.inline[self.n] = Some(p);
+                self.n += 1;
+            } else {
+                self.more.push(p);
+            }
+        }
+
+        pub fn iter(&self) -> impl Iterator<Item = &Piece> {
+            self.inline[..self.n].iter().flatten().chain(self.more.iter())
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Counters kept by the engine, readable at any time without locks.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Live counters. All relaxed atomics: they are for humans and status.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Read bytes served from the cache.
+    pub read_hit_bytes: AtomicU64,
+    /// Read bytes served from the backing store.
+    pub read_miss_bytes: AtomicU64,
+    /// Read requests (pieces of at most 4 MiB) fully served from cache.
+    pub read_hits: AtomicU64,
+    /// Read requests needing the backing store for at least one piece.
+    pub read_misses: AtomicU64,
+    /// Bytes written into the cache by the guest.
+    pub write_bytes: AtomicU64,
+    /// Bytes inserted by miss fills.
+    pub fill_bytes: AtomicU64,
+    /// Flushes completed.
+    pub flushes: AtomicU64,
+    /// Times a request found the cache full.
+    pub cache_full: AtomicU64,
+    /// Ksets closed.
+    pub ksets_closed: AtomicU64,
+    /// Dirty bytes logged but not yet written back (overwritten data too).
+    pub dirty_bytes: AtomicI64,
+    /// Bytes written back to the backing store.
+    pub writeback_bytes: AtomicU64,
+    /// Backing-store errors seen by writeback (each retried).
+    pub writeback_errors: AtomicU64,
+    /// Segments freed by GC.
+    pub gc_segs_freed: AtomicU64,
+    /// Data CRC mismatches found.
+    pub data_crc_errors: AtomicU64,
+    /// Stale keys skipped at replay.
+    pub replay_stale_keys: AtomicU64,
+    /// Keys replayed into the index at open.
+    pub replay_keys: AtomicU64,
+}
+
+/// A copy of [`Stats`] at one moment.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StatsSnapshot {
+    /// See [`Stats::read_hit_bytes`].
+    pub read_hit_bytes: u64,
+    /// See [`Stats::read_miss_bytes`].
+    pub read_miss_bytes: u64,
+    /// See [`Stats::read_hits`].
+    pub read_hits: u64,
+    /// See [`Stats::read_misses`].
+    pub read_misses: u64,
+    /// See [`Stats::write_bytes`].
+    pub write_bytes: u64,
+    /// See [`Stats::fill_bytes`].
+    pub fill_bytes: u64,
+    /// See [`Stats::flushes`].
+    pub flushes: u64,
+    /// See [`Stats::cache_full`].
+    pub cache_full: u64,
+    /// See [`Stats::ksets_closed`].
+    pub ksets_closed: u64,
+    /// See [`Stats::dirty_bytes`].
+    pub dirty_bytes: u64,
+    /// See [`Stats::writeback_bytes`].
+    pub writeback_bytes: u64,
+    /// See [`Stats::writeback_errors`].
+    pub writeback_errors: u64,
+    /// See [`Stats::gc_segs_freed`].
+    pub gc_segs_freed: u64,
+    /// See [`Stats::data_crc_errors`].
+    pub data_crc_errors: u64,
+    /// See [`Stats::replay_stale_keys`].
+    pub replay_stale_keys: u64,
+    /// See [`Stats::replay_keys`].
+    pub replay_keys: u64,
+}
+
+impl Stats {
+    /// Read every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            read_hit_bytes: g(&self.read_hit_bytes),
+            read_miss_bytes: g(&self.read_miss_bytes),
+            read_hits: g(&self.read_hits),
+            read_misses: g(&self.read_misses),
+            write_bytes: g(&self.write_bytes),
+            fill_bytes: g(&self.fill_bytes),
+            flushes: g(&self.flushes),
+            cache_full: g(&self.cache_full),
+            ksets_closed: g(&self.ksets_closed),
+            dirty_bytes: self.dirty_bytes.load(Ordering::Relaxed).max(0) as u64,
+            writeback_bytes: g(&self.writeback_bytes),
+            writeback_errors: g(&self.writeback_errors),
+            gc_segs_freed: g(&self.gc_segs_freed),
+            data_crc_errors: g(&self.data_crc_errors),
+            replay_stale_keys: g(&self.replay_stale_keys),
+            replay_keys: g(&self.replay_keys),
+        }
+    }
+}
+
+/// Add to a counter.
+pub(crate) fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}

@@ -1,0 +1,110 @@
+//! The background workers of an open engine: writeback, GC and the kset
+//! timer, each a thread.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::kset::KSET_MAX_AGE;
+use super::writeback::Progress;
+use super::Engine;
+use crate::backing::{Backing, BackingQueue};
+
+/// How often the kset timer looks at open ksets.
+const TIMER_TICK: Duration = Duration::from_millis(100);
+/// Idle poll interval of writeback and GC (they are also kicked).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Writeback retry backoff after a backing error: from 10 ms doubling to 5 s.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Running background workers. Stop them with [`Workers::stop`] (dropping
+/// also stops them).
+pub struct Workers {
+    stop: Arc<AtomicBool>,
+    engine: Arc<Engine>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Start writeback (against `backing`), GC and the kset timer.
+    pub fn start(engine: Arc<Engine>, backing: Arc<dyn Backing>) -> Workers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let (e, s) = (engine.clone(), stop.clone());
+        threads.push(spawn("pcache-writeback", move || writeback_loop(&e, backing, &s)));
+        let (e, s) = (engine.clone(), stop.clone());
+        threads.push(spawn("pcache-gc", move || gc_loop(&e, &s)));
+        let (e, s) = (engine.clone(), stop.clone());
+        threads.push(spawn("pcache-kset-timer", move || timer_loop(&e, &s)));
+        Workers { stop, engine, threads }
+    }
+
+    /// Stop and join every worker.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.engine.writeback_kick.kick();
+        self.engine.gc_kick.kick();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .expect("spawning a worker thread")
+}
+
+fn writeback_loop(e: &Engine, backing: Arc<dyn Backing>, stop: &AtomicBool) {
+    let mut q = BackingQueue::new(backing, 64);
+    let mut backoff = BACKOFF_MIN;
+    while !stop.load(Ordering::Relaxed) {
+        match e.writeback_once(&mut q) {
+            Ok(Progress::Advanced { .. }) => backoff = BACKOFF_MIN,
+            Ok(Progress::Clean) => {
+                e.writeback_kick.wait(IDLE_POLL);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "writeback failed; dirty data stays cached and will be retried");
+                e.writeback_kick.wait(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+fn gc_loop(e: &Engine, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        e.gc_kick.wait(IDLE_POLL);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let forced = e.space_wanted.swap(false, Ordering::Relaxed);
+        if let Err(err) = e.gc_once(forced) {
+            tracing::error!(error = %err, "gc failed");
+        }
+    }
+}
+
+fn timer_loop(e: &Engine, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(TIMER_TICK);
+        if let Err(err) = e.close_aged_ksets(KSET_MAX_AGE) {
+            tracing::debug!(error = %err, "timed kset close deferred");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! pcache: a vhost-user-blk backend with a crash-safe persistent write-back
+//! cache, a userspace port of Linux's dm-pcache.
+//!
+//! Modules, following the data path downwards:
+//!
+//! - [`engine`]: the cache itself (segments, index, key log, read/write/flush,
+//!   writeback, GC, replay); knows sectors, not virtio.
+//! - [`format`]: every on-media record, byte by byte; no threads, no I/O.
+//! - [`pmem`]: the mapped cache medium and its persistence primitives.
+//! - [`backing`]: the disk behind the cache, sync and async, plus test doubles.
+//! - [`cli`]: the command line (format, inspect, check, writeback).
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backing;
+pub mod cli;
+pub mod engine;
+pub mod format;
+pub mod pmem;
+pub mod util;

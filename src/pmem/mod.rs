@@ -1,0 +1,580 @@
+//! The persistent region: the cache medium mapped into memory, and the
+//! primitives that make stores to it durable.
+//!
+//! Three media, chosen at run time by [`Region::open`]:
+//!
+//! - a device-DAX character device (`/dev/daxX.Y`): mapped shared; stores are
+//!   made durable with a cache-line write-back instruction per line (clwb,
+//!   else clflushopt, else clflush, picked from CPUID) and an `sfence` at each
+//!   persistence point;
+//! - a file on a DAX file system: mapped `MAP_SHARED_VALIDATE | MAP_SYNC`,
+//!   then persisted like device DAX;
+//! - any other file (tmpfs, ext4): mapped shared. A store is in the page
+//!   cache at once, so it survives a crash of the process; the dirty ranges
+//!   are `msync`ed at each persistence point, so a completed persist also
+//!   survives power loss where the file system is on a real disk.
+//!
+//! What the safe API guarantees: every range passed in lies inside the
+//! mapping (checked, a violation is a bug in the caller and panics with the
+//! range); after `write(off, ..)` and then `persist()`, the bytes are as
+//! durable as [`Durability`] says.
+//!
+//! Concurrent callers must not write the same bytes at once, nor read bytes
+//! another thread is writing; the engine guarantees this through segment
+//! ownership and generations.
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bytes of a cache line, the unit of a flush instruction.
+const LINE_BYTES: usize = 64;
+/// Granularity of dirty tracking for msync (1 MiB: a 16 MiB segment is 16
+/// bits, and msync of a mostly clean 1 MiB range costs a few microseconds).
+const DIRTY_CHUNK_SHIFT: u32 = 20;
+
+/// Errors opening the region.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The path could not be opened.
+    #[error("Cannot open cache medium {path}")]
+    Open {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The path is neither a regular file nor a character (devdax) device.
+    #[error("Cache medium {0} is not a regular file or a device-DAX character device")]
+    NotFileOrDax(PathBuf),
+    /// The size could not be read.
+    #[error("Cannot read the size of cache medium {path}")]
+    Size {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// mmap failed.
+    #[error("Cannot map cache medium {path} ({len} bytes)")]
+    Map {
+        /// Path.
+        path: PathBuf,
+        /// Bytes asked for.
+        len: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How durable a persisted store is on this medium.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// DAX: a persisted store survives power loss.
+    PowerFailSafe,
+    /// Plain file: every store survives a crash of the process; a persisted
+    /// store (msync done) survives power loss only if the file system is on
+    /// durable storage (not tmpfs).
+    ProcessCrashSafe,
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Durability::PowerFailSafe => "power-fail safe (DAX, cache-line flush)",
+            Durability::ProcessCrashSafe => "process-crash safe (page cache, msync at flush)",
+        })
+    }
+}
+
+/// The instruction used to write back a cache line on DAX media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushInsn {
+    /// clwb: writes back and keeps the line cached.
+    Clwb,
+    /// clflushopt: writes back and evicts, weakly ordered.
+    Clflushopt,
+    /// clflush: writes back and evicts, strongly ordered (slowest).
+    Clflush,
+}
+
+impl FlushInsn {
+    /// The best instruction this CPU has.
+    pub fn detect() -> FlushInsn {
+        let (clwb, clflushopt) = cpu_flush_features();
+        if clwb {
+            FlushInsn::Clwb
+        } else if clflushopt {
+            FlushInsn::Clflushopt
+        } else {
+            FlushInsn::Clflush
+        }
+    }
+}
+
+/// How stores are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PersistMode {
+    /// Flush cache lines as they are written; `sfence` at persist.
+    CacheLine(FlushInsn),
+    /// Track dirty chunks; `msync` them at persist.
+    Msync,
+}
+
+/// Options for [`Region::open`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RegionOptions {
+    /// Use cache-line flushes even on a plain mapping. Tests use this to run
+    /// the DAX persistence path where no DAX medium exists.
+    pub force_cache_line_flush: bool,
+    /// Map read-only (inspect, check).
+    pub read_only: bool,
+}
+
+/// The mapped cache medium.
+///
+/// # Invariants
+/// - `ptr..ptr+len` is a live shared mapping of `file` for the life of `self`.
+/// - `dirty` has one bit per 1 MiB chunk of the mapping (msync mode only).
+pub struct Region {
+    ptr: *mut u8,
+    len: usize,
+    mode: PersistMode,
+    durability: Durability,
+    read_only: bool,
+    dirty: Box<[AtomicU64]>,
+    path: PathBuf,
+    _file: File,
+}
+
+// SAFETY: the mapping is shared memory owned by `Region`; all access goes
+// through methods that take `&self` and copy bytes, and the engine keeps
+// concurrent writers to disjoint ranges (see the module doc).
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Map the cache medium at `path`: device DAX, a MAP_SYNC-capable file,
+    /// or a plain file, in that order of preference.
+    pub fn open(path: &Path, opts: RegionOptions) -> Result<Region, Error> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .open(path)
+            .map_err(|source| Error::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| Error::Size {
+            path: path.to_owned(),
+            source,
+        })?;
+        let ft = meta.file_type();
+        let (len, is_devdax) = if ft.is_file() {
+            (meta.len(), false)
+        } else if ft.is_char_device() {
+            (devdax_size(&meta).map_err(|source| Error::Size {
+                path: path.to_owned(),
+                source,
+            })?, true)
+        } else {
+            return Err(Error::NotFileOrDax(path.to_owned()));
+        };
+        let map_err = |source| Error::Map {
+            path: path.to_owned(),
+            len,
+            source,
+        };
+        let ulen = usize::try_from(len).map_err(|_| map_err(io::Error::from_raw_os_error(libc::EFBIG)))?;
+        if ulen == 0 {
+            return Err(map_err(io::Error::from_raw_os_error(libc::EINVAL)));
+        }
+        let prot = if opts.read_only {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        let fd = file.as_raw_fd();
+        let mut dax = is_devdax;
+        let mut ptr = libc::MAP_FAILED;
+        if !is_devdax && !opts.read_only {
+            // SAFETY: a fresh mapping of `ulen` bytes of an open fd at a
+            // kernel-chosen address; no existing memory is affected.
+            ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    ulen,
+                    prot,
+                    libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC,
+                    fd,
+                    0,
+                )
+            };
+            dax = ptr != libc::MAP_FAILED;
+        }
+        if ptr == libc::MAP_FAILED {
+            // SAFETY: as above.
+            ptr = unsafe { libc::mmap(std::ptr::null_mut(), ulen, prot, libc::MAP_SHARED, fd, 0) };
+        }
+        if ptr == libc::MAP_FAILED {
+            return Err(map_err(io::Error::last_os_error()));
+        }
+        let (mode, durability) = if dax {
+            (PersistMode::CacheLine(FlushInsn::detect()), Durability::PowerFailSafe)
+        } else if opts.force_cache_line_flush {
+            (PersistMode::CacheLine(FlushInsn::detect()), Durability::ProcessCrashSafe)
+        } else {
+            (PersistMode::Msync, Durability::ProcessCrashSafe)
+        };
+        let chunks = ulen.div_ceil(1 << DIRTY_CHUNK_SHIFT);
+        let dirty = (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        tracing::info!(
+            path = %path.display(),
+            bytes = len,
+            ?mode,
+            %durability,
+            "mapped cache medium"
+        );
+        Ok(Region {
+            ptr: ptr.cast(),
+            len: ulen,
+            mode,
+            durability,
+            read_only: opts.read_only,
+            dirty,
+            path: path.to_owned(),
+            _file: file,
+        })
+    }
+
+    /// Bytes in the mapping.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Is the mapping empty? (Never: `open` refuses empty media.)
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Path of the medium.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What a persisted store survives.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// How stores are persisted.
+    pub fn mode(&self) -> PersistMode {
+        self.mode
+    }
+
+    #[track_caller]
+    fn check(&self, off: u64, len: usize) -> usize {
+        let end = off.checked_add(len as u64);
+        match end {
+            Some(end) if end <= self.len as u64 => off as usize,
+            _ => panic!(
+                "pmem range {off:#x}+{len:#x} outside the {:#x}-byte mapping",
+                self.len
+            ),
+        }
+    }
+
+    /// Copy `buf.len()` bytes at `off` into `buf`.
+    pub fn read(&self, off: u64, buf: &mut [u8]) {
+        let o = self.check(off, buf.len());
+        // SAFETY: `check` proved o..o+len lies inside the live mapping, and
+        // `buf` is a distinct Rust allocation, so the ranges don't overlap.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(o), buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// Read a little-endian u64 at `off` (8-byte aligned: atomic on x86).
+    pub fn read_u64(&self, off: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.read(off, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// crc32c of `len` bytes at `off`, computed in place without a copy.
+    pub fn crc32c(&self, off: u64, len: usize) -> u32 {
+        self.crc32c_append(0, off, len)
+    }
+
+    /// Continue a crc32c over `len` bytes at `off`.
+    pub fn crc32c_append(&self, crc: u32, off: u64, len: usize) -> u32 {
+        let o = self.check(off, len);
+        // SAFETY: the range lies inside the mapping (checked); the engine
+        // only checksums data no thread is writing.
+        let s = unsafe { std::slice::from_raw_parts(self.ptr.add(o), len) };
+        crc32c::crc32c_append(crc, s)
+    }
+
+    /// Copy `data` to `off`, and start making it durable (flush its lines
+    /// on DAX, mark its chunks dirty otherwise). Durable after the next
+    /// [`Region::persist`].
+    pub fn write(&self, off: u64, data: &[u8]) {
+        assert!(!self.read_only, "write to a read-only cache mapping");
+        let o = self.check(off, data.len());
+        // SAFETY: the range lies inside the live, writable mapping; `data`
+        // is a Rust slice and cannot alias the mapping's bytes being written
+        // unless the caller passes a view of the mapping, which no safe API
+        // hands out.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(o), data.len()) }
+        self.written(o, data.len());
+    }
+
+    /// Fill `len` bytes at `off` with zeros, as [`Region::write`] does.
+    pub fn zero(&self, off: u64, len: usize) {
+        assert!(!self.read_only, "write to a read-only cache mapping");
+        let o = self.check(off, len);
+        // SAFETY: the range lies inside the live, writable mapping.
+        unsafe { std::ptr::write_bytes(self.ptr.add(o), 0, len) }
+        self.written(o, len);
+    }
+
+    fn written(&self, o: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        match self.mode {
+            PersistMode::CacheLine(insn) => {
+                let start = o & !(LINE_BYTES - 1);
+                let mut line = start;
+                while line < o + len {
+                    // SAFETY: `line` is inside the mapping: it is at most
+                    // o+len-1 rounded down to a line, and o+len <= self.len.
+                    unsafe { flush_line(insn, self.ptr.add(line)) };
+                    line += LINE_BYTES;
+                }
+            }
+            PersistMode::Msync => {
+                let first = o >> DIRTY_CHUNK_SHIFT;
+                let last = (o + len - 1) >> DIRTY_CHUNK_SHIFT;
+                for c in first..=last {
+                    let bit = 1u64 << (c % 64);
+                    let word = &self.dirty[c / 64];
+                    // Relaxed load first: the common case is already marked.
+                    if word.load(Ordering::Relaxed) & bit == 0 {
+                        word.fetch_or(bit, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Persistence point: every store made before this call is durable when
+    /// it returns (as far as [`Durability`] goes).
+    pub fn persist(&self) -> io::Result<()> {
+        match self.mode {
+            PersistMode::CacheLine(_) => {
+                // SAFETY: sfence has no memory-safety preconditions.
+                unsafe { std::arch::x86_64::_mm_sfence() };
+                Ok(())
+            }
+            PersistMode::Msync => self.msync_dirty(),
+        }
+    }
+
+    fn msync_dirty(&self) -> io::Result<()> {
+        let chunk = 1usize << DIRTY_CHUNK_SHIFT;
+        let mut run: Option<(usize, usize)> = None;
+        let mut result = Ok(());
+        let mut flush_run = |run: &mut Option<(usize, usize)>| {
+            if let Some((a, b)) = run.take() {
+                let start = a * chunk;
+                let end = (b * chunk).min(self.len);
+                // SAFETY: start..end lies inside the mapping and start is
+                // chunk (so page) aligned, as msync requires.
+                let rc = unsafe { libc::msync(self.ptr.add(start).cast(), end - start, libc::MS_SYNC) };
+                if rc != 0 && result.is_ok() {
+                    result = Err(io::Error::last_os_error());
+                }
+            }
+        };
+        for (w, word) in self.dirty.iter().enumerate() {
+            if word.load(Ordering::Relaxed) == 0 {
+                flush_run(&mut run);
+                continue;
+            }
+            let bits = word.swap(0, Ordering::AcqRel);
+            for b in 0..64 {
+                let c = w * 64 + b;
+                if bits & (1 << b) != 0 {
+                    run = match run {
+                        Some((a, e)) if e == c => Some((a, c + 1)),
+                        other => {
+                            let mut o = other;
+                            flush_run(&mut o);
+                            Some((c, c + 1))
+                        }
+                    };
+                } else {
+                    flush_run(&mut run);
+                }
+            }
+        }
+        flush_run(&mut run);
+        result
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are the mapping made in `open`, unmapped once here.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Write back the cache line holding `p`.
+///
+/// # Safety
+/// `p` must point into mapped memory.
+#[inline(always)]
+unsafe fn flush_line(insn: FlushInsn, p: *mut u8) {
+    // SAFETY: the caller guarantees `p` is mapped; these instructions only
+    // write back a cache line and have no other effect on memory.
+    unsafe {
+        match insn {
+            FlushInsn::Clwb => std::arch::asm!("clwb [{0}]", in(reg) p, options(nostack, preserves_flags)),
+            FlushInsn::Clflushopt => {
+                std::arch::asm!("clflushopt [{0}]", in(reg) p, options(nostack, preserves_flags))
+            }
+            FlushInsn::Clflush => std::arch::x86_64::_mm_clflush(p),
+        }
+    }
+}
+
+/// (clwb, clflushopt) support, from CPUID leaf 7 (EBX bits 24 and 23).
+fn cpu_flush_features() -> (bool, bool) {
+    #[allow(unused_unsafe)]
+    // SAFETY: cpuid is available on every x86_64 CPU and only reads
+    // processor identification registers.
+    let max = unsafe { std::arch::x86_64::__cpuid(0) }.eax;
+    if max < 7 {
+        return (false, false);
+    }
+    #[allow(unused_unsafe)]
+    // SAFETY: as above; leaf 7 exists since max >= 7.
+    let ebx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.ebx;
+    (ebx & (1 << 24) != 0, ebx & (1 << 23) != 0)
+}
+
+/// Size of a device-DAX character device, from sysfs.
+fn devdax_size(meta: &std::fs::Metadata) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = meta.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let p = format!("/sys/dev/char/{major}:{minor}/size");
+    let s = std::fs::read_to_string(&p)
+        .map_err(|e| io::Error::new(e.kind(), format!("{p}: {e} (is this a device-DAX device?)")))?;
+    s.trim()
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{p}: not a number")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(len: u64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let f = File::create(&p).unwrap();
+        f.set_len(len).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn plain_file_maps_with_msync_and_round_trips() {
+        let (_d, p) = file(4 << 20);
+        let r = Region::open(&p, RegionOptions::default()).unwrap();
+        assert_eq!(r.mode(), PersistMode::Msync);
+        assert_eq!(r.durability(), Durability::ProcessCrashSafe);
+        r.write(4096 + 3, b"hello");
+        r.persist().unwrap();
+        let mut b = [0u8; 5];
+        r.read(4096 + 3, &mut b);
+        assert_eq!(&b, b"hello");
+        drop(r);
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[4099..4104], b"hello");
+    }
+
+    #[test]
+    fn persist_clears_dirty_chunks() {
+        let (_d, p) = file(8 << 20);
+        let r = Region::open(&p, RegionOptions::default()).unwrap();
+        r.write((1 << 20) - 2, &[1, 2, 3, 4]);
+        r.zero(5 << 20, 10);
+        let dirty: u64 = r.dirty.iter().map(|w| w.load(Ordering::Relaxed)).sum();
+        assert_eq!(dirty, 0b100011);
+        r.persist().unwrap();
+        assert!(r.dirty.iter().all(|w| w.load(Ordering::Relaxed) == 0));
+    }
+
+    #[test]
+    fn cache_line_flush_path_runs_on_a_plain_mapping() {
+        let (_d, p) = file(1 << 20);
+        let opts = RegionOptions {
+            force_cache_line_flush: true,
+            ..Default::default()
+        };
+        let r = Region::open(&p, opts).unwrap();
+        assert!(matches!(r.mode(), PersistMode::CacheLine(_)));
+        let data: Vec<u8> = (0..10_000).map(|i| i as u8).collect();
+        r.write(77, &data);
+        r.persist().unwrap();
+        let mut back = vec![0u8; data.len()];
+        r.read(77, &mut back);
+        assert_eq!(back, data);
+        assert_eq!(r.crc32c(77, data.len()), crc32c::crc32c(&data));
+    }
+
+    #[test]
+    fn every_flush_instruction_this_cpu_has_works() {
+        let (_d, p) = file(1 << 20);
+        let r = Region::open(&p, RegionOptions::default()).unwrap();
+        let mut insns = vec![FlushInsn::Clflush];
+        let (clwb, clflushopt) = cpu_flush_features();
+        if clflushopt {
+            insns.push(FlushInsn::Clflushopt);
+        }
+        if clwb {
+            insns.push(FlushInsn::Clwb);
+        }
+        for insn in insns {
+            // SAFETY: the pointer is inside the live mapping.
+            unsafe { flush_line(insn, r.ptr.add(128)) };
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the")]
+    fn out_of_range_access_is_refused() {
+        let (_d, p) = file(1 << 20);
+        let r = Region::open(&p, RegionOptions::default()).unwrap();
+        r.write((1 << 20) - 1, &[0, 0]);
+    }
+
+    #[test]
+    fn directory_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Region::open(dir.path(), RegionOptions::default()).err().unwrap();
+        let msg = e.to_string();
+        assert!(msg.contains("Cannot open") || msg.contains("not a regular file"), "{msg}");
+    }
+}
