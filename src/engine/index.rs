@@ -297,7 +297,8 @@ mod tests {
             let mut model = vec![None::<u64>; 8192];
             for i in 0..500u64 {
                 let s = rng.gen_range(0..8192u64);
-                let len = rng.gen_range(1..=(8192 - s).min(if rng.gen_bool(0.1) { 8192 } else { 64 }));
+                let cap = if rng.gen_bool(0.1) { 8192 } else { 64 };
+                let len = rng.gen_range(1..=(8192 - s).min(cap));
                 let src = (round * 1_000_000 + i * 10_000) as u64;
                 m.insert(s, T { len: len as u32, src });
                 for k in 0..len {

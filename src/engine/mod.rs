@@ -36,6 +36,7 @@ pub use req::{DataHead, Miss};
 pub use segment::LOG_RESERVE_SEGS;
 pub use stats::{Stats, StatsSnapshot};
 pub use workers::Workers;
+pub use writeback::Progress;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};

@@ -246,6 +246,12 @@ impl<'a> KsetView<'a> {
         // u64: key_num is any u32 here (its range is checked after the CRC).
         let total = KSET_HEADER_BYTES as u64 + KEY_BYTES as u64 * u64::from(key_num);
         if total > buf.len() as u64 {
+            // Callers may cap buf at KSET_MAX_BYTES: name the real problem.
+            if key_num as usize > KSET_KEYS_MAX {
+                return Err(KsetEnd::Invalid(format!(
+                    "key_num {key_num} above {KSET_KEYS_MAX}"
+                )));
+            }
             return Err(KsetEnd::Invalid(format!(
                 "{key_num} keys ({total} bytes) extends past the end of the segment ({} bytes left)",
                 buf.len()
@@ -591,11 +597,16 @@ mod tests {
         let buf = kset(3, 1, 0);
         let why = invalid(KsetView::parse(&buf[..buf.len() - 1], FID, 1, NSEGS));
         assert!(why.contains("extends past the end of the segment"), "{why}");
-        // A huge key_num is judged on length without overflow or allocation.
+        // A huge key_num is judged without overflow, and named as such.
         let mut buf = kset(0, 1, 0);
         buf[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         let why = invalid(KsetView::parse(&buf, FID, 1, NSEGS));
-        assert!(why.contains("extends past the end of the segment"), "{why}");
+        assert!(why.contains("key_num 4294967295 above 128"), "{why}");
+        // Same in a buffer capped at the largest kset, as the engine reads.
+        let mut buf = kset(128, 1, 0);
+        buf[4..8].copy_from_slice(&129u32.to_le_bytes());
+        let why = invalid(KsetView::parse(&buf, FID, 1, NSEGS));
+        assert!(why.contains("key_num 129 above 128"), "{why}");
     }
 
     #[test]
