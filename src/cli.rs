@@ -184,8 +184,10 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             let start = engine.stats().snapshot().dirty_bytes;
             let bar = indicatif::ProgressBar::new(start);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("writeback {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .expect("static template"),
+                indicatif::ProgressStyle::with_template(
+                    "writeback {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("static template"),
             );
             let mut q = BackingQueue::new(Arc::new(b), 64);
             engine.writeback_all(&mut q, |left| bar.set_position(start.saturating_sub(left)))?;
@@ -258,7 +260,10 @@ pub fn prepare_cache_file(cache: &Path, size: Option<u64>, force: bool) -> AnyRe
                 )
                 .into());
             }
-            std::fs::OpenOptions::new().write(true).open(cache)?.set_len(sz)?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(cache)?
+                .set_len(sz)?;
             Ok(())
         }
         (Some(m), _) => {

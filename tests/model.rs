@@ -41,7 +41,9 @@ fn sector_id(buf: &[u8], sector: u64) -> Result<u64, String> {
         let i = u64::from_le_bytes(pair[..8].try_into().unwrap());
         let s = u64::from_le_bytes(pair[8..].try_into().unwrap());
         if i != id || s != sector {
-            return Err(format!("torn or misplaced sector: ({i}, {s}) next to ({id}, {sector})"));
+            return Err(format!(
+                "torn or misplaced sector: ({i}, {s}) next to ({id}, {sector})"
+            ));
         }
     }
     Ok(id)
@@ -81,8 +83,8 @@ impl Model {
 
     /// After a crash: check `id` is allowed for `s`, then adopt it.
     fn settle(&mut self, s: u64, id: u64) -> Result<(), String> {
-        let ok = id == self.durable[s as usize]
-            || self.since.get(&s).is_some_and(|v| v.contains(&id));
+        let ok =
+            id == self.durable[s as usize] || self.since.get(&s).is_some_and(|v| v.contains(&id));
         if !ok {
             return Err(format!(
                 "sector {s} holds write {id}; allowed: {} (flushed) or {:?}",
@@ -187,7 +189,8 @@ impl Harness {
 
     fn read(&mut self, off: u64, buf: &mut [u8]) {
         let e = self.e().clone();
-        e.read_sync(&mut self.head, &*self.backing, off, buf).expect("read");
+        e.read_sync(&mut self.head, &*self.backing, off, buf)
+            .expect("read");
     }
 
     fn tally(&mut self) {
@@ -231,9 +234,13 @@ fn verify_all(h: &mut Harness, m: &mut Model, crashed: bool, seed: u64) {
             let got = sector_id(&b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize], sec)
                 .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             if crashed {
-                m.settle(sec, got).unwrap_or_else(|e| panic!("seed {seed}: after crash: {e}"));
+                m.settle(sec, got)
+                    .unwrap_or_else(|e| panic!("seed {seed}: after crash: {e}"));
             } else {
-                assert_eq!(got, m.cur[sec as usize], "seed {seed}: sector {sec} after clean restart");
+                assert_eq!(
+                    got, m.cur[sec as usize],
+                    "seed {seed}: sector {sec} after clean restart"
+                );
             }
         }
         s += n;
@@ -273,7 +280,11 @@ fn run_model(seed: u64, ops: u64, data_crc: bool) {
                 next_id += 1;
                 wbuf.resize((n * SECTOR) as usize, 0);
                 for i in 0..n {
-                    fill_sector(&mut wbuf[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize], id, s + i);
+                    fill_sector(
+                        &mut wbuf[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
+                        id,
+                        s + i,
+                    );
                 }
                 deferrals += h.write(s * SECTOR, &wbuf) as u64;
                 m.write(s, n, id);
@@ -284,14 +295,24 @@ fn run_model(seed: u64, ops: u64, data_crc: bool) {
                 rbuf.resize((n * SECTOR) as usize, 0);
                 h.read(s * SECTOR, &mut rbuf);
                 for i in 0..n {
-                    let got = sector_id(&rbuf[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize], s + i)
-                        .unwrap_or_else(|e| panic!("seed {seed} op {op}: {e}"));
-                    assert_eq!(got, m.cur[(s + i) as usize], "seed {seed} op {op}: read of sector {}", s + i);
+                    let got = sector_id(
+                        &rbuf[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
+                        s + i,
+                    )
+                    .unwrap_or_else(|e| panic!("seed {seed} op {op}: {e}"));
+                    assert_eq!(
+                        got,
+                        m.cur[(s + i) as usize],
+                        "seed {seed} op {op}: read of sector {}",
+                        s + i
+                    );
                 }
                 reads += 1;
             }
             970..=989 => {
-                h.e().flush().unwrap_or_else(|e| panic!("seed {seed} op {op}: flush: {e}"));
+                h.e()
+                    .flush()
+                    .unwrap_or_else(|e| panic!("seed {seed} op {op}: flush: {e}"));
                 m.flush();
                 flushes += 1;
             }
@@ -321,9 +342,15 @@ fn run_model(seed: u64, ops: u64, data_crc: bool) {
     assert!(!e.is_dirty());
     let image = h.backing.image();
     for s in 0..sectors {
-        let got = sector_id(&image[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize], s)
-            .unwrap_or_else(|e| panic!("seed {seed}: backing: {e}"));
-        assert_eq!(got, m.cur[s as usize], "seed {seed}: backing sector {s} after drain");
+        let got = sector_id(
+            &image[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize],
+            s,
+        )
+        .unwrap_or_else(|e| panic!("seed {seed}: backing: {e}"));
+        assert_eq!(
+            got, m.cur[s as usize],
+            "seed {seed}: backing sector {s} after drain"
+        );
     }
     h.tally();
     println!(
@@ -334,14 +361,27 @@ fn run_model(seed: u64, ops: u64, data_crc: bool) {
         h.wb_bytes >> 20,
         h.cache_full
     );
-    assert!(h.gc_freed >= ops / 1000, "GC must run many times (freed {})", h.gc_freed);
-    assert!(deferrals >= ops / 5000, "deferral must run many times ({deferrals})");
+    assert!(
+        h.gc_freed >= ops / 1000,
+        "GC must run many times (freed {})",
+        h.gc_freed
+    );
+    assert!(
+        deferrals >= ops / 5000,
+        "deferral must run many times ({deferrals})"
+    );
     assert!(crashes > 0 && flushes > 0);
 }
 
 fn seed_and_ops(default_seed: u64) -> (u64, u64) {
-    let seed = std::env::var("PCACHE_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default_seed);
-    let ops = std::env::var("PCACHE_MODEL_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let seed = std::env::var("PCACHE_MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_seed);
+    let ops = std::env::var("PCACHE_MODEL_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
     (seed, ops)
 }
 
@@ -386,9 +426,15 @@ fn concurrent_writers_with_background_workers_lose_nothing() {
                     id += 1;
                     let b = &mut buf[..(n * SECTOR) as usize];
                     for i in 0..n {
-                        fill_sector(&mut b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize], id, t * half / SECTOR + s + i);
+                        fill_sector(
+                            &mut b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
+                            id,
+                            t * half / SECTOR + s + i,
+                        );
                     }
-                    engine.write_blocking(&mut head, t * half + s * SECTOR, b).expect("write");
+                    engine
+                        .write_blocking(&mut head, t * half + s * SECTOR, b)
+                        .expect("write");
                     for i in 0..n {
                         last[(s + i) as usize] = id;
                     }
@@ -406,11 +452,21 @@ fn concurrent_writers_with_background_workers_lose_nothing() {
     for (t, last) in lasts.iter().enumerate() {
         for chunk in 0..(half / buf.len() as u64) {
             let off = t as u64 * half + chunk * buf.len() as u64;
-            engine.read_sync(&mut head, &*backing, off, &mut buf).unwrap();
+            engine
+                .read_sync(&mut head, &*backing, off, &mut buf)
+                .unwrap();
             for i in 0..buf.len() as u64 / SECTOR {
                 let sec = off / SECTOR + i;
-                let got = sector_id(&buf[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize], sec).unwrap();
-                assert_eq!(got, last[(sec - t as u64 * half / SECTOR) as usize], "sector {sec}");
+                let got = sector_id(
+                    &buf[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
+                    sec,
+                )
+                .unwrap();
+                assert_eq!(
+                    got,
+                    last[(sec - t as u64 * half / SECTOR) as usize],
+                    "sector {sec}"
+                );
             }
         }
     }

@@ -43,13 +43,20 @@ impl Engine {
                 Error::Format(format::Error::Corrupt {
                     what: "key log",
                     offset: data_off(pos.seg, pos.off),
-                    detail: format!("GC found {end:?} before dirty_tail (lsn {} < {})", pos.lsn, dirty.lsn),
+                    detail: format!(
+                        "GC found {end:?} before dirty_tail (lsn {} < {})",
+                        pos.lsn, dirty.lsn
+                    ),
                 })
             })?;
             let h = view.header;
             if h.is_last() {
                 let old = pos.seg;
-                pos = PosOnMedia { seg: h.next_seg, off: 0, lsn: pos.lsn + 1 };
+                pos = PosOnMedia {
+                    seg: h.next_seg,
+                    off: 0,
+                    lsn: pos.lsn + 1,
+                };
                 // key_tail must leave the segment durably before it can be
                 // reused and overwritten.
                 self.write_tail(&mut tail, format::KEY_TAIL_OFF, pos)?;
@@ -59,12 +66,15 @@ impl Engine {
                 continue;
             }
             for (i, key) in view.iter().enumerate() {
-                let at = data_off(pos.seg, pos.off) + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
+                let at = data_off(pos.seg, pos.off)
+                    + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
                 key.validate(self.n_segs, self.backing_bytes, at)?;
                 // A key holds a reference only while its gen is current.
                 if key.gen == self.segs.gen(key.seg) {
                     let before = self.segs.used();
-                    self.segs.put_ref(&self.region, key.seg).map_err(Error::Persist)?;
+                    self.segs
+                        .put_ref(&self.region, key.seg)
+                        .map_err(Error::Persist)?;
                     if self.segs.used() < before {
                         freed += 1;
                         data_freed = true;

@@ -195,7 +195,10 @@ impl<S: Start, E: Extent> ExtentMap<S, E> {
         for (s, e) in &self.map {
             let s: u64 = (*s).into();
             assert!(e.len() > 0, "empty extent at {s}");
-            assert!(s >= prev_end, "extent at {s} overlaps the one ending at {prev_end}");
+            assert!(
+                s >= prev_end,
+                "extent at {s} overlaps the one ending at {prev_end}"
+            );
             prev_end = s + e.len() as u64;
         }
     }
@@ -244,7 +247,11 @@ mod tests {
         let cases: &[(&str, &[(u64, u32, u64)], &[(u64, u32, u64)])] = &[
             ("after", &[(0, 10, 0)], &[(0, 10, 0), (10, 10, 1000)]),
             ("before", &[(20, 5, 20)], &[(10, 10, 1000), (20, 5, 20)]),
-            ("overlap_tail", &[(15, 10, 15)], &[(10, 10, 1000), (20, 5, 20)]),
+            (
+                "overlap_tail",
+                &[(15, 10, 15)],
+                &[(10, 10, 1000), (20, 5, 20)],
+            ),
             ("overlap_tail exact end", &[(15, 5, 15)], &[(10, 10, 1000)]),
             ("overlap_contain", &[(12, 3, 12)], &[(10, 10, 1000)]),
             ("overlap_contain exact", &[(10, 10, 10)], &[(10, 10, 1000)]),
@@ -254,7 +261,11 @@ mod tests {
                 &[(5, 5, 5), (10, 10, 1000), (20, 5, 20)],
             ),
             ("overlap_head", &[(5, 10, 5)], &[(5, 5, 5), (10, 10, 1000)]),
-            ("overlap_head same start", &[(10, 15, 10)], &[(10, 10, 1000), (20, 5, 20)]),
+            (
+                "overlap_head same start",
+                &[(10, 15, 10)],
+                &[(10, 10, 1000), (20, 5, 20)],
+            ),
             (
                 "several at once",
                 &[(8, 4, 8), (13, 2, 13), (16, 1, 16), (19, 3, 19)],
@@ -300,7 +311,13 @@ mod tests {
                 let cap = if rng.gen_bool(0.1) { 8192 } else { 64 };
                 let len = rng.gen_range(1..=(8192 - s).min(cap));
                 let src = (round * 1_000_000 + i * 10_000) as u64;
-                m.insert(s, T { len: len as u32, src });
+                m.insert(
+                    s,
+                    T {
+                        len: len as u32,
+                        src,
+                    },
+                );
                 for k in 0..len {
                     model[(s + k) as usize] = Some(src + k);
                 }

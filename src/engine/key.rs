@@ -63,7 +63,11 @@ impl CacheExt {
             len,
             orig_skip: 0,
             orig_len: len,
-            flags: if k.flags & KEY_FLAG_CLEAN != 0 { EXT_CLEAN } else { 0 },
+            flags: if k.flags & KEY_FLAG_CLEAN != 0 {
+                EXT_CLEAN
+            } else {
+                0
+            },
         }
     }
 

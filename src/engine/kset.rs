@@ -131,7 +131,9 @@ impl Engine {
         log.pos.off += size as u32; // (3)
         log.pos.lsn += 1;
         drop(log);
-        self.stats.dirty_bytes.fetch_add(ks.dirty as i64, Ordering::Relaxed);
+        self.stats
+            .dirty_bytes
+            .fetch_add(ks.dirty as i64, Ordering::Relaxed);
         stats::add(&self.stats.ksets_closed, 1);
         ks.n = 0;
         ks.dirty = 0;
@@ -172,6 +174,9 @@ impl Engine {
 
     /// Keys waiting in open ksets.
     pub fn open_keys(&self) -> usize {
-        self.ksets.iter().map(|k| k.lock().expect("kset lock").len()).sum()
+        self.ksets
+            .iter()
+            .map(|k| k.lock().expect("kset lock").len())
+            .sum()
     }
 }

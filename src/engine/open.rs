@@ -135,11 +135,19 @@ impl Engine {
         }
         let info = CacheInfo {
             n_segs,
-            flags: if opts.data_crc { CACHE_FLAG_DATA_CRC } else { 0 },
+            flags: if opts.data_crc {
+                CACHE_FLAG_DATA_CRC
+            } else {
+                0
+            },
             gc_percent: opts.gc_percent,
         };
         region.write(CACHE_INFO_OFF[0], &info.encode(1));
-        let start = PosOnMedia { seg: 0, off: 0, lsn: 1 };
+        let start = PosOnMedia {
+            seg: 0,
+            off: 0,
+            lsn: 1,
+        };
         region.write(KEY_TAIL_OFF[0], &start.encode(1));
         region.write(DIRTY_TAIL_OFF[0], &start.encode(1));
         region.persist().map_err(Error::Persist)?; // everything before the superblock
@@ -153,7 +161,11 @@ impl Engine {
         };
         region.write(SB_OFF, &sb.encode());
         region.persist().map_err(Error::Persist)?;
-        tracing::info!(segments = n_segs, backing_bytes = opts.backing_bytes, "formatted cache");
+        tracing::info!(
+            segments = n_segs,
+            backing_bytes = opts.backing_bytes,
+            "formatted cache"
+        );
         Ok(sb)
     }
 
@@ -165,7 +177,12 @@ impl Engine {
         let sb = Superblock::decode(&sb_bytes, region.len())?;
         let n_segs = sb.seg_num;
 
-        let slots = |offs: [u64; 2], len: usize| [read_vec(&region, offs[0], len), read_vec(&region, offs[1], len)];
+        let slots = |offs: [u64; 2], len: usize| {
+            [
+                read_vec(&region, offs[0], len),
+                read_vec(&region, offs[1], len),
+            ]
+        };
         let ci = slots(CACHE_INFO_OFF, CacheInfo::BYTES);
         let info = pick_latest::<CacheInfo>([&ci[0], &ci[1]], CACHE_INFO_OFF)?;
         warn_replica("cache_info", &info.other_error);
@@ -173,28 +190,48 @@ impl Engine {
             return Err(format::Error::Corrupt {
                 what: "cache_info",
                 offset: CACHE_INFO_OFF[info.slot],
-                detail: format!("n_segs {} differs from the superblock's {}", info.rec.n_segs, n_segs),
+                detail: format!(
+                    "n_segs {} differs from the superblock's {}",
+                    info.rec.n_segs, n_segs
+                ),
             }
             .into());
         }
         let kt = slots(KEY_TAIL_OFF, PosOnMedia::BYTES);
-        let key_tail = pick_latest::<PosOnMedia>([&kt[0], &kt[1]], KEY_TAIL_OFF).map_err(|e| rename(e, "key_tail"))?;
+        let key_tail = pick_latest::<PosOnMedia>([&kt[0], &kt[1]], KEY_TAIL_OFF)
+            .map_err(|e| rename(e, "key_tail"))?;
         warn_replica("key_tail", &key_tail.other_error);
         let dt = slots(DIRTY_TAIL_OFF, PosOnMedia::BYTES);
-        let dirty_tail = pick_latest::<PosOnMedia>([&dt[0], &dt[1]], DIRTY_TAIL_OFF).map_err(|e| rename(e, "dirty_tail"))?;
+        let dirty_tail = pick_latest::<PosOnMedia>([&dt[0], &dt[1]], DIRTY_TAIL_OFF)
+            .map_err(|e| rename(e, "dirty_tail"))?;
         warn_replica("dirty_tail", &dirty_tail.other_error);
-        for (name, t, offs) in [("key_tail", &key_tail, KEY_TAIL_OFF), ("dirty_tail", &dirty_tail, DIRTY_TAIL_OFF)] {
+        for (name, t, offs) in [
+            ("key_tail", &key_tail, KEY_TAIL_OFF),
+            ("dirty_tail", &dirty_tail, DIRTY_TAIL_OFF),
+        ] {
             check_pos(name, &t.rec, n_segs, offs[t.slot])?;
         }
 
         let mut gens = Vec::with_capacity(n_segs as usize);
         for seg in 0..n_segs {
             let base = seg_off(seg);
-            let g = slots([base + SEG_GEN_OFF[0], base + SEG_GEN_OFF[1]], SegGen::BYTES);
-            let gen = pick_latest::<SegGen>([&g[0], &g[1]], [base + SEG_GEN_OFF[0], base + SEG_GEN_OFF[1]])?;
+            let g = slots(
+                [base + SEG_GEN_OFF[0], base + SEG_GEN_OFF[1]],
+                SegGen::BYTES,
+            );
+            let gen = pick_latest::<SegGen>(
+                [&g[0], &g[1]],
+                [base + SEG_GEN_OFF[0], base + SEG_GEN_OFF[1]],
+            )?;
             warn_replica("segment_gen", &gen.other_error);
-            let si = slots([base + SEG_INFO_OFF[0], base + SEG_INFO_OFF[1]], SegInfo::BYTES);
-            let inf = pick_latest::<SegInfo>([&si[0], &si[1]], [base + SEG_INFO_OFF[0], base + SEG_INFO_OFF[1]])?;
+            let si = slots(
+                [base + SEG_INFO_OFF[0], base + SEG_INFO_OFF[1]],
+                SegInfo::BYTES,
+            );
+            let inf = pick_latest::<SegInfo>(
+                [&si[0], &si[1]],
+                [base + SEG_INFO_OFF[0], base + SEG_INFO_OFF[1]],
+            )?;
             warn_replica("segment_info", &inf.other_error);
             gens.push((gen.rec.gen, gen.slot as u8));
         }
@@ -215,7 +252,9 @@ impl Engine {
             }),
             segs: SegTable::new(gens),
             shards: (0..n_regions).map(|_| OnceLock::new()).collect(),
-            ksets: (0..n_ksets).map(|_| Mutex::new(OpenKset::default())).collect(),
+            ksets: (0..n_ksets)
+                .map(|_| Mutex::new(OpenKset::default()))
+                .collect(),
             log: Mutex::new(LogHead {
                 pos: key_tail.rec,
                 epoch: 0,
@@ -249,7 +288,9 @@ impl Engine {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "replayed key log"
         );
-        if !opts.read_only && engine.settings.lock().expect("settings lock").info.flags & CACHE_FLAG_INIT_DONE == 0 {
+        if !opts.read_only
+            && engine.settings.lock().expect("settings lock").info.flags & CACHE_FLAG_INIT_DONE == 0
+        {
             let mut s = engine.settings.lock().expect("settings lock");
             let mut info = s.info;
             info.flags |= CACHE_FLAG_INIT_DONE;
@@ -270,7 +311,12 @@ impl Engine {
 
     /// Persist a new position into a tail record (key_tail or dirty_tail),
     /// into the replica that does not hold the newest copy.
-    pub(super) fn write_tail(&self, tail: &mut Tail, offs: [u64; 2], pos: PosOnMedia) -> Result<()> {
+    pub(super) fn write_tail(
+        &self,
+        tail: &mut Tail,
+        offs: [u64; 2],
+        pos: PosOnMedia,
+    ) -> Result<()> {
         let slot = 1 - tail.slot;
         let seq = tail.seq + 1;
         self.region.write(offs[slot], &pos.encode(seq));
@@ -288,7 +334,11 @@ fn warn_replica(what: &str, err: &Option<format::Error>) {
 
 fn rename(e: format::Error, what: &'static str) -> format::Error {
     match e {
-        format::Error::Corrupt { offset, detail, .. } => format::Error::Corrupt { what, offset, detail },
+        format::Error::Corrupt { offset, detail, .. } => format::Error::Corrupt {
+            what,
+            offset,
+            detail,
+        },
         other => other,
     }
 }
@@ -299,7 +349,10 @@ fn check_pos(what: &'static str, p: &PosOnMedia, n_segs: u32, offset: u64) -> Re
         return Err(format::Error::Corrupt {
             what,
             offset,
-            detail: format!("position {}:{} lsn {} is outside the cache", p.seg, p.off, p.lsn),
+            detail: format!(
+                "position {}:{} lsn {} is outside the cache",
+                p.seg, p.off, p.lsn
+            ),
         }
         .into());
     }

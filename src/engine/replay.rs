@@ -40,9 +40,14 @@ enum Use {
 
 impl Engine {
     /// Read the kset at `pos` with the LSN it must have.
-    pub(super) fn read_kset<'a>(&self, pos: PosOnMedia, buf: &'a mut [u8; KSET_MAX_BYTES]) -> std::result::Result<KsetView<'a>, KsetEnd> {
+    pub(super) fn read_kset<'a>(
+        &self,
+        pos: PosOnMedia,
+        buf: &'a mut [u8; KSET_MAX_BYTES],
+    ) -> std::result::Result<KsetView<'a>, KsetEnd> {
         let room = (SEG_DATA_BYTES - pos.off as u64).min(KSET_MAX_BYTES as u64) as usize;
-        self.region.read(data_off(pos.seg, pos.off), &mut buf[..room]);
+        self.region
+            .read(data_off(pos.seg, pos.off), &mut buf[..room]);
         KsetView::parse(&buf[..room], self.sb.format_id(), pos.lsn, self.n_segs)
     }
 
@@ -56,6 +61,7 @@ impl Engine {
         let mut dirty_bytes = 0i64;
         let mut keys = 0u64;
         let mut stale = 0u64;
+        let mut max_epoch = 0u64;
         let mut buf = [0u8; KSET_MAX_BYTES];
         let corrupt = |pos: PosOnMedia, detail: String| -> super::Error {
             format::Error::Corrupt {
@@ -72,22 +78,34 @@ impl Engine {
             let view = match self.read_kset(pos, &mut buf) {
                 Ok(v) => v,
                 Err(KsetEnd::Invalid(why)) => {
-                    return Err(corrupt(pos, format!("kset with lsn {} is invalid: {why}", pos.lsn)))
+                    return Err(corrupt(
+                        pos,
+                        format!("kset with lsn {} is invalid: {why}", pos.lsn),
+                    ))
                 }
                 Err(end) => break end,
             };
             let h = view.header;
+            max_epoch = max_epoch.max(h.epoch);
             if h.is_last() {
                 let next = h.next_seg;
                 if uses[next as usize] != Use::Free {
-                    return Err(corrupt(pos, format!("LAST kset links to segment {next}, which the log already uses")));
+                    return Err(corrupt(
+                        pos,
+                        format!("LAST kset links to segment {next}, which the log already uses"),
+                    ));
                 }
                 uses[next as usize] = Use::Log;
-                pos = PosOnMedia { seg: next, off: 0, lsn: pos.lsn + 1 };
+                pos = PosOnMedia {
+                    seg: next,
+                    off: 0,
+                    lsn: pos.lsn + 1,
+                };
                 continue;
             }
             for (i, key) in view.iter().enumerate() {
-                let at = data_off(pos.seg, pos.off) + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
+                let at = data_off(pos.seg, pos.off)
+                    + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
                 key.validate(self.n_segs, self.backing_bytes, at)?;
                 if key.gen != self.segs.gen(key.seg) {
                     stale += 1;
@@ -95,7 +113,10 @@ impl Engine {
                 }
                 match uses[key.seg as usize] {
                     Use::Log => {
-                        return Err(corrupt(pos, format!("key {i} points into log segment {}", key.seg)));
+                        return Err(corrupt(
+                            pos,
+                            format!("key {i} points into log segment {}", key.seg),
+                        ));
                     }
                     Use::Free => {
                         uses[key.seg as usize] = Use::Data;
@@ -132,7 +153,12 @@ impl Engine {
                 self.segs.mark_used(seg as u32);
             }
         }
-        self.log.lock().expect("log lock").pos = pos;
+        // Ksets written after this open must not share an epoch with ones
+        // written before the crash, or writeback could batch across it.
+        let mut log = self.log.lock().expect("log lock");
+        log.pos = pos;
+        log.epoch = max_epoch + 1;
+        drop(log);
         self.stats.dirty_bytes.store(dirty_bytes, Ordering::Relaxed);
         self.stats.replay_keys.store(keys, Ordering::Relaxed);
         self.stats.replay_stale_keys.store(stale, Ordering::Relaxed);

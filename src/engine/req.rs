@@ -214,7 +214,13 @@ impl Engine {
         Ok(())
     }
 
-    fn read_piece(&self, pos: u64, buf: &mut [u8], buf_base: usize, misses: &mut Vec<Miss>) -> Result<()> {
+    fn read_piece(
+        &self,
+        pos: u64,
+        buf: &mut [u8],
+        buf_base: usize,
+        misses: &mut Vec<Miss>,
+    ) -> Result<()> {
         let region = region_of(pos);
         let base = region << crate::format::REGION_SHIFT;
         let Some(shard) = self.shard(region) else {
@@ -232,7 +238,8 @@ impl Engine {
         let sectors = buf.len() as u64 / SECTOR_BYTES;
         // Pieces: (sector in region, sectors, extent start, extent)
         let mut pieces: smallvec_lite::Pieces = Default::default();
-        sh.map.lookup(start, sectors, |s, n, e| pieces.push((s, n, e)));
+        sh.map
+            .lookup(start, sectors, |s, n, e| pieces.push((s, n, e)));
         let mut stale = Vec::new();
         let mut result = Ok(());
         let gap = |s: u64, n: u64, misses: &mut Vec<Miss>| {
@@ -240,7 +247,10 @@ impl Engine {
             let buf_off = buf_base + ((s - start) * SECTOR_BYTES) as usize;
             // Merge with the previous miss when contiguous.
             if let Some(last) = misses.last_mut() {
-                if last.off + last.len == off && last.version == version && last.buf_off + last.len as usize == buf_off {
+                if last.off + last.len == off
+                    && last.version == version
+                    && last.buf_off + last.len as usize == buf_off
+                {
                     last.len += n * SECTOR_BYTES;
                     return;
                 }
@@ -269,12 +279,20 @@ impl Engine {
                 stats::add(&self.stats.data_crc_errors, 1);
                 let off = base + s * SECTOR_BYTES;
                 if ext.is_clean() {
-                    tracing::warn!(off, len = n * SECTOR_BYTES, "cached clean data failed its CRC; refetching from the backing store");
+                    tracing::warn!(
+                        off,
+                        len = n * SECTOR_BYTES,
+                        "cached clean data failed its CRC; refetching from the backing store"
+                    );
                     stale.push(ext_start);
                     gap(s, n, misses);
                     continue;
                 }
-                tracing::error!(off, len = n * SECTOR_BYTES, "cached dirty data failed its CRC; failing the read");
+                tracing::error!(
+                    off,
+                    len = n * SECTOR_BYTES,
+                    "cached dirty data failed its CRC; failing the read"
+                );
                 result = Err(Error::DataCorrupt {
                     off,
                     len: n * SECTOR_BYTES,
@@ -283,8 +301,10 @@ impl Engine {
             }
             let b = ((s - start) * SECTOR_BYTES) as usize;
             let blen = (n * SECTOR_BYTES) as usize;
-            self.region
-                .read(data_off(ext.seg, ext.data_byte_off()), &mut buf[b..b + blen]);
+            self.region.read(
+                data_off(ext.seg, ext.data_byte_off()),
+                &mut buf[b..b + blen],
+            );
             hits.push((s, n, ext.seg, seg_gen));
         }
         // A segment reclaimed and reused while we copied would have bumped
@@ -332,7 +352,11 @@ impl Engine {
                 seg: a.seg,
                 seg_off: a.off,
                 gen: a.gen,
-                data_crc: if self.data_crc { crc32c::crc32c(piece) } else { 0 },
+                data_crc: if self.data_crc {
+                    crc32c::crc32c(piece)
+                } else {
+                    0
+                },
             };
             match self.key_insert(&key, Some(miss.version)) {
                 Ok(true) => stats::add(&self.stats.fill_bytes, a.len as u64),
@@ -349,7 +373,13 @@ impl Engine {
     /// Read through the cache, reading misses from `backing` on this thread
     /// and filling them in. For tools and tests; queue workers use
     /// [`Engine::read`] with their own asynchronous backing queue.
-    pub fn read_sync(&self, head: &mut DataHead, backing: &dyn Backing, off: u64, buf: &mut [u8]) -> Result<()> {
+    pub fn read_sync(
+        &self,
+        head: &mut DataHead,
+        backing: &dyn Backing,
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         let mut misses = Vec::new();
         self.read(off, buf, &mut misses)?;
         for m in &misses {
@@ -427,7 +457,10 @@ mod smallvec_lite {
         }
 
         pub fn iter(&self) -> impl Iterator<Item = &Piece> {
-            self.inline[..self.n].iter().flatten().chain(self.more.iter())
+            self.inline[..self.n]
+                .iter()
+                .flatten()
+                .chain(self.more.iter())
         }
     }
 }

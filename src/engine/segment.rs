@@ -136,7 +136,11 @@ impl SegTable {
         let mut m = self.map.lock().expect("segment map lock");
         let n = self.segs.len() as u32;
         let free = n - m.n_used;
-        let reserve = if kind == SegKind::Data { LOG_RESERVE_SEGS } else { 0 };
+        let reserve = if kind == SegKind::Data {
+            LOG_RESERVE_SEGS
+        } else {
+            0
+        };
         if free <= reserve {
             return None;
         }
@@ -211,7 +215,10 @@ impl SegTable {
 
     /// Unregister an eventfd.
     pub fn remove_space_fd(&self, fd: std::os::fd::RawFd) {
-        self.space_fds.lock().expect("space fds lock").retain(|f| *f != fd);
+        self.space_fds
+            .lock()
+            .expect("space fds lock")
+            .retain(|f| *f != fd);
     }
 
     /// Wake everything waiting for free space.
@@ -254,7 +261,10 @@ mod tests {
         assert!(t.alloc(SegKind::Log).is_some());
         assert!(t.alloc(SegKind::Log).is_none());
         t.free(got[0]);
-        assert!(t.alloc(SegKind::Data).is_none(), "reserve is refilled first");
+        assert!(
+            t.alloc(SegKind::Data).is_none(),
+            "reserve is refilled first"
+        );
         assert!(t.alloc(SegKind::Log).is_some());
     }
 }

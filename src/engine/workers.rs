@@ -33,12 +33,18 @@ impl Workers {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let (e, s) = (engine.clone(), stop.clone());
-        threads.push(spawn("pcache-writeback", move || writeback_loop(&e, backing, &s)));
+        threads.push(spawn("pcache-writeback", move || {
+            writeback_loop(&e, backing, &s)
+        }));
         let (e, s) = (engine.clone(), stop.clone());
         threads.push(spawn("pcache-gc", move || gc_loop(&e, &s)));
         let (e, s) = (engine.clone(), stop.clone());
         threads.push(spawn("pcache-kset-timer", move || timer_loop(&e, &s)));
-        Workers { stop, engine, threads }
+        Workers {
+            stop,
+            engine,
+            threads,
+        }
     }
 
     /// Stop and join every worker.

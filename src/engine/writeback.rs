@@ -83,12 +83,19 @@ impl Engine {
                 Error::Format(format::Error::Corrupt {
                     what: "key log",
                     offset: data_off(pos.seg, pos.off),
-                    detail: format!("writeback found {end:?} before key_head (lsn {} < {})", pos.lsn, head.lsn),
+                    detail: format!(
+                        "writeback found {end:?} before key_head (lsn {} < {})",
+                        pos.lsn, head.lsn
+                    ),
                 })
             })?;
             let h = view.header;
             if h.is_last() {
-                pos = PosOnMedia { seg: h.next_seg, off: 0, lsn: pos.lsn + 1 };
+                pos = PosOnMedia {
+                    seg: h.next_seg,
+                    off: 0,
+                    lsn: pos.lsn + 1,
+                };
                 ksets += 1;
                 continue;
             }
@@ -97,7 +104,8 @@ impl Engine {
             }
             epoch = Some(h.epoch);
             for (i, key) in view.iter().enumerate() {
-                let at = data_off(pos.seg, pos.off) + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
+                let at = data_off(pos.seg, pos.off)
+                    + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
                 key.validate(self.n_segs, self.backing_bytes, at)?;
                 if key.flags & KEY_FLAG_CLEAN != 0 {
                     continue;
@@ -106,14 +114,27 @@ impl Engine {
                 if key.gen != self.segs.gen(key.seg) {
                     continue; // stale: reclaimed, so already written back
                 }
-                if self.data_crc && self.region.crc32c(data_off(key.seg, key.seg_off), key.len as usize) != key.data_crc {
+                if self.data_crc
+                    && self
+                        .region
+                        .crc32c(data_off(key.seg, key.seg_off), key.len as usize)
+                        != key.data_crc
+                {
                     stats::add(&self.stats.data_crc_errors, 1);
-                    tracing::error!(off = key.off, len = key.len, "dirty data failed its CRC; not writing it back");
+                    tracing::error!(
+                        off = key.off,
+                        len = key.len,
+                        "dirty data failed its CRC; not writing it back"
+                    );
                     continue;
                 }
                 map.insert(
                     key.off / SECTOR_BYTES,
-                    WbExt { sectors: key.len / SECTOR_BYTES as u32, seg: key.seg, seg_off: key.seg_off },
+                    WbExt {
+                        sectors: key.len / SECTOR_BYTES as u32,
+                        seg: key.seg,
+                        seg_off: key.seg_off,
+                    },
                 );
             }
             pos.off += h.bytes() as u32;
@@ -131,7 +152,9 @@ impl Engine {
             let mut t = self.dirty_tail.lock().expect("dirty_tail lock");
             self.write_tail(&mut t, format::DIRTY_TAIL_OFF, pos)?;
         }
-        self.stats.dirty_bytes.fetch_sub(logged_dirty as i64, Ordering::Relaxed);
+        self.stats
+            .dirty_bytes
+            .fetch_sub(logged_dirty as i64, Ordering::Relaxed);
         stats::add(&self.stats.writeback_bytes, bytes);
         self.gc_kick.kick();
         Ok(Progress::Advanced { ksets, bytes })
@@ -142,7 +165,9 @@ impl Engine {
         let mut inflight = 0u64;
         let mut total = 0u64;
         let mut first_err: Option<std::io::Error> = None;
-        let reap = |done: &mut Vec<Completion>, inflight: &mut u64, first_err: &mut Option<std::io::Error>| {
+        let reap = |done: &mut Vec<Completion>,
+                    inflight: &mut u64,
+                    first_err: &mut Option<std::io::Error>| {
             for c in done.drain(..) {
                 if let IoOp::Write { buf, .. } = &c.op {
                     *inflight -= buf.len() as u64;
@@ -160,7 +185,13 @@ impl Engine {
             }
             let mut buf = AlignedBuf::new(len as usize);
             self.region.read(data_off(e.seg, e.seg_off), &mut buf);
-            q.submit(0, IoOp::Write { off: start * SECTOR_BYTES, buf });
+            q.submit(
+                0,
+                IoOp::Write {
+                    off: start * SECTOR_BYTES,
+                    buf,
+                },
+            );
             inflight += len;
             total += len;
         }

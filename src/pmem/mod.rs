@@ -183,10 +183,13 @@ impl Region {
         let (len, is_devdax) = if ft.is_file() {
             (meta.len(), false)
         } else if ft.is_char_device() {
-            (devdax_size(&meta).map_err(|source| Error::Size {
-                path: path.to_owned(),
-                source,
-            })?, true)
+            (
+                devdax_size(&meta).map_err(|source| Error::Size {
+                    path: path.to_owned(),
+                    source,
+                })?,
+                true,
+            )
         } else {
             return Err(Error::NotFileOrDax(path.to_owned()));
         };
@@ -195,7 +198,8 @@ impl Region {
             len,
             source,
         };
-        let ulen = usize::try_from(len).map_err(|_| map_err(io::Error::from_raw_os_error(libc::EFBIG)))?;
+        let ulen =
+            usize::try_from(len).map_err(|_| map_err(io::Error::from_raw_os_error(libc::EFBIG)))?;
         if ulen == 0 {
             return Err(map_err(io::Error::from_raw_os_error(libc::EINVAL)));
         }
@@ -230,14 +234,22 @@ impl Region {
             return Err(map_err(io::Error::last_os_error()));
         }
         let (mode, durability) = if dax {
-            (PersistMode::CacheLine(FlushInsn::detect()), Durability::PowerFailSafe)
+            (
+                PersistMode::CacheLine(FlushInsn::detect()),
+                Durability::PowerFailSafe,
+            )
         } else if opts.force_cache_line_flush {
-            (PersistMode::CacheLine(FlushInsn::detect()), Durability::ProcessCrashSafe)
+            (
+                PersistMode::CacheLine(FlushInsn::detect()),
+                Durability::ProcessCrashSafe,
+            )
         } else {
             (PersistMode::Msync, Durability::ProcessCrashSafe)
         };
         let chunks = ulen.div_ceil(1 << DIRTY_CHUNK_SHIFT);
-        let dirty = (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let dirty = (0..chunks.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
         tracing::info!(
             path = %path.display(),
             bytes = len,
@@ -399,7 +411,8 @@ impl Region {
                 let end = (b * chunk).min(self.len);
                 // SAFETY: start..end lies inside the mapping and start is
                 // chunk (so page) aligned, as msync requires.
-                let rc = unsafe { libc::msync(self.ptr.add(start).cast(), end - start, libc::MS_SYNC) };
+                let rc =
+                    unsafe { libc::msync(self.ptr.add(start).cast(), end - start, libc::MS_SYNC) };
                 if rc != 0 && result.is_ok() {
                     result = Err(io::Error::last_os_error());
                 }
@@ -449,7 +462,9 @@ unsafe fn flush_line(insn: FlushInsn, p: *mut u8) {
     // write back a cache line and have no other effect on memory.
     unsafe {
         match insn {
-            FlushInsn::Clwb => std::arch::asm!("clwb [{0}]", in(reg) p, options(nostack, preserves_flags)),
+            FlushInsn::Clwb => {
+                std::arch::asm!("clwb [{0}]", in(reg) p, options(nostack, preserves_flags))
+            }
             FlushInsn::Clflushopt => {
                 std::arch::asm!("clflushopt [{0}]", in(reg) p, options(nostack, preserves_flags))
             }
@@ -479,8 +494,9 @@ fn devdax_size(meta: &std::fs::Metadata) -> io::Result<u64> {
     let rdev = meta.rdev();
     let (major, minor) = (libc::major(rdev), libc::minor(rdev));
     let p = format!("/sys/dev/char/{major}:{minor}/size");
-    let s = std::fs::read_to_string(&p)
-        .map_err(|e| io::Error::new(e.kind(), format!("{p}: {e} (is this a device-DAX device?)")))?;
+    let s = std::fs::read_to_string(&p).map_err(|e| {
+        io::Error::new(e.kind(), format!("{p}: {e} (is this a device-DAX device?)"))
+    })?;
     s.trim()
         .parse()
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{p}: not a number")))
@@ -573,8 +589,13 @@ mod tests {
     #[test]
     fn directory_is_refused_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let e = Region::open(dir.path(), RegionOptions::default()).err().unwrap();
+        let e = Region::open(dir.path(), RegionOptions::default())
+            .err()
+            .unwrap();
         let msg = e.to_string();
-        assert!(msg.contains("Cannot open") || msg.contains("not a regular file"), "{msg}");
+        assert!(
+            msg.contains("Cannot open") || msg.contains("not a regular file"),
+            "{msg}"
+        );
     }
 }
