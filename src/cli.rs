@@ -138,7 +138,7 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
                 "formatted {}: {} segments ({} MiB of cache) for {} ({} bytes), data_crc {}, gc_percent {}",
                 cache.display(),
                 sb.seg_num,
-                sb.seg_num as u64 * format::SEG_BYTES >> 20,
+                (sb.seg_num as u64 * format::SEG_BYTES) >> 20,
                 backing.display(),
                 sb.backing_bytes,
                 if data_crc { "on" } else { "off" },

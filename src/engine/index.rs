@@ -31,6 +31,10 @@ use std::collections::BTreeMap;
 pub trait Extent: Copy {
     /// Length in sectors.
     fn len(&self) -> u32;
+    /// Zero length? (Never true for an extent in a map.)
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Set the length in sectors (a cut at the back).
     fn set_len(&mut self, len: u32);
     /// Drop `n` sectors from the front (n < len).
@@ -85,12 +89,10 @@ impl<S: Start, E: Extent> ExtentMap<S, E> {
         self.map.iter().map(|(s, e)| ((*s).into(), e))
     }
 
-    /// Insert `ext` at `start`, replacing whatever it overlaps. Returns the
-    /// change in the number of extents.
-    pub fn insert(&mut self, start: u64, ext: E) -> isize {
+    /// Insert `ext` at `start`, replacing whatever it overlaps.
+    pub fn insert(&mut self, start: u64, ext: E) {
         let end = start + ext.len() as u64;
         debug_assert!(ext.len() > 0, "inserting an empty extent");
-        let before = self.map.len();
         // The predecessor may overlap (head or contained relation).
         let pred = self
             .map
@@ -134,7 +136,6 @@ impl<S: Start, E: Extent> ExtentMap<S, E> {
         self.map.insert(start_of(start), ext);
         #[cfg(debug_assertions)]
         self.assert_invariants();
-        self.map.len() as isize - before as isize
     }
 
     /// Remove the extent starting exactly at `start`.
@@ -244,7 +245,8 @@ mod tests {
     fn insert_resolves_each_overlap_relation() {
         // (existing T, new K at [10,20) with src 1000, expected result)
         let k = (10u64, 10u32, 1000u64);
-        let cases: &[(&str, &[(u64, u32, u64)], &[(u64, u32, u64)])] = &[
+        type Case<'a> = (&'a str, &'a [(u64, u32, u64)], &'a [(u64, u32, u64)]);
+        let cases: &[Case] = &[
             ("after", &[(0, 10, 0)], &[(0, 10, 0), (10, 10, 1000)]),
             ("before", &[(20, 5, 20)], &[(10, 10, 1000), (20, 5, 20)]),
             (
@@ -310,7 +312,7 @@ mod tests {
                 let s = rng.gen_range(0..8192u64);
                 let cap = if rng.gen_bool(0.1) { 8192 } else { 64 };
                 let len = rng.gen_range(1..=(8192 - s).min(cap));
-                let src = (round * 1_000_000 + i * 10_000) as u64;
+                let src = round * 1_000_000 + i * 10_000;
                 m.insert(
                     s,
                     T {

@@ -7,7 +7,6 @@
 //! (appended to the log) when it holds 128 keys, on flush, or when its
 //! first key is a second old.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::segment::SegKind;
@@ -131,9 +130,7 @@ impl Engine {
         log.pos.off += size as u32; // (3)
         log.pos.lsn += 1;
         drop(log);
-        self.stats
-            .dirty_bytes
-            .fetch_add(ks.dirty as i64, Ordering::Relaxed);
+        stats::add(&self.stats.dirty_bytes, ks.dirty);
         stats::add(&self.stats.ksets_closed, 1);
         ks.n = 0;
         ks.dirty = 0;

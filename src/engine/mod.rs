@@ -354,7 +354,7 @@ fn region_of(off: u64) -> u64 {
 }
 
 fn check_range(off: u64, len: u64, size: u64) -> Result<()> {
-    if off % format::SECTOR_BYTES != 0 || len % format::SECTOR_BYTES != 0 {
+    if !off.is_multiple_of(format::SECTOR_BYTES) || !len.is_multiple_of(format::SECTOR_BYTES) {
         return Err(Error::Unaligned { off, len });
     }
     match off.checked_add(len) {

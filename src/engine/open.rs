@@ -97,7 +97,7 @@ impl Engine {
                 opts.gc_percent
             )));
         }
-        if opts.backing_bytes == 0 || opts.backing_bytes % format::SECTOR_BYTES != 0 {
+        if opts.backing_bytes == 0 || !opts.backing_bytes.is_multiple_of(format::SECTOR_BYTES) {
             return Err(Error::Refused(format!(
                 "backing store size {} is not a positive multiple of 512",
                 opts.backing_bytes

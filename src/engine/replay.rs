@@ -58,7 +58,7 @@ impl Engine {
         let mut pos = key_tail;
         uses[pos.seg as usize] = Use::Log;
         let mut seen_dirty = false;
-        let mut dirty_bytes = 0i64;
+        let mut dirty_bytes = 0u64;
         let mut keys = 0u64;
         let mut stale = 0u64;
         let mut max_epoch = 0u64;
@@ -131,7 +131,7 @@ impl Engine {
                 sh.map.insert(start, CacheExt::from_key(&key));
                 keys += 1;
                 if seen_dirty && key.flags & KEY_FLAG_CLEAN == 0 {
-                    dirty_bytes += key.len as i64;
+                    dirty_bytes += key.len as u64;
                 }
             }
             pos.off += h.bytes() as u32;

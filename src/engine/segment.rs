@@ -91,30 +91,14 @@ impl SegTable {
         }
     }
 
-    /// Number of segments.
-    pub fn count(&self) -> u32 {
-        self.segs.len() as u32
-    }
-
     /// Segments in use (data, log, and held by data heads).
     pub fn used(&self) -> u32 {
         self.n_used.load(Ordering::Relaxed)
     }
 
-    /// Segment `seg` (must be < count; callers validate media ids).
-    pub fn get(&self, seg: u32) -> &Segment {
-        &self.segs[seg as usize]
-    }
-
     /// Current gen of `seg`.
     pub fn gen(&self, seg: u32) -> u64 {
         self.segs[seg as usize].gen.load(Ordering::Acquire)
-    }
-
-    /// Is `seg` marked used?
-    pub fn is_used(&self, seg: u32) -> bool {
-        let m = self.map.lock().expect("segment map lock");
-        m.used[seg as usize / 64] & (1 << (seg % 64)) != 0
     }
 
     /// Mark `seg` used (replay). Returns false if it already was.

@@ -1,6 +1,6 @@
 //! Counters kept by the engine, readable at any time without locks.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Live counters. All relaxed atomics: they are for humans and status.
 #[derive(Debug, Default)]
@@ -24,7 +24,7 @@ pub struct Stats {
     /// Ksets closed.
     pub ksets_closed: AtomicU64,
     /// Dirty bytes logged but not yet written back (overwritten data too).
-    pub dirty_bytes: AtomicI64,
+    pub dirty_bytes: AtomicU64,
     /// Bytes written back to the backing store.
     pub writeback_bytes: AtomicU64,
     /// Backing-store errors seen by writeback (each retried).
@@ -90,7 +90,7 @@ impl Stats {
             flushes: g(&self.flushes),
             cache_full: g(&self.cache_full),
             ksets_closed: g(&self.ksets_closed),
-            dirty_bytes: self.dirty_bytes.load(Ordering::Relaxed).max(0) as u64,
+            dirty_bytes: g(&self.dirty_bytes),
             writeback_bytes: g(&self.writeback_bytes),
             writeback_errors: g(&self.writeback_errors),
             gc_segs_freed: g(&self.gc_segs_freed),
@@ -99,6 +99,13 @@ impl Stats {
             replay_keys: g(&self.replay_keys),
         }
     }
+}
+
+/// Subtract from a counter, stopping at zero.
+pub(crate) fn sub(c: &AtomicU64, n: u64) {
+    let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(n))
+    });
 }
 
 /// Add to a counter.

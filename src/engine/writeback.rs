@@ -10,8 +10,6 @@
 //! of the next epoch, never writes of a later epoch without all of an
 //! earlier one.
 
-use std::sync::atomic::Ordering;
-
 use super::index::{Extent, ExtentMap};
 use super::{stats, Engine, Error, Result};
 use crate::backing::{AlignedBuf, BackingQueue, Completion, IoOp};
@@ -152,9 +150,7 @@ impl Engine {
             let mut t = self.dirty_tail.lock().expect("dirty_tail lock");
             self.write_tail(&mut t, format::DIRTY_TAIL_OFF, pos)?;
         }
-        self.stats
-            .dirty_bytes
-            .fetch_sub(logged_dirty as i64, Ordering::Relaxed);
+        stats::sub(&self.stats.dirty_bytes, logged_dirty);
         stats::add(&self.stats.writeback_bytes, bytes);
         self.gc_kick.kick();
         Ok(Progress::Advanced { ksets, bytes })
