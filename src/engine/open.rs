@@ -105,20 +105,18 @@ impl Engine {
         }
         if !opts.force {
             let sb = read_vec(region, SB_OFF, format::SB_BYTES);
-            match Superblock::decode(&sb, region.len()) {
-                Err(format::Error::NotPcache) if sb.iter().all(|b| *b == 0) => {}
-                Err(format::Error::NotPcache) => {
-                    return Err(Error::Refused(format!(
-                        "{} holds data in its superblock area but no pcache magic; refusing to format it (use --force to overwrite)",
-                        region.path().display()
-                    )))
-                }
-                _ => {
-                    return Err(Error::Refused(format!(
-                        "{} already holds a pcache cache; refusing to re-format it (use --force to erase it, losing any dirty data)",
-                        region.path().display()
-                    )))
-                }
+            let magic = u64::from_le_bytes(sb[8..16].try_into().expect("8 bytes"));
+            if magic == format::SB_MAGIC {
+                return Err(Error::Refused(format!(
+                    "{} already holds a pcache cache; refusing to re-format it (use --force to erase it, losing any dirty data)",
+                    region.path().display()
+                )));
+            }
+            if sb.iter().any(|b| *b != 0) {
+                return Err(Error::Refused(format!(
+                    "{} holds data in its superblock area but no pcache magic; refusing to format it (use --force to overwrite)",
+                    region.path().display()
+                )));
             }
         }
         region.zero(0, SEGMENTS_OFF as usize);
@@ -126,12 +124,19 @@ impl Engine {
         for seg in 0..n_segs {
             let base = seg_off(seg);
             region.zero(base, SEG_DATA_OFF as usize + KSET_HEADER_BYTES);
-            region.write(base + SEG_GEN_OFF[0], &SegGen { gen: 0 }.encode(1));
+            // Both replicas of every record are written at format (same
+            // seq: slot 0 wins the tie), so one bad copy never strands a
+            // record that was not updated since.
+            for off in SEG_GEN_OFF {
+                region.write(base + off, &SegGen { gen: 0 }.encode(1));
+            }
             let info = SegInfo {
                 flags: SEG_INFO_TYPE_DATA << 1 | u32::from(seg + 1 < n_segs),
                 next_seg: if seg + 1 < n_segs { seg + 1 } else { 0 },
             };
-            region.write(base + SEG_INFO_OFF[0], &info.encode(1));
+            for off in SEG_INFO_OFF {
+                region.write(base + off, &info.encode(1));
+            }
         }
         let info = CacheInfo {
             n_segs,
@@ -142,14 +147,16 @@ impl Engine {
             },
             gc_percent: opts.gc_percent,
         };
-        region.write(CACHE_INFO_OFF[0], &info.encode(1));
         let start = PosOnMedia {
             seg: 0,
             off: 0,
             lsn: 1,
         };
-        region.write(KEY_TAIL_OFF[0], &start.encode(1));
-        region.write(DIRTY_TAIL_OFF[0], &start.encode(1));
+        for slot in 0..2 {
+            region.write(CACHE_INFO_OFF[slot], &info.encode(1));
+            region.write(KEY_TAIL_OFF[slot], &start.encode(1));
+            region.write(DIRTY_TAIL_OFF[slot], &start.encode(1));
+        }
         region.persist().map_err(Error::Persist)?; // everything before the superblock
         let sb = Superblock {
             flags: 0,
