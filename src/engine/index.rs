@@ -39,6 +39,8 @@ pub trait Extent: Copy {
     fn set_len(&mut self, len: u32);
     /// Drop `n` sectors from the front (n < len).
     fn skip_front(&mut self, n: u32);
+    /// A placeholder value (never stored in a map).
+    const EMPTY: Self;
 }
 
 /// Integer types usable as the start of an extent (sectors relative to the
@@ -93,6 +95,13 @@ impl<S: Start, E: Extent> ExtentMap<S, E> {
     pub fn insert(&mut self, start: u64, ext: E) {
         let end = start + ext.len() as u64;
         debug_assert!(ext.len() > 0, "inserting an empty extent");
+        // Fast path: the last extent starting before K's end does not reach
+        // K, so nothing overlaps (extents are sorted and disjoint).
+        let last_before_end = self.map.range(..start_of::<S>(end)).next_back();
+        if last_before_end.is_none_or(|(s, e)| (*s).into() + e.len() as u64 <= start) {
+            self.map.insert(start_of(start), ext);
+            return;
+        }
         // The predecessor may overlap (head or contained relation).
         let pred = self
             .map
@@ -150,39 +159,48 @@ impl<S: Start, E: Extent> ExtentMap<S, E> {
         before - self.map.len()
     }
 
-    /// Visit the pieces of `[start, start+len)` in order: `Some(extent)` for
-    /// a covered piece (the extent trimmed to the piece), `None` for a gap.
-    /// Calls `f(piece_start, piece_len, piece)`.
+    /// Visit the pieces of `[start, start+len)` in order: `Some((extent
+    /// start, extent trimmed to the piece))` for a covered piece, `None` for
+    /// a gap. Calls `f(piece_start, piece_len, piece)`.
     pub fn lookup(&self, start: u64, len: u64, mut f: impl FnMut(u64, u64, Option<(u64, E)>)) {
         let end = start + len;
-        let mut pos = start;
-        let first = self
-            .map
-            .range(..=start_of::<S>(start))
-            .next_back()
-            .map(|(s, _)| *s)
-            .unwrap_or(start_of(start));
-        for (s, e) in self.map.range(first..) {
+        // Walk backwards from K's end: one tree descent finds every
+        // overlapping extent (the common single-extent hit costs one).
+        let mut found: [(u64, E); 8] = [(0, E::EMPTY); 8];
+        let mut n = 0;
+        let mut more: Vec<(u64, E)> = Vec::new();
+        for (s, e) in self.map.range(..start_of::<S>(end)).rev() {
             let ts: u64 = (*s).into();
-            let te = ts + e.len() as u64;
-            if te <= pos {
-                continue;
-            }
-            if ts >= end {
+            if ts + e.len() as u64 <= start {
                 break;
             }
+            if n < found.len() {
+                found[n] = (ts, *e);
+                n += 1;
+            } else {
+                more.push((ts, *e));
+            }
+        }
+        // `found` then `more` hold extents in descending order, so
+        // reversed, `more` (the lowest starts) comes first.
+        let mut pos = start;
+        let mut visit = |ts: u64, e: E| {
+            let te = ts + e.len() as u64;
             if ts > pos {
                 f(pos, ts - pos, None);
                 pos = ts;
             }
             let piece_end = te.min(end);
-            let mut piece = *e;
+            let mut piece = e;
             if pos > ts {
                 piece.skip_front((pos - ts) as u32);
             }
             piece.set_len((piece_end - pos) as u32);
             f(pos, piece_end - pos, Some((ts, piece)));
             pos = piece_end;
+        };
+        for &(ts, e) in more.iter().rev().chain(found[..n].iter().rev()) {
+            visit(ts, e);
         }
         if pos < end {
             f(pos, end - pos, None);
@@ -217,6 +235,7 @@ mod tests {
         src: u64,
     }
     impl Extent for T {
+        const EMPTY: T = T { len: 0, src: 0 };
         fn len(&self) -> u32 {
             self.len
         }

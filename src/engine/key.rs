@@ -35,6 +35,16 @@ pub struct CacheExt {
 }
 
 impl Extent for CacheExt {
+    const EMPTY: CacheExt = CacheExt {
+        seg: 0,
+        gen: 0,
+        crc: 0,
+        seg_off: 0,
+        len: 0,
+        orig_skip: 0,
+        orig_len: 0,
+        flags: 0,
+    };
     fn len(&self) -> u32 {
         self.len as u32
     }

@@ -237,7 +237,7 @@ impl Engine {
         let start = (pos - base) / SECTOR_BYTES;
         let sectors = buf.len() as u64 / SECTOR_BYTES;
         // Pieces: (sector in region, sectors, extent start, extent)
-        let mut pieces: smallvec_lite::Pieces = Default::default();
+        let mut pieces: smallvec_lite::Inline<(u64, u64, Option<(u64, CacheExt)>)> = Default::default();
         sh.map
             .lookup(start, sectors, |s, n, e| pieces.push((s, n, e)));
         let mut stale = Vec::new();
@@ -262,7 +262,7 @@ impl Engine {
                 version,
             });
         };
-        let mut hits = Vec::new();
+        let mut hits: smallvec_lite::Inline<(u64, u64, u32, u64)> = Default::default();
         for &(s, n, e) in pieces.iter() {
             let Some((ext_start, ext)) = e else {
                 gap(s, n, misses);
@@ -310,7 +310,7 @@ impl Engine {
         // A segment reclaimed and reused while we copied would have bumped
         // its gen first; re-check after the copy (a seqlock read).
         fence(Ordering::Acquire);
-        for &(s, n, seg, g) in &hits {
+        for &(s, n, seg, g) in hits.iter() {
             if self.segs.gen(seg) != g {
                 gap(s, n, misses);
             }
@@ -431,23 +431,28 @@ impl Engine {
     }
 }
 
-/// A tiny inline vector for lookup pieces, so a read allocates nothing in
-/// the common case of a handful of pieces.
+/// A tiny inline vector, so a read allocates nothing in the common case of
+/// a handful of pieces.
 mod smallvec_lite {
-    use super::CacheExt;
-
-    type Piece = (u64, u64, Option<(u64, CacheExt)>);
-
-    /// Up to 8 pieces inline, then a Vec.
-    #[derive(Default)]
-    pub struct Pieces {
-        inline: [Option<Piece>; 8],
+    /// Up to 8 items inline, then a Vec.
+    pub struct Inline<T: Copy> {
+        inline: [Option<T>; 8],
         n: usize,
-        more: Vec<Piece>,
+        more: Vec<T>,
     }
 
-    impl Pieces {
-        pub fn push(&mut self, p: Piece) {
+    impl<T: Copy> Default for Inline<T> {
+        fn default() -> Self {
+            Inline {
+                inline: [None; 8],
+                n: 0,
+                more: Vec::new(),
+            }
+        }
+    }
+
+    impl<T: Copy> Inline<T> {
+        pub fn push(&mut self, p: T) {
             if self.n < 8 {
                 self.inline[self.n] = Some(p);
                 self.n += 1;
@@ -456,11 +461,8 @@ mod smallvec_lite {
             }
         }
 
-        pub fn iter(&self) -> impl Iterator<Item = &Piece> {
-            self.inline[..self.n]
-                .iter()
-                .flatten()
-                .chain(self.more.iter())
+        pub fn iter(&self) -> impl Iterator<Item = &T> {
+            self.inline[..self.n].iter().flatten().chain(self.more.iter())
         }
     }
 }

@@ -45,6 +45,11 @@ struct WbExt {
 }
 
 impl Extent for WbExt {
+    const EMPTY: WbExt = WbExt {
+        sectors: 0,
+        seg: 0,
+        seg_off: 0,
+    };
     fn len(&self) -> u32 {
         self.sectors
     }

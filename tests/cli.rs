@@ -1,0 +1,150 @@
+//! The `pcache` command as a user runs it: format, inspect, check and
+//! offline writeback, with their messages and exit codes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use pcache::engine::{DataHead, Engine, OpenOptions};
+use pcache::pmem::{Region, RegionOptions};
+
+fn pcache(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pcache"))
+        .args(args)
+        .output()
+        .expect("run pcache")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn backing_file(dir: &Path, bytes: u64) -> String {
+    let p = dir.join("disk.img");
+    std::fs::File::create(&p).unwrap().set_len(bytes).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn format_rejects_bad_sizes_with_clear_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = backing_file(dir.path(), 64 << 20);
+    let cache = dir.path().join("c.img");
+    let cache = cache.to_str().unwrap();
+    let o = pcache(&["format", "--cache", cache, "--cache-size", "256M", "--backing", &backing]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("the minimum is 536870912 bytes (512 MiB)"), "{}", text(&o));
+    let o = pcache(&["format", "--cache", cache, "--cache-size", "520M", "--backing", &backing]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("whole number of 16 MiB segments"), "{}", text(&o));
+    let o = pcache(&["format", "--cache", cache, "--cache-size", "lots", "--backing", &backing]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let o = pcache(&["format", "--cache", cache, "--backing", &backing]);
+    assert!(text(&o).contains("give --cache-size"), "{}", text(&o));
+    let o = pcache(&["format", "--cache", cache, "--cache-size", "512M", "--backing", "/nonexistent/disk"]);
+    assert!(text(&o).contains("Cannot open backing store /nonexistent/disk"), "{}", text(&o));
+}
+
+#[test]
+fn format_inspect_check_and_refusal_to_reformat() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = backing_file(dir.path(), 64 << 20);
+    let cache = dir.path().join("c.img");
+    let cache = cache.to_str().unwrap();
+    let o = pcache(&[
+        "format", "--cache", cache, "--cache-size", "1G", "--backing", &backing, "--data-crc", "--gc-percent", "60",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("63 segments"), "{}", text(&o));
+
+    let o = pcache(&["inspect", "--cache", cache, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["segments"], 63);
+    assert_eq!(v["gc_percent"], 60);
+    assert_eq!(v["data_crc"], true);
+    assert_eq!(v["backing_bytes"], 64 << 20);
+    assert_eq!(v["dirty_bytes"], 0);
+    assert_eq!(v["key_head"], "0:0 (lsn 1)");
+    let o = pcache(&["inspect", "--cache", cache]);
+    assert!(text(&o).contains("gc_percent 60, data_crc on"), "{}", text(&o));
+
+    let o = pcache(&["check", "--cache", cache]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("sound"), "{}", text(&o));
+
+    let o = pcache(&["format", "--cache", cache, "--backing", &backing]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("already holds a pcache cache"), "{}", text(&o));
+    let o = pcache(&["format", "--cache", cache, "--backing", &backing, "--force"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn check_names_the_corrupt_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = backing_file(dir.path(), 64 << 20);
+    let cache = dir.path().join("c.img");
+    let cache_s = cache.to_str().unwrap();
+    assert!(pcache(&["format", "--cache", cache_s, "--cache-size", "512M", "--backing", &backing]).status.success());
+    let mut bytes = std::fs::read(&cache).unwrap();
+    for off in pcache::format::DIRTY_TAIL_OFF {
+        bytes[off as usize + 20] ^= 1;
+    }
+    std::fs::write(&cache, &bytes).unwrap();
+    let o = pcache(&["check", "--cache", cache_s]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("NOT sound") && text(&o).contains("dirty_tail"), "{}", text(&o));
+    // Not a pcache device at all.
+    let blank = dir.path().join("blank.img");
+    std::fs::File::create(&blank).unwrap().set_len(512 << 20).unwrap();
+    let o = pcache(&["check", "--cache", blank.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("No pcache superblock"), "{}", text(&o));
+}
+
+#[test]
+fn offline_writeback_makes_the_backing_file_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32u64 << 20;
+    let backing = backing_file(dir.path(), size);
+    let cache = dir.path().join("c.img");
+    let cache_s = cache.to_str().unwrap();
+    assert!(pcache(&["format", "--cache", cache_s, "--cache-size", "512M", "--backing", &backing]).status.success());
+    let mut want = vec![0u8; size as usize];
+    {
+        let region = Arc::new(Region::open(&cache, RegionOptions::default()).unwrap());
+        let e = Engine::open(region, &OpenOptions::default()).unwrap();
+        let mut head = DataHead::default();
+        for i in 0..300u64 {
+            let off = (i * 104_729 * 512) % (size - (1 << 20));
+            let len = 512 * (1 + (i as usize * 37) % 2048);
+            let data: Vec<u8> = (0..len).map(|j| (i as u8) ^ (j / 512) as u8).collect();
+            e.write(&mut head, off, &data).unwrap();
+            want[off as usize..off as usize + len].copy_from_slice(&data);
+        }
+        e.flush().unwrap();
+    }
+    let o = pcache(&["inspect", "--cache", cache_s, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["dirty_bytes"].as_u64().unwrap() > 0);
+
+    let small = dir.path().join("small.img");
+    std::fs::File::create(&small).unwrap().set_len(size / 2).unwrap();
+    let o = pcache(&["writeback", "--cache", cache_s, "--backing", small.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("refusing to use it"), "{}", text(&o));
+
+    let o = pcache(&["writeback", "--cache", cache_s, "--backing", &backing]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("clean"), "{}", text(&o));
+    assert!(std::fs::read(&backing).unwrap() == want, "backing file differs after writeback");
+    let o = pcache(&["inspect", "--cache", cache_s, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["dirty_bytes"], 0);
+    assert_eq!(v["dirty_tail"], v["key_head"]);
+}
