@@ -58,7 +58,14 @@ fn main() {
     let backing_bytes: u64 = 64 << 30; // never touched: every write and read is a hit
     {
         let r = Region::open(&path, RegionOptions::default()).unwrap();
-        Engine::format(&r, &FormatOptions { backing_bytes, ..Default::default() }).unwrap();
+        Engine::format(
+            &r,
+            &FormatOptions {
+                backing_bytes,
+                ..Default::default()
+            },
+        )
+        .unwrap();
     }
     let region = Arc::new(Region::open(&path, RegionOptions::default()).unwrap());
     let open = || Engine::open(region.clone(), &OpenOptions::default()).unwrap();
@@ -117,11 +124,26 @@ fn main() {
     drop(e);
     let _ = std::fs::remove_file(&path);
 
-    println!("pcache engine, one thread, cache {} MiB on {dir}", cache_bytes >> 20);
-    println!("  4 KiB write hits   {:>12.0} /s   ({n_writes} writes in {w_secs:.3} s)", n_writes as f64 / w_secs);
-    println!("  4 KiB read hits    {:>12.0} /s   ({n_reads} reads in {r_secs:.3} s)", n_reads as f64 / r_secs);
-    println!("  raw 4 KiB copies   {:>12.0} /s   (random copies out of the mapping: the floor)", n_reads as f64 / raw_secs);
-    println!("  replay             {:>12.0} keys/s ({keys} keys in {replay_secs:.3} s)", keys as f64 / replay_secs);
+    println!(
+        "pcache engine, one thread, cache {} MiB on {dir}",
+        cache_bytes >> 20
+    );
+    println!(
+        "  4 KiB write hits   {:>12.0} /s   ({n_writes} writes in {w_secs:.3} s)",
+        n_writes as f64 / w_secs
+    );
+    println!(
+        "  4 KiB read hits    {:>12.0} /s   ({n_reads} reads in {r_secs:.3} s)",
+        n_reads as f64 / r_secs
+    );
+    println!(
+        "  raw 4 KiB copies   {:>12.0} /s   (random copies out of the mapping: the floor)",
+        n_reads as f64 / raw_secs
+    );
+    println!(
+        "  replay             {:>12.0} keys/s ({keys} keys in {replay_secs:.3} s)",
+        keys as f64 / replay_secs
+    );
     println!("  DRAM per extent    {per_extent:>12.1} bytes ({extents} extents; shard table excluded: {shard_table} bytes)");
     println!(
         "{}",

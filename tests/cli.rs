@@ -35,18 +35,62 @@ fn format_rejects_bad_sizes_with_clear_messages() {
     let backing = backing_file(dir.path(), 64 << 20);
     let cache = dir.path().join("c.img");
     let cache = cache.to_str().unwrap();
-    let o = pcache(&["format", "--cache", cache, "--cache-size", "256M", "--backing", &backing]);
+    let o = pcache(&[
+        "format",
+        "--cache",
+        cache,
+        "--cache-size",
+        "256M",
+        "--backing",
+        &backing,
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("the minimum is 536870912 bytes (512 MiB)"), "{}", text(&o));
-    let o = pcache(&["format", "--cache", cache, "--cache-size", "520M", "--backing", &backing]);
+    assert!(
+        text(&o).contains("the minimum is 536870912 bytes (512 MiB)"),
+        "{}",
+        text(&o)
+    );
+    let o = pcache(&[
+        "format",
+        "--cache",
+        cache,
+        "--cache-size",
+        "520M",
+        "--backing",
+        &backing,
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("whole number of 16 MiB segments"), "{}", text(&o));
-    let o = pcache(&["format", "--cache", cache, "--cache-size", "lots", "--backing", &backing]);
+    assert!(
+        text(&o).contains("whole number of 16 MiB segments"),
+        "{}",
+        text(&o)
+    );
+    let o = pcache(&[
+        "format",
+        "--cache",
+        cache,
+        "--cache-size",
+        "lots",
+        "--backing",
+        &backing,
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let o = pcache(&["format", "--cache", cache, "--backing", &backing]);
     assert!(text(&o).contains("give --cache-size"), "{}", text(&o));
-    let o = pcache(&["format", "--cache", cache, "--cache-size", "512M", "--backing", "/nonexistent/disk"]);
-    assert!(text(&o).contains("Cannot open backing store /nonexistent/disk"), "{}", text(&o));
+    let o = pcache(&[
+        "format",
+        "--cache",
+        cache,
+        "--cache-size",
+        "512M",
+        "--backing",
+        "/nonexistent/disk",
+    ]);
+    assert!(
+        text(&o).contains("Cannot open backing store /nonexistent/disk"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -56,7 +100,16 @@ fn format_inspect_check_and_refusal_to_reformat() {
     let cache = dir.path().join("c.img");
     let cache = cache.to_str().unwrap();
     let o = pcache(&[
-        "format", "--cache", cache, "--cache-size", "1G", "--backing", &backing, "--data-crc", "--gc-percent", "60",
+        "format",
+        "--cache",
+        cache,
+        "--cache-size",
+        "1G",
+        "--backing",
+        &backing,
+        "--data-crc",
+        "--gc-percent",
+        "60",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("63 segments"), "{}", text(&o));
@@ -71,7 +124,11 @@ fn format_inspect_check_and_refusal_to_reformat() {
     assert_eq!(v["dirty_bytes"], 0);
     assert_eq!(v["key_head"], "0:0 (lsn 1)");
     let o = pcache(&["inspect", "--cache", cache]);
-    assert!(text(&o).contains("gc_percent 60, data_crc on"), "{}", text(&o));
+    assert!(
+        text(&o).contains("gc_percent 60, data_crc on"),
+        "{}",
+        text(&o)
+    );
 
     let o = pcache(&["check", "--cache", cache]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -79,7 +136,11 @@ fn format_inspect_check_and_refusal_to_reformat() {
 
     let o = pcache(&["format", "--cache", cache, "--backing", &backing]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("already holds a pcache cache"), "{}", text(&o));
+    assert!(
+        text(&o).contains("already holds a pcache cache"),
+        "{}",
+        text(&o)
+    );
     let o = pcache(&["format", "--cache", cache, "--backing", &backing, "--force"]);
     assert!(o.status.success(), "{}", text(&o));
 }
@@ -90,7 +151,17 @@ fn check_names_the_corrupt_record() {
     let backing = backing_file(dir.path(), 64 << 20);
     let cache = dir.path().join("c.img");
     let cache_s = cache.to_str().unwrap();
-    assert!(pcache(&["format", "--cache", cache_s, "--cache-size", "512M", "--backing", &backing]).status.success());
+    assert!(pcache(&[
+        "format",
+        "--cache",
+        cache_s,
+        "--cache-size",
+        "512M",
+        "--backing",
+        &backing
+    ])
+    .status
+    .success());
     let mut bytes = std::fs::read(&cache).unwrap();
     for off in pcache::format::DIRTY_TAIL_OFF {
         bytes[off as usize + 20] ^= 1;
@@ -98,10 +169,17 @@ fn check_names_the_corrupt_record() {
     std::fs::write(&cache, &bytes).unwrap();
     let o = pcache(&["check", "--cache", cache_s]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("NOT sound") && text(&o).contains("dirty_tail"), "{}", text(&o));
+    assert!(
+        text(&o).contains("NOT sound") && text(&o).contains("dirty_tail"),
+        "{}",
+        text(&o)
+    );
     // Not a pcache device at all.
     let blank = dir.path().join("blank.img");
-    std::fs::File::create(&blank).unwrap().set_len(512 << 20).unwrap();
+    std::fs::File::create(&blank)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
     let o = pcache(&["check", "--cache", blank.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("No pcache superblock"), "{}", text(&o));
@@ -114,7 +192,17 @@ fn offline_writeback_makes_the_backing_file_complete() {
     let backing = backing_file(dir.path(), size);
     let cache = dir.path().join("c.img");
     let cache_s = cache.to_str().unwrap();
-    assert!(pcache(&["format", "--cache", cache_s, "--cache-size", "512M", "--backing", &backing]).status.success());
+    assert!(pcache(&[
+        "format",
+        "--cache",
+        cache_s,
+        "--cache-size",
+        "512M",
+        "--backing",
+        &backing
+    ])
+    .status
+    .success());
     let mut want = vec![0u8; size as usize];
     {
         let region = Arc::new(Region::open(&cache, RegionOptions::default()).unwrap());
@@ -134,15 +222,27 @@ fn offline_writeback_makes_the_backing_file_complete() {
     assert!(v["dirty_bytes"].as_u64().unwrap() > 0);
 
     let small = dir.path().join("small.img");
-    std::fs::File::create(&small).unwrap().set_len(size / 2).unwrap();
-    let o = pcache(&["writeback", "--cache", cache_s, "--backing", small.to_str().unwrap()]);
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(size / 2)
+        .unwrap();
+    let o = pcache(&[
+        "writeback",
+        "--cache",
+        cache_s,
+        "--backing",
+        small.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("refusing to use it"), "{}", text(&o));
 
     let o = pcache(&["writeback", "--cache", cache_s, "--backing", &backing]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("clean"), "{}", text(&o));
-    assert!(std::fs::read(&backing).unwrap() == want, "backing file differs after writeback");
+    assert!(
+        std::fs::read(&backing).unwrap() == want,
+        "backing file differs after writeback"
+    );
     let o = pcache(&["inspect", "--cache", cache_s, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["dirty_bytes"], 0);

@@ -237,7 +237,8 @@ impl Engine {
         let start = (pos - base) / SECTOR_BYTES;
         let sectors = buf.len() as u64 / SECTOR_BYTES;
         // Pieces: (sector in region, sectors, extent start, extent)
-        let mut pieces: smallvec_lite::Inline<(u64, u64, Option<(u64, CacheExt)>)> = Default::default();
+        let mut pieces: smallvec_lite::Inline<(u64, u64, Option<(u64, CacheExt)>)> =
+            Default::default();
         sh.map
             .lookup(start, sectors, |s, n, e| pieces.push((s, n, e)));
         let mut stale = Vec::new();
@@ -462,7 +463,10 @@ mod smallvec_lite {
         }
 
         pub fn iter(&self) -> impl Iterator<Item = &T> {
-            self.inline[..self.n].iter().flatten().chain(self.more.iter())
+            self.inline[..self.n]
+                .iter()
+                .flatten()
+                .chain(self.more.iter())
         }
     }
 }
