@@ -237,8 +237,7 @@ impl Engine {
         let start = (pos - base) / SECTOR_BYTES;
         let sectors = buf.len() as u64 / SECTOR_BYTES;
         // Pieces: (sector in region, sectors, extent start, extent)
-        let mut pieces: smallvec_lite::Inline<(u64, u64, Option<(u64, CacheExt)>)> =
-            Default::default();
+        let mut pieces: smallvec_lite::Inline<Piece> = Default::default();
         sh.map
             .lookup(start, sectors, |s, n, e| pieces.push((s, n, e)));
         let mut stale = Vec::new();
@@ -431,6 +430,10 @@ impl Engine {
         self.segs.remove_space_fd(fd)
     }
 }
+
+/// A piece of a lookup: (sector in region, sectors, (extent start, extent)
+/// or None for a gap).
+type Piece = (u64, u64, Option<(u64, CacheExt)>);
 
 /// A tiny inline vector, so a read allocates nothing in the common case of
 /// a handful of pieces.
