@@ -26,6 +26,34 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the cached disk to a vhost-user-blk frontend (QEMU,
+    /// cloud-hypervisor, libblkio). With no arguments: creates
+    /// pcache-data/{cache.img (1G), disk.img (8G sparse)} if absent and
+    /// listens on pcache-data/pcache.sock.
+    Serve(ServeArgs),
+    /// Show a running server's status (through its control socket).
+    Status {
+        /// Control socket (default: pcache-data/pcache.ctl).
+        #[arg(long, default_value = "pcache-data/pcache.ctl")]
+        control: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change gc_percent of a running server and persist it.
+    GcPercent {
+        /// Control socket.
+        #[arg(long, default_value = "pcache-data/pcache.ctl")]
+        control: PathBuf,
+        /// New value, 0..=90.
+        value: u8,
+    },
+    /// Close every open kset of a running server now.
+    Flush {
+        /// Control socket.
+        #[arg(long, default_value = "pcache-data/pcache.ctl")]
+        control: PathBuf,
+    },
     /// Create a new, empty cache on a file or device-DAX device.
     Format {
         /// Cache medium: a file (created if absent), or /dev/daxX.Y.
@@ -74,6 +102,106 @@ pub enum Command {
     },
 }
 
+/// Arguments of `pcache serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// vhost-user socket to listen on [default: pcache-data/pcache.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Cache medium: a file or /dev/daxX.Y [default: pcache-data/cache.img].
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Backing file or block device [default: pcache-data/disk.img].
+    #[arg(long)]
+    pub backing: Option<PathBuf>,
+    /// Size of a cache file to create (at least 512M, a multiple of 16M)
+    /// [default: 1G].
+    #[arg(long, value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+    /// Size of a backing file to create when it does not exist (sparse)
+    /// [default: 8G for the default path].
+    #[arg(long, value_parser = parse_size)]
+    pub backing_size: Option<u64>,
+    /// Format the cache even if it already holds a pcache cache or other
+    /// data (erasing it). A new cache file is always formatted.
+    #[arg(long)]
+    pub format: bool,
+    /// Request queues offered (QEMU's default is one per vCPU).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+    /// Largest virtqueue size accepted.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..=32768))]
+    pub queue_size: u16,
+    /// Logical block size advertised to the guest.
+    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+    pub block_size: u32,
+    /// Keep a crc32c of all cached data (for a new cache).
+    #[arg(long)]
+    pub data_crc: bool,
+    /// gc_percent (for a new cache, or changed and persisted on an existing one).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=90))]
+    pub gc_percent: Option<u8>,
+    /// Serve the disk read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Serial number returned to the guest (GET_ID, at most 20 bytes).
+    #[arg(long, default_value = "pcache")]
+    pub serial: String,
+    /// Control socket [default: the vhost socket with extension .ctl].
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Permissions of the vhost socket, octal.
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("block size must be 512 or 4096, not {s}")),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode like 600 or 660"))
+}
+
+impl ServeArgs {
+    /// Resolve defaults into [`crate::serve::ServeOptions`].
+    pub fn options(self) -> crate::serve::ServeOptions {
+        let dir = Path::new(crate::serve::DEFAULT_DIR);
+        let default_backing = self.backing.is_none();
+        let socket = self.socket.unwrap_or_else(|| dir.join("pcache.sock"));
+        crate::serve::ServeOptions {
+            control: self
+                .control
+                .unwrap_or_else(|| crate::control::default_path(&socket)),
+            socket,
+            cache: self.cache.unwrap_or_else(|| dir.join("cache.img")),
+            backing: self.backing.unwrap_or_else(|| dir.join("disk.img")),
+            cache_size: self.cache_size,
+            backing_size: self
+                .backing_size
+                .or(default_backing.then_some(crate::serve::DEFAULT_BACKING_BYTES)),
+            format: self.format,
+            cfg: crate::vhost::ServeConfig {
+                num_queues: self.num_queues,
+                queue_size: self.queue_size,
+                blk_size: self.block_size,
+                read_only: self.read_only,
+                serial: self.serial,
+            },
+            data_crc: self.data_crc,
+            gc_percent: self.gc_percent,
+            socket_mode: self.socket_mode,
+        }
+    }
+}
+
 /// Parse arguments, run, print errors; returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -113,6 +241,32 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 /// Run one parsed command; returns the exit code.
 pub fn run(cli: Cli) -> AnyResult<i32> {
     match cli.command {
+        Command::Serve(args) => crate::serve::run(args.options()),
+        Command::Status { control, json } => {
+            let r = crate::control::request(&control, &crate::control::Request::Status)?;
+            let Some(st) = r.status else {
+                return Err(r
+                    .error
+                    .unwrap_or_else(|| "no status in reply".into())
+                    .into());
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", st.text());
+            }
+            Ok(0)
+        }
+        Command::GcPercent { control, value } => {
+            control_ok(&control, &crate::control::Request::GcPercent { value })?;
+            println!("gc_percent set to {value}");
+            Ok(0)
+        }
+        Command::Flush { control } => {
+            control_ok(&control, &crate::control::Request::Flush)?;
+            println!("flushed");
+            Ok(0)
+        }
         Command::Format {
             cache,
             cache_size,
@@ -200,6 +354,15 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             );
             Ok(0)
         }
+    }
+}
+
+fn control_ok(path: &Path, req: &crate::control::Request) -> AnyResult<()> {
+    let r = crate::control::request(path, req)?;
+    if r.ok {
+        Ok(())
+    } else {
+        Err(r.error.unwrap_or_else(|| "request failed".into()).into())
     }
 }
 

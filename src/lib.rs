@@ -8,13 +8,19 @@
 //! - [`format`]: every on-media record, byte by byte; no threads, no I/O.
 //! - [`pmem`]: the mapped cache medium and its persistence primitives.
 //! - [`backing`]: the disk behind the cache, sync and async, plus test doubles.
-//! - [`cli`]: the command line (format, inspect, check, writeback).
+//! - [`vhost`]: the vhost-user-blk backend; the only code that knows virtio.
+//! - [`control`]: the runtime control socket (status, gc_percent, flush).
+//! - [`serve`]: `pcache serve`, tying the above together.
+//! - [`cli`]: the command line.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod backing;
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod format;
 pub mod pmem;
+pub mod serve;
 pub mod util;
+pub mod vhost;

@@ -38,6 +38,41 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// Block SIGTERM and SIGINT in the calling thread (and every thread it
+/// spawns afterwards), so [`wait_for_termination`] can take them.
+pub fn block_termination_signals() {
+    // SAFETY: builds a signal set on the stack and changes this thread's
+    // signal mask; no memory is shared.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Wait for SIGTERM or SIGINT (blocked by [`block_termination_signals`]);
+/// returns the signal number.
+pub fn wait_for_termination() -> i32 {
+    // SAFETY: as above; sigwait writes the signal number into a local.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let mut sig = 0;
+        while libc::sigwait(&set, &mut sig) != 0 {}
+        sig
+    }
+}
+
+/// Set the process umask, returning the old one.
+pub fn set_umask(mask: u32) -> u32 {
+    // SAFETY: umask only changes the process's file-creation mask.
+    unsafe { libc::umask(mask as libc::mode_t) as u32 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -155,6 +155,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Make a completed write of `off..off+len` durable now (write-through
+    /// mode): close the ksets its keys went to. Other ksets stay open.
+    pub fn commit(&self, off: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let first = super::region_of(off);
+        let last = super::region_of(off + len.max(1) - 1);
+        let n = self.ksets.len() as u64;
+        for r in first..=last.min(first + n - 1) {
+            let mut ks = self.kset_for(r).lock().expect("kset lock");
+            self.kset_close(&mut ks)?;
+        }
+        self.persist()
+    }
+
     /// Close ksets whose oldest key has waited `age` or more (the timer).
     pub fn close_aged_ksets(&self, age: Duration) -> Result<()> {
         if self.read_only || self.has_failed() {

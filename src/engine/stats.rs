@@ -40,7 +40,7 @@ pub struct Stats {
 }
 
 /// A copy of [`Stats`] at one moment.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     /// See [`Stats::read_hit_bytes`].
     pub read_hit_bytes: u64,

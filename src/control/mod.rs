@@ -1,0 +1,279 @@
+//! The runtime control socket: status, gc_percent, flush.
+//!
+//! Protocol: one JSON request per line, one JSON reply per line.
+//!
+//! ```text
+//! {"cmd":"status"}                 -> {"ok":true,"status":{...}}
+//! {"cmd":"gc_percent","value":50}  -> {"ok":true}
+//! {"cmd":"flush"}                  -> {"ok":true}
+//! anything else                    -> {"ok":false,"error":"..."}
+//! ```
+//!
+//! It sees the engine only through its public accessors and a stats
+//! snapshot.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Engine, StatsSnapshot};
+
+/// Facts about the running server that the engine does not know.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServeInfo {
+    /// Backing store path.
+    pub backing_path: String,
+    /// Backing store size in bytes.
+    pub backing_bytes: u64,
+    /// Queues offered to the frontend.
+    pub num_queues: u16,
+    /// vhost-user socket.
+    pub socket: String,
+}
+
+/// Everything `pcache status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// Cache medium path.
+    pub cache_path: String,
+    /// Cache medium size in bytes.
+    pub cache_bytes: u64,
+    /// Segments in the cache.
+    pub segments: u32,
+    /// Segments in use.
+    pub segments_used: u32,
+    /// gc_percent.
+    pub gc_percent: u8,
+    /// data_crc on?
+    pub data_crc: bool,
+    /// key_head as seg:off.
+    pub key_head: String,
+    /// dirty_tail as seg:off.
+    pub dirty_tail: String,
+    /// key_tail as seg:off.
+    pub key_tail: String,
+    /// Dirty bytes not yet written back.
+    pub dirty_bytes: u64,
+    /// Read requests fully served from the cache.
+    pub read_hits: u64,
+    /// Read requests that needed the backing store.
+    pub read_misses: u64,
+    /// What the medium's persistence survives.
+    pub durability: String,
+    /// Has a persist failed (the cache then refuses writes)?
+    pub failed: bool,
+    /// The server's own facts.
+    #[serde(flatten)]
+    pub serve: ServeInfo,
+    /// All engine counters.
+    pub stats: StatsSnapshot,
+}
+
+/// A control request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Report status.
+    Status,
+    /// Set gc_percent.
+    GcPercent {
+        /// New value, 0..=90.
+        value: u8,
+    },
+    /// Close every open kset now.
+    Flush,
+}
+
+/// A control reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    /// Did it work?
+    pub ok: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For `status`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+fn pos(p: crate::format::PosOnMedia) -> String {
+    format!("{}:{}", p.seg, p.off)
+}
+
+/// Build a status report.
+pub fn status(engine: &Engine, info: &ServeInfo) -> Status {
+    let s = engine.stats().snapshot();
+    Status {
+        cache_path: engine.region().path().display().to_string(),
+        cache_bytes: engine.region().len(),
+        segments: engine.n_segs(),
+        segments_used: engine.segs_used(),
+        gc_percent: engine.gc_percent(),
+        data_crc: engine.data_crc(),
+        key_head: pos(engine.key_head()),
+        dirty_tail: pos(engine.dirty_tail()),
+        key_tail: pos(engine.key_tail()),
+        dirty_bytes: s.dirty_bytes,
+        read_hits: s.read_hits,
+        read_misses: s.read_misses,
+        durability: engine.region().durability().to_string(),
+        failed: engine.has_failed(),
+        serve: info.clone(),
+        stats: s,
+    }
+}
+
+fn handle(engine: &Engine, info: &ServeInfo, line: &str) -> Reply {
+    let err = |e: String| Reply {
+        ok: false,
+        error: Some(e),
+        status: None,
+    };
+    let ok = Reply {
+        ok: true,
+        error: None,
+        status: None,
+    };
+    match serde_json::from_str::<Request>(line) {
+        Err(e) => err(format!("bad request: {e}")),
+        Ok(Request::Status) => Reply {
+            status: Some(status(engine, info)),
+            ..ok
+        },
+        Ok(Request::GcPercent { value }) => match engine.set_gc_percent(value) {
+            Ok(()) => ok,
+            Err(e) => err(e.to_string()),
+        },
+        Ok(Request::Flush) => match engine.flush() {
+            Ok(()) => ok,
+            Err(e) => err(e.to_string()),
+        },
+    }
+}
+
+/// Listen on `path` (mode 0600) and answer requests on a thread.
+pub fn spawn_server(path: &Path, engine: Arc<Engine>, info: ServeInfo) -> io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("pcache-control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                let (engine, info) = (engine.clone(), info.clone());
+                // A slow client must not hold up the next one.
+                let _ = std::thread::Builder::new()
+                    .name("pcache-control-conn".into())
+                    .spawn(move || serve_conn(conn, &engine, &info));
+            }
+        })?;
+    Ok(())
+}
+
+fn serve_conn(conn: UnixStream, engine: &Engine, info: &ServeInfo) {
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = handle(engine, info, &line);
+        let Ok(mut s) = serde_json::to_string(&reply) else {
+            return;
+        };
+        s.push('\n');
+        if out.write_all(s.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Send one request to the control socket at `path`.
+pub fn request(path: &Path, req: &Request) -> io::Result<Reply> {
+    let mut s = UnixStream::connect(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("Cannot connect to control socket {}: {e}", path.display()),
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = serde_json::to_string(req).map_err(io::Error::other)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply)?;
+    serde_json::from_str(&reply).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad reply {reply:?}: {e}"),
+        )
+    })
+}
+
+/// Default control socket beside a vhost socket: `X.sock` -> `X.ctl`.
+pub fn default_path(socket: &Path) -> PathBuf {
+    socket.with_extension("ctl")
+}
+
+impl Status {
+    /// Human-readable form.
+    pub fn text(&self) -> String {
+        let pct = |a: u64, b: u64| {
+            if b == 0 {
+                0.0
+            } else {
+                a as f64 * 100.0 / b as f64
+            }
+        };
+        format!(
+            "cache        {} ({} bytes, {} segments, {} used = {:.0}%)\n\
+             backing      {} ({} bytes)\n\
+             socket       {} ({} queues)\n\
+             gc_percent   {}\n\
+             data_crc     {}\n\
+             key_head     {}\n\
+             dirty_tail   {}\n\
+             key_tail     {}\n\
+             dirty        {} bytes\n\
+             reads        {} hits, {} misses\n\
+             writeback    {} bytes written, {} errors\n\
+             durability   {}\n\
+             state        {}\n",
+            self.cache_path,
+            self.cache_bytes,
+            self.segments,
+            self.segments_used,
+            pct(self.segments_used as u64, self.segments as u64),
+            self.serve.backing_path,
+            self.serve.backing_bytes,
+            self.serve.socket,
+            self.serve.num_queues,
+            self.gc_percent,
+            if self.data_crc { "on" } else { "off" },
+            self.key_head,
+            self.dirty_tail,
+            self.key_tail,
+            self.dirty_bytes,
+            self.read_hits,
+            self.read_misses,
+            self.stats.writeback_bytes,
+            self.stats.writeback_errors,
+            self.durability,
+            if self.failed {
+                "FAILED (restart pcache)"
+            } else {
+                "ok"
+            },
+        )
+    }
+}

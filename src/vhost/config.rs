@@ -1,0 +1,132 @@
+//! Feature bits and the virtio-blk configuration space.
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+
+/// Device feature bits (virtio 1.2, 5.2.3).
+pub mod bits {
+    /// Maximum size of one segment is in `size_max`.
+    pub const SIZE_MAX: u64 = 1 << 1;
+    /// Maximum segments per request is in `seg_max`.
+    pub const SEG_MAX: u64 = 1 << 2;
+    /// The device is read-only.
+    pub const RO: u64 = 1 << 5;
+    /// Logical block size is in `blk_size`.
+    pub const BLK_SIZE: u64 = 1 << 6;
+    /// The device has a volatile write cache and understands FLUSH.
+    pub const FLUSH: u64 = 1 << 9;
+    /// Topology fields are valid.
+    pub const TOPOLOGY: u64 = 1 << 10;
+    /// The guest may switch the cache between writeback and writethrough.
+    pub const CONFIG_WCE: u64 = 1 << 11;
+    /// More than one queue.
+    pub const MQ: u64 = 1 << 12;
+    /// Indirect descriptor tables.
+    pub const INDIRECT_DESC: u64 = 1 << 28;
+    /// used_event / avail_event notification suppression.
+    pub const EVENT_IDX: u64 = 1 << 29;
+    /// Virtio 1.0 or later.
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Features offered to every frontend (RO is added for read-only disks).
+pub const VIRTIO_FEATURES: u64 = bits::SIZE_MAX
+    | bits::SEG_MAX
+    | bits::BLK_SIZE
+    | bits::FLUSH
+    | bits::TOPOLOGY
+    | bits::CONFIG_WCE
+    | bits::MQ
+    | bits::INDIRECT_DESC
+    | bits::EVENT_IDX
+    | bits::VERSION_1;
+
+/// The vhost-user bit that asks for protocol feature negotiation.
+pub const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+/// vhost-user protocol features: CONFIG (config space), MQ, REPLY_ACK and
+/// CONFIGURE_MEM_SLOTS (libblkio requires the last three).
+pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
+    .union(VhostUserProtocolFeatures::MQ)
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+
+/// Largest data segment we advertise (1 MiB).
+pub const SIZE_MAX_BYTES: u32 = 1 << 20;
+/// Most data segments in one request.
+pub const SEG_MAX: u32 = 128;
+
+/// The virtio-blk config space, in its little-endian wire layout.
+///
+/// ```text
+/// 0  u64 capacity (512-byte sectors)   20 u32 blk_size
+/// 8  u32 size_max                      24 u8 physical_block_exp, u8 alignment_offset
+/// 12 u32 seg_max                       26 u16 min_io_size, 28 u32 opt_io_size
+/// 16 geometry (u16, u8, u8), unused    32 u8 writeback, 33 unused
+///                                      34 u16 num_queues
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlkConfig {
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// Logical block size (512 or 4096).
+    pub blk_size: u32,
+    /// Number of request queues.
+    pub num_queues: u16,
+    /// 1 = writeback cache (FLUSH needed), 0 = writethrough.
+    pub writeback: u8,
+}
+
+/// Bytes of config space we expose.
+pub const CONFIG_BYTES: usize = 36;
+
+impl BlkConfig {
+    /// Encode the config space.
+    pub fn encode(&self) -> [u8; CONFIG_BYTES] {
+        let mut b = [0u8; CONFIG_BYTES];
+        b[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        b[8..12].copy_from_slice(&SIZE_MAX_BYTES.to_le_bytes());
+        b[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        b[20..24].copy_from_slice(&self.blk_size.to_le_bytes());
+        // Topology: one logical block per physical block, 4 KiB minimum
+        // I/O (the cache's natural unit), no alignment offset.
+        b[24] = 0;
+        b[25] = 0;
+        let min_io = (4096 / self.blk_size.max(512)) as u16;
+        b[26..28].copy_from_slice(&min_io.to_le_bytes());
+        b[28..32].copy_from_slice(&0u32.to_le_bytes());
+        b[32] = self.writeback;
+        b[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
+        b
+    }
+
+    /// The bytes `offset..offset+size` of the config space (zeros past its
+    /// end, as the frontend may read the whole struct).
+    pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
+        let all = self.encode();
+        (offset as usize..offset as usize + size as usize)
+            .map(|i| all.get(i).copied().unwrap_or(0))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_has_the_virtio_layout() {
+        let c = BlkConfig {
+            capacity: 0x1122_3344,
+            blk_size: 4096,
+            num_queues: 3,
+            writeback: 1,
+        };
+        let b = c.encode();
+        assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap()), 0x1122_3344);
+        assert_eq!(u32::from_le_bytes(b[20..24].try_into().unwrap()), 4096);
+        assert_eq!(b[32], 1);
+        assert_eq!(u16::from_le_bytes(b[34..36].try_into().unwrap()), 3);
+        assert_eq!(c.read(32, 4), vec![1, 0, 3, 0]);
+        assert_eq!(c.read(56, 4), vec![0; 4], "past the end reads as zero");
+    }
+}

@@ -1,0 +1,263 @@
+//! Shared helpers for tests that run a real `pcache serve` process and talk
+//! to it with a real vhost-user-blk client (libblkio's `blkio` crate).
+#![allow(dead_code)]
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// A running `pcache serve`.
+pub struct Server {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub control: PathBuf,
+}
+
+/// Paths of one test's disk.
+pub struct Disk {
+    pub dir: tempfile::TempDir,
+    pub cache: PathBuf,
+    pub backing: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Disk {
+    /// A fresh directory with a backing file of `backing_bytes` filled by
+    /// `fill` (or sparse zeros).
+    pub fn new(backing_bytes: u64, fill: Option<&dyn Fn(u64) -> u8>) -> Disk {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("disk.img");
+        match fill {
+            None => std::fs::File::create(&backing)
+                .unwrap()
+                .set_len(backing_bytes)
+                .unwrap(),
+            Some(f) => {
+                let bytes: Vec<u8> = (0..backing_bytes).map(f).collect();
+                std::fs::write(&backing, bytes).unwrap();
+            }
+        }
+        Disk {
+            cache: dir.path().join("cache.img"),
+            backing,
+            socket: dir.path().join("vhost.sock"),
+            dir,
+        }
+    }
+
+    /// Start `pcache serve` on this disk with extra arguments.
+    pub fn serve(&self, extra: &[&str]) -> Server {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--cache".into(),
+            self.cache.display().to_string(),
+            "--backing".into(),
+            self.backing.display().to_string(),
+        ];
+        if !self.cache.exists() {
+            args.extend(["--cache-size".into(), "512M".into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Server::start(&args, &self.socket)
+    }
+}
+
+impl Server {
+    /// Start the binary with `args` and wait for `socket` to appear.
+    pub fn start(args: &[String], socket: &Path) -> Server {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(env!("CARGO_BIN_EXE_pcache"))
+            .args(args)
+            .env(
+                "PCACHE_LOG",
+                std::env::var("PCACHE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start pcache serve");
+        let mut s = Server {
+            child,
+            socket: socket.to_owned(),
+            control: socket.with_extension("ctl"),
+        };
+        let t = Instant::now();
+        while !socket.exists() {
+            if let Ok(Some(st)) = s.child.try_wait() {
+                panic!("pcache serve exited before listening: {st}");
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "pcache serve did not listen within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait for exit (at most 60 s).
+    pub fn wait(mut self) -> ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                panic!("pcache serve did not exit within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and expect a clean exit.
+    pub fn stop(self) {
+        self.signal("TERM");
+        let st = self.wait();
+        assert!(st.success(), "pcache serve exited with {st} after SIGTERM");
+    }
+
+    /// SIGKILL.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A libblkio client with a shared memory region for its buffers.
+pub struct Client {
+    pub blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+    pub capacity: u64,
+}
+
+/// Completion of one request: user_data and ret (0 or -errno).
+pub type Done = (usize, i32);
+
+impl Client {
+    /// Connect with `nq` queues and a `mem_bytes` buffer region.
+    pub fn connect(socket: &Path, nq: i32, mem_bytes: usize) -> Client {
+        let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio driver");
+        b.set_str("path", socket.to_str().unwrap()).unwrap();
+        b.connect().expect("connect to pcache");
+        let capacity = b.get_u64("capacity").unwrap();
+        b.set_i32("num-queues", nq).unwrap();
+        let out = b.start().expect("start blkio");
+        let region = b.alloc_mem_region(mem_bytes).expect("alloc mem region");
+        b.map_mem_region(&region).expect("map mem region");
+        Client {
+            blkio: b,
+            queues: out.queues,
+            region,
+            capacity,
+        }
+    }
+
+    /// The buffer region as a slice.
+    pub fn mem(&mut self) -> &mut [u8] {
+        // SAFETY: the region is mapped for our lifetime, and requests using
+        // it are completed before the slice is used again by tests.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+
+    /// Pointer to byte `at` of the region.
+    pub fn ptr(&self, at: usize) -> *mut u8 {
+        assert!(at < self.region.len);
+        (self.region.addr + at) as *mut u8
+    }
+
+    /// Wait for at least `min` completions on queue `q` (30 s timeout).
+    pub fn reap(&mut self, q: usize, min: usize) -> Vec<Done> {
+        let mut c: Vec<MaybeUninit<Completion>> = (0..256).map(|_| MaybeUninit::uninit()).collect();
+        let mut t = Duration::from_secs(30);
+        let n = self.queues[q]
+            .do_io(&mut c, min, Some(&mut t), None)
+            .expect("do_io");
+        assert!(
+            n >= min,
+            "timed out waiting for {min} completions (got {n})"
+        );
+        (0..n)
+            .map(|i| {
+                // SAFETY: do_io initialised the first n completions.
+                let c = unsafe { c[i].assume_init_read() };
+                (c.user_data, c.ret)
+            })
+            .collect()
+    }
+
+    /// Write `len` bytes from region offset `at` to `off`, and wait.
+    pub fn write_sync(&mut self, q: usize, off: u64, at: usize, len: usize) -> i32 {
+        let p = self.ptr(at);
+        self.queues[q].write(off, p, len, 1, ReqFlags::empty());
+        self.reap(q, 1)[0].1
+    }
+
+    /// Read `len` bytes at `off` into region offset `at`, and wait.
+    pub fn read_sync(&mut self, q: usize, off: u64, at: usize, len: usize) -> i32 {
+        let p = self.ptr(at);
+        self.queues[q].read(off, p, len, 1, ReqFlags::empty());
+        self.reap(q, 1)[0].1
+    }
+
+    /// FLUSH and wait.
+    pub fn flush_sync(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(7, ReqFlags::empty());
+        self.reap(q, 1)[0].1
+    }
+}
+
+/// Fill a 4 KiB block: 8-byte block number, 8-byte version, then bytes
+/// derived from both, so a block can be checked on its own.
+pub fn fill_block(buf: &mut [u8], block: u64, version: u64) {
+    buf[..8].copy_from_slice(&block.to_le_bytes());
+    buf[8..16].copy_from_slice(&version.to_le_bytes());
+    let mut x = block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ version;
+    for chunk in buf[16..].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = chunk.len();
+        chunk.copy_from_slice(&x.to_le_bytes()[..n]);
+    }
+}
+
+/// The version a block holds, or why it is not a well-formed block.
+pub fn check_block(buf: &[u8], block: u64) -> Result<u64, String> {
+    if buf.iter().all(|b| *b == 0) {
+        return Ok(0);
+    }
+    let b = u64::from_le_bytes(buf[..8].try_into().unwrap());
+    let v = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+    if b != block {
+        return Err(format!("block {block} holds block {b}'s data"));
+    }
+    let mut want = vec![0u8; buf.len()];
+    fill_block(&mut want, block, v);
+    if want != buf {
+        return Err(format!("block {block} version {v} fails its checksum"));
+    }
+    Ok(v)
+}

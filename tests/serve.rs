@@ -1,0 +1,280 @@
+//! `pcache serve` driven by a real vhost-user-blk client (libblkio), no VM:
+//! data integrity across the whole disk, several queues, partly cached
+//! reads, FLUSH, clean and unclean restarts, bad requests, the control
+//! socket.
+
+mod common;
+
+use blkio::ReqFlags;
+use common::{check_block, fill_block, Client, Disk};
+
+const BLOCK: usize = 4096;
+const MIB: u64 = 1 << 20;
+
+/// Write every block of the disk at QD32, then read it all back.
+fn write_all_blocks(c: &mut Client, q: usize, blocks: u64, version: u64) {
+    let qd = 32usize;
+    let mut next = 0u64;
+    let mut inflight = 0usize;
+    while next < blocks || inflight > 0 {
+        while inflight < qd && next < blocks {
+            let slot = (next as usize % qd) * BLOCK;
+            fill_block(&mut c.mem()[slot..slot + BLOCK], next, version);
+            let p = c.ptr(slot);
+            c.queues[q].write(
+                next * BLOCK as u64,
+                p,
+                BLOCK,
+                next as usize,
+                ReqFlags::empty(),
+            );
+            next += 1;
+            inflight += 1;
+        }
+        for (ud, ret) in c.reap(q, 1) {
+            assert_eq!(ret, 0, "write of block {ud} failed");
+            inflight -= 1;
+        }
+    }
+}
+
+fn verify_all_blocks(c: &mut Client, q: usize, blocks: u64, version_of: impl Fn(u64) -> u64) {
+    let chunk = 64usize; // blocks per read
+    let mut b = 0u64;
+    while b < blocks {
+        let n = chunk.min((blocks - b) as usize);
+        assert_eq!(
+            c.read_sync(q, b * BLOCK as u64, 0, n * BLOCK),
+            0,
+            "read at block {b}"
+        );
+        for i in 0..n {
+            let blk = b + i as u64;
+            let got = check_block(&c.mem()[i * BLOCK..(i + 1) * BLOCK], blk)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(got, version_of(blk), "block {blk}");
+        }
+        b += n as u64;
+    }
+}
+
+#[test]
+fn whole_disk_written_and_read_back_with_checksums() {
+    let disk = Disk::new(64 * MIB, None);
+    let server = disk.serve(&["--num-queues", "2"]);
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    assert_eq!(c.capacity, 64 * MIB);
+    let blocks = 64 * MIB / BLOCK as u64;
+    write_all_blocks(&mut c, 0, blocks, 1);
+    verify_all_blocks(&mut c, 0, blocks, |_| 1);
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn several_queues_at_once() {
+    let disk = Disk::new(32 * MIB, None);
+    let server = disk.serve(&["--num-queues", "4"]);
+    let mut c = Client::connect(&disk.socket, 4, 8 << 20);
+    assert_eq!(c.queues.len(), 4);
+    // Interleave: each queue owns every 4th block; all four in flight.
+    let blocks = 32 * MIB / BLOCK as u64;
+    let mut inflight = [0usize; 4];
+    for b in 0..blocks {
+        let q = (b % 4) as usize;
+        let slot = (b as usize % 512) * BLOCK;
+        fill_block(&mut c.mem()[slot..slot + BLOCK], b, 7);
+        let p = c.ptr(slot);
+        c.queues[q].write(b * BLOCK as u64, p, BLOCK, b as usize, ReqFlags::empty());
+        inflight[q] += 1;
+        if inflight[q] == 16 {
+            for (ud, ret) in c.reap(q, 16) {
+                assert_eq!(ret, 0, "write {ud}");
+            }
+            inflight[q] = 0;
+        }
+    }
+    for (q, n) in inflight.into_iter().enumerate() {
+        if n > 0 {
+            for (_, ret) in c.reap(q, n) {
+                assert_eq!(ret, 0);
+            }
+        }
+    }
+    for q in 0..4 {
+        assert_eq!(c.flush_sync(q), 0);
+    }
+    verify_all_blocks(&mut c, 3, blocks, |_| 7);
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn a_partly_cached_read_combines_cache_and_backing_store() {
+    let fill = |i: u64| (i / 512) as u8 ^ 0x5a;
+    let disk = Disk::new(16 * MIB, Some(&fill));
+    let server = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1, 4 << 20);
+    // Cache two separate 8 KiB pieces inside a 1 MiB range.
+    c.mem()[..8192].fill(0xee);
+    assert_eq!(c.write_sync(0, 100 * 4096, 0, 8192), 0);
+    assert_eq!(c.write_sync(0, 200 * 4096, 0, 8192), 0);
+    assert_eq!(c.read_sync(0, 0, MIB as usize, MIB as usize), 0);
+    let got = c.mem()[MIB as usize..2 * MIB as usize].to_vec();
+    for (i, b) in got.iter().enumerate() {
+        let cached = (409600..409600 + 8192).contains(&i) || (819200..819200 + 8192).contains(&i);
+        let want = if cached { 0xee } else { fill(i as u64) };
+        assert_eq!(*b, want, "byte {i}");
+    }
+    // Read again: now all of it is a hit, and still the same.
+    assert_eq!(c.read_sync(0, 0, MIB as usize, MIB as usize), 0);
+    assert_eq!(&c.mem()[MIB as usize..2 * MIB as usize], &got[..]);
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn sigterm_persists_and_a_restart_reads_everything_back() {
+    let disk = Disk::new(32 * MIB, None);
+    let server = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    let blocks = 32 * MIB / BLOCK as u64;
+    write_all_blocks(&mut c, 0, blocks, 3);
+    drop(c);
+    // No FLUSH: SIGTERM itself must close the open ksets.
+    server.stop();
+    let server = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    verify_all_blocks(&mut c, 0, blocks, |_| 3);
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn sigkill_after_a_completed_flush_loses_nothing_written_before_it() {
+    let disk = Disk::new(32 * MIB, None);
+    let server = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    let blocks = 32 * MIB / BLOCK as u64;
+    write_all_blocks(&mut c, 0, blocks, 5);
+    assert_eq!(c.flush_sync(0), 0);
+    server.kill();
+    drop(c);
+    let server = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    verify_all_blocks(&mut c, 0, blocks, |_| 5);
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn out_of_range_requests_fail_and_the_next_client_is_served() {
+    let disk = Disk::new(16 * MIB, None);
+    let server = disk.serve(&[]);
+    {
+        let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+        let p = c.ptr(0);
+        c.queues[0].read(16 * MIB, p, 4096, 1, ReqFlags::empty());
+        c.queues[0].write(16 * MIB - 512, p, 4096, 2, ReqFlags::empty());
+        let done = c.reap(0, 2);
+        assert!(
+            done.iter().all(|(_, ret)| *ret != 0),
+            "out-of-range requests must fail: {done:?}"
+        );
+        // The same client can still do valid I/O.
+        assert_eq!(c.write_sync(0, 0, 0, 4096), 0);
+    }
+    // A second client after the first disconnected.
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    c.mem()[..4096].fill(9);
+    assert_eq!(c.write_sync(0, 4096, 0, 4096), 0);
+    assert_eq!(c.read_sync(0, 4096, 8192, 4096), 0);
+    assert!(c.mem()[8192..8192 + 4096].iter().all(|b| *b == 9));
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn status_gc_percent_and_flush_through_the_control_socket() {
+    let disk = Disk::new(16 * MIB, None);
+    let server = disk.serve(&["--num-queues", "3"]);
+    let ctl = server.control.to_str().unwrap().to_owned();
+    let pcache = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pcache"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    assert_eq!(c.write_sync(0, 0, 0, 65536), 0);
+    let o = pcache(&["flush", "--control", &ctl]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = pcache(&["gc-percent", "--control", &ctl, "42"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = pcache(&["gc-percent", "--control", &ctl, "95"]);
+    assert!(!o.status.success());
+    let o = pcache(&["status", "--control", &ctl, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["gc_percent"], 42);
+    assert_eq!(v["num_queues"], 3);
+    assert_eq!(v["backing_bytes"], 16 * MIB);
+    assert!(v["segments"].as_u64().unwrap() >= 31);
+    assert!(v["stats"]["write_bytes"].as_u64().unwrap() >= 65536);
+    assert!(v["durability"]
+        .as_str()
+        .unwrap()
+        .contains("process-crash safe"));
+    let o = pcache(&["status", "--control", &ctl]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("gc_percent   42"));
+    drop(c);
+    server.stop();
+    // gc_percent persisted.
+    let o = pcache(&["inspect", "--cache", disk.cache.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["gc_percent"], 42);
+}
+
+#[test]
+fn refuses_foreign_caches_and_mismatched_backing_stores() {
+    let disk = Disk::new(16 * MIB, None);
+    std::fs::write(&disk.cache, vec![7u8; 1 << 20]).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "serve",
+            "--socket",
+            disk.socket.to_str().unwrap(),
+            "--cache",
+            disk.cache.to_str().unwrap(),
+            "--backing",
+            disk.backing.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_pcache"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("not a usable pcache cache") && err.contains("--format"),
+        "{err}"
+    );
+    // With --format it is formatted (and serves).
+    std::fs::remove_file(&disk.cache).unwrap();
+    let server = disk.serve(&[]);
+    server.stop();
+    // A backing store of another size is refused.
+    std::fs::File::options()
+        .write(true)
+        .open(&disk.backing)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("refusing to use it"), "{err}");
+}
