@@ -618,7 +618,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs root and losetup: run with --ignored"]
     fn block_devices_use_blkgetsize64_and_4k_sectors_fall_back_to_buffered() {
         let dir = disk_dir();
         let path = make_file(dir.path(), "img", 8 << 20);
