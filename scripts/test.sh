@@ -21,6 +21,7 @@ fi
 
 if [[ -n ${PCACHE_LONG:-} ]]; then
     export PCACHE_MODEL_OPS=${PCACHE_MODEL_OPS:-1000000}
+    export PCACHE_KILLS=${PCACHE_KILLS:-500}
 fi
 
 cargo fmt --check
