@@ -86,10 +86,10 @@ impl Engine {
     /// 1. If the kset and a following header do not fit in the current log
     ///    segment: zero the first header of a new log segment, write a LAST
     ///    kset pointing at it, persist, and move key_head there.
-    /// 2. Write the kset and a zeroed header after it (the terminator), then
-    ///    persist: the keys' data was written before they were appended, so
-    ///    this one barrier makes data and keys durable.
-    /// 3. Only then advance key_head.
+    /// 2. Persist, so the keys' data is durable before the kset can be.
+    /// 3. Write the kset and a zeroed header after it (the terminator), then
+    ///    persist.
+    /// 4. Only then advance key_head.
     pub(super) fn kset_close(&self, ks: &mut OpenKset) -> Result<()> {
         if ks.n == 0 {
             return Ok(());
@@ -114,6 +114,10 @@ impl Engine {
                 lsn: log.pos.lsn + 1,
             };
         }
+        // The keys' data must be durable before the kset that points to it
+        // (on a plain file this msyncs it; on DAX each writer already
+        // fenced its own data, and this is one more sfence).
+        self.persist()?;
         let mut image = [0u8; KSET_MAX_BYTES];
         let n = encode_kset(
             &mut image,
@@ -126,8 +130,8 @@ impl Engine {
         let at = data_off(log.pos.seg, log.pos.off);
         self.region.write(at, &image[..size]);
         self.region.zero(at + size as u64, KSET_HEADER_BYTES);
-        self.persist()?; // (2) data, keys and terminator durable
-        log.pos.off += size as u32; // (3)
+        self.persist()?; // (3) kset and terminator durable
+        log.pos.off += size as u32; // (4)
         log.pos.lsn += 1;
         drop(log);
         stats::add(&self.stats.dirty_bytes, ks.dirty);

@@ -120,8 +120,10 @@ impl Engine {
                 return Err(Error::CacheFull { done });
             };
             let piece = &data[done as usize..(done + a.len as u64) as usize];
-            // Data first: it is in place before its key can be found.
+            // Data first, fenced: it reaches the medium before any kset
+            // that points to it can.
             self.region.write(data_off(a.seg, a.off), piece);
+            self.region.fence();
             let crc = if self.data_crc {
                 crc32c::crc32c(piece)
             } else {
@@ -345,6 +347,7 @@ impl Engine {
             };
             let piece = &data[done as usize..(done + a.len as u64) as usize];
             self.region.write(data_off(a.seg, a.off), piece);
+            self.region.fence();
             let key = KeyOnMedia {
                 off: pos,
                 len: a.len,

@@ -138,6 +138,9 @@ pub struct RegionOptions {
     pub force_cache_line_flush: bool,
     /// Map read-only (inspect, check).
     pub read_only: bool,
+    /// Record every store between persistence barriers, so tests can
+    /// simulate a power failure ([`Region::simulate_power_failure`]).
+    pub track_stores: bool,
 }
 
 /// The mapped cache medium.
@@ -152,6 +155,7 @@ pub struct Region {
     durability: Durability,
     read_only: bool,
     dirty: Box<[AtomicU64]>,
+    tracker: Option<tracked::Tracker>,
     path: PathBuf,
     _file: File,
 }
@@ -275,6 +279,7 @@ impl Region {
             durability,
             read_only: opts.read_only,
             dirty,
+            tracker: opts.track_stores.then(tracked::Tracker::default),
             path: path.to_owned(),
             _file: file,
         })
@@ -352,6 +357,7 @@ impl Region {
     pub fn write(&self, off: u64, data: &[u8]) {
         assert!(!self.read_only, "write to a read-only cache mapping");
         let o = self.check(off, data.len());
+        self.track(o, data.len());
         // SAFETY: the range lies inside the live, writable mapping; `data`
         // is a Rust slice and cannot alias the mapping's bytes being written
         // unless the caller passes a view of the mapping, which no safe API
@@ -364,6 +370,7 @@ impl Region {
     pub fn zero(&self, off: u64, len: usize) {
         assert!(!self.read_only, "write to a read-only cache mapping");
         let o = self.check(off, len);
+        self.track(o, len);
         // SAFETY: the range lies inside the live, writable mapping.
         unsafe { std::ptr::write_bytes(self.ptr.add(o), 0, len) }
         self.written(o, len);
@@ -402,14 +409,79 @@ impl Region {
     /// Persistence point: every store made before this call is durable when
     /// it returns (as far as [`Durability`] goes).
     pub fn persist(&self) -> io::Result<()> {
-        match self.mode {
+        let r = match self.mode {
             PersistMode::CacheLine(_) => {
                 // SAFETY: sfence has no memory-safety preconditions.
                 unsafe { std::arch::x86_64::_mm_sfence() };
                 Ok(())
             }
             PersistMode::Msync => self.msync_dirty(),
+        };
+        if let Some(t) = &self.tracker {
+            t.barrier();
         }
+        r
+    }
+
+    /// Order this thread's flushed stores before any later store: an
+    /// `sfence` on DAX (cache-line flushes are weakly ordered, and a later
+    /// kset must never reach the medium before the data it points to).
+    /// Nothing on a plain file, where [`Region::persist`] msyncs every dirty
+    /// page of the process at once.
+    pub fn fence(&self) {
+        if let PersistMode::CacheLine(_) = self.mode {
+            // SAFETY: sfence has no memory-safety preconditions.
+            unsafe { std::arch::x86_64::_mm_sfence() };
+            if let Some(t) = &self.tracker {
+                t.barrier();
+            }
+        }
+    }
+
+    fn track(&self, o: usize, len: usize) {
+        let Some(t) = &self.tracker else { return };
+        if len == 0 {
+            return;
+        }
+        t.record(o, len, |word| {
+            let mut b = [0u8; 8];
+            // SAFETY: whole words of the mapping: `word` is below
+            // len.div_ceil(8) and mapping lengths are multiples of 8 (files
+            // and dax devices come in pages).
+            unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(word * 8), b.as_mut_ptr(), 8) };
+            u64::from_ne_bytes(b)
+        });
+    }
+
+    /// Arm a silent power failure after `stores` more stores (tests; needs
+    /// `track_stores`). See [`tracked`].
+    pub fn arm_power_failure(&self, stores: u64) {
+        self.tracker
+            .as_ref()
+            .expect("arm_power_failure needs track_stores")
+            .arm(stores);
+    }
+
+    /// Has an armed power failure happened?
+    pub fn power_failed(&self) -> bool {
+        self.tracker.as_ref().is_some_and(|t| t.is_dead())
+    }
+
+    /// Simulate a power failure (tests; needs `track_stores`): every 8-byte
+    /// word stored since the last barrier keeps its new value or reverts to
+    /// the old one, chosen by a generator seeded with `seed`. Call only
+    /// while no other thread uses the region.
+    pub fn simulate_power_failure(&self, seed: u64) -> tracked::CrashReport {
+        let t = self
+            .tracker
+            .as_ref()
+            .expect("simulate_power_failure needs track_stores");
+        t.crash(seed, |word, old| {
+            // SAFETY: as in `track`: a whole word inside the mapping.
+            unsafe {
+                std::ptr::copy_nonoverlapping(old.to_ne_bytes().as_ptr(), self.ptr.add(word * 8), 8)
+            };
+        })
     }
 
     fn msync_dirty(&self) -> io::Result<()> {
@@ -521,6 +593,8 @@ fn devdax_size(meta: &std::fs::Metadata) -> io::Result<u64> {
         .parse()
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{p}: not a number")))
 }
+
+pub mod tracked;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,401 @@
+//! Power failures of the cache medium and of the backing store.
+//!
+//! The cache medium records every store between persistence barriers; at a
+//! crash point it keeps everything persisted and a random half of the
+//! 8-byte words stored since (real pmem is atomic only per 8 bytes), and the
+//! engine replays that image. The backing store loses every write not
+//! covered by a completed flush. Guards against: a kset durable before the
+//! data it points to, a torn record taken for a valid one, a tail written
+//! into the replica that held the newest copy, a kset from an earlier lap
+//! replayed, and writeback exposing a later flush epoch before an earlier
+//! one is complete.
+//!
+//! `PCACHE_CRASH_POINTS` sets the number of crash points (default 3000),
+//! `PCACHE_CRASH_SEED` the seed.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use pcache::backing::{Backing, BackingQueue, MemBacking};
+use pcache::engine::{DataHead, Engine, Error, FormatOptions, OpenOptions, Progress};
+use pcache::pmem::{Region, RegionOptions};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const SECTOR: u64 = 512;
+const DISK: u64 = 4 << 20;
+const SECTORS: u64 = DISK / SECTOR;
+
+fn fill(buf: &mut [u8], id: u64, sector: u64) {
+    for pair in buf.chunks_exact_mut(16) {
+        pair[..8].copy_from_slice(&id.to_le_bytes());
+        pair[8..].copy_from_slice(&sector.to_le_bytes());
+    }
+}
+
+fn id_of(buf: &[u8], sector: u64) -> Result<u64, String> {
+    if buf.iter().all(|b| *b == 0) {
+        return Ok(0);
+    }
+    let id = u64::from_le_bytes(buf[..8].try_into().unwrap());
+    for pair in buf.chunks_exact(16) {
+        let i = u64::from_le_bytes(pair[..8].try_into().unwrap());
+        let s = u64::from_le_bytes(pair[8..].try_into().unwrap());
+        if i != id || s != sector {
+            return Err(format!(
+                "sector {sector} holds garbage: ({i}, {s}) beside ({id}, {sector})"
+            ));
+        }
+    }
+    Ok(id)
+}
+
+fn tracked_region(path: &Path) -> Arc<Region> {
+    Arc::new(
+        Region::open(
+            path,
+            RegionOptions {
+                force_cache_line_flush: true,
+                track_stores: true,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    )
+}
+
+fn new_cache(dir: &Path) -> Arc<Region> {
+    let path = dir.join("cache.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let r = tracked_region(&path);
+    Engine::format(
+        &r,
+        &FormatOptions {
+            backing_bytes: DISK,
+            gc_percent: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    r
+}
+
+fn open(r: &Arc<Region>) -> Arc<Engine> {
+    Engine::open(r.clone(), &OpenOptions::default())
+        .unwrap_or_else(|e| panic!("open after power failure: {e}"))
+}
+
+#[test]
+fn power_failures_at_random_points_lose_no_flushed_write() {
+    let points: u64 = std::env::var("PCACHE_CRASH_POINTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
+    let seed: u64 = std::env::var("PCACHE_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(77);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_cache(dir.path());
+    let backing = Arc::new(MemBacking::new(DISK));
+    let mut q = BackingQueue::new(backing.clone(), 16);
+    let mut e = open(&region);
+    let mut head = DataHead::default();
+    // Model: durable id per sector (as of the last completed flush) and ids
+    // written since.
+    let mut durable = vec![0u64; SECTORS as usize];
+    let mut cur = vec![0u64; SECTORS as usize];
+    let mut since: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut next_id = 1u64;
+    let (mut pending_total, mut reverted_total, mut writes, mut flushes) =
+        (0usize, 0usize, 0u64, 0u64);
+    let mut buf = vec![0u8; 256 * SECTOR as usize];
+    let (mut mid_op, mut discarded_total) = (0u64, 0usize);
+    for point in 0..points {
+        // Most crash points fall inside an operation: the power goes after
+        // a random number of stores and nothing after it counts.
+        if rng.gen_bool(0.9) {
+            region.arm_power_failure(rng.gen_range(1..60));
+        }
+        for _ in 0..rng.gen_range(1..40) {
+            match rng.gen_range(0..100) {
+                0..=59 => {
+                    let n = if rng.gen_bool(0.9) {
+                        rng.gen_range(1..=16)
+                    } else {
+                        rng.gen_range(16..=256)
+                    };
+                    let s = rng.gen_range(0..=SECTORS - n);
+                    let id = next_id;
+                    next_id += 1;
+                    let b = &mut buf[..(n * SECTOR) as usize];
+                    for i in 0..n {
+                        fill(
+                            &mut b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
+                            id,
+                            s + i,
+                        );
+                    }
+                    // Submitted: it may survive even if never acknowledged.
+                    for i in s..s + n {
+                        since.entry(i).or_default().push(id);
+                    }
+                    let mut done = 0usize;
+                    loop {
+                        match e.write(&mut head, s * SECTOR + done as u64, &b[done..]) {
+                            Ok(()) => break,
+                            Err(Error::CacheFull { done: d }) => {
+                                done += d as usize;
+                                e.flush().unwrap();
+                                let _ = e.writeback_once(&mut q).unwrap();
+                                e.gc_once(true).unwrap();
+                            }
+                            Err(err) => panic!("seed {seed} point {point}: write: {err}"),
+                        }
+                    }
+                    for i in s..s + n {
+                        cur[i as usize] = id;
+                    }
+                    writes += 1;
+                }
+                60..=74 => {
+                    e.flush().unwrap();
+                    if !region.power_failed() {
+                        for (s, _) in since.drain() {
+                            durable[s as usize] = cur[s as usize];
+                        }
+                        flushes += 1;
+                    }
+                }
+                75..=89 => {
+                    let n = rng.gen_range(1..=64u64);
+                    let s = rng.gen_range(0..=SECTORS - n);
+                    let b = &mut buf[..(n * SECTOR) as usize];
+                    e.read_sync(&mut head, &*backing, s * SECTOR, b).unwrap();
+                    for i in 0..n {
+                        let got = id_of(
+                            &b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
+                            s + i,
+                        )
+                        .unwrap();
+                        assert_eq!(
+                            got,
+                            cur[(s + i) as usize],
+                            "seed {seed} point {point}: read of sector {}",
+                            s + i
+                        );
+                    }
+                }
+                90..=96 => {
+                    let _ = e.writeback_once(&mut q).unwrap();
+                }
+                _ => {
+                    e.gc_once(rng.gen_bool(0.5)).unwrap();
+                }
+            }
+            if region.power_failed() {
+                mid_op += 1;
+                break;
+            }
+        }
+        // Power failure: both media lose what was not persisted.
+        drop(e);
+        head = DataHead::default();
+        let r = region.simulate_power_failure(seed ^ point);
+        pending_total += r.pending_words;
+        reverted_total += r.reverted_words;
+        discarded_total += r.discarded_words;
+        backing.crash();
+        e = open(&region);
+        e.assert_invariants();
+        // Every sector holds its flushed value or a later one; adopt it.
+        let mut s = 0;
+        while s < SECTORS {
+            let n = 256.min(SECTORS - s);
+            let b = &mut buf[..(n * SECTOR) as usize];
+            e.read_sync(&mut head, &*backing, s * SECTOR, b).unwrap();
+            for i in 0..n {
+                let sec = s + i;
+                let got = id_of(&b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize], sec)
+                    .unwrap_or_else(|m| panic!("seed {seed} point {point}: {m}"));
+                let ok = got == durable[sec as usize]
+                    || since.get(&sec).is_some_and(|v| v.contains(&got));
+                assert!(
+                    ok,
+                    "seed {seed} point {point}: sector {sec} holds {got}; flushed {} or later {:?}",
+                    durable[sec as usize],
+                    since.get(&sec)
+                );
+                durable[sec as usize] = got;
+                cur[sec as usize] = got;
+            }
+            s += n;
+        }
+        since.clear();
+    }
+    println!(
+        "power failures (seed {seed}): {points} crash points ({mid_op} inside an operation), {writes} writes, \
+         {flushes} flushes, {pending_total} unpersisted words at crash time, {reverted_total} reverted, \
+         {discarded_total} stored after the crash discarded"
+    );
+    assert!(
+        reverted_total > 0,
+        "no crash point had unpersisted stores: the simulation tested nothing"
+    );
+}
+
+/// A backing store that dies (losing everything not flushed) after a
+/// countdown of writes, and fails every write until revived.
+struct DyingBacking {
+    mem: MemBacking,
+    countdown: AtomicI64,
+}
+
+impl Backing for DyingBacking {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.mem.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        let left = self.countdown.fetch_sub(1, Ordering::SeqCst);
+        if left == 1 {
+            self.mem.crash();
+        }
+        if left <= 1 {
+            return Err(std::io::Error::other("power failure"));
+        }
+        self.mem.write_at(buf, off)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        if self.countdown.load(Ordering::SeqCst) <= 0 {
+            return Err(std::io::Error::other("power failure"));
+        }
+        self.mem.flush()
+    }
+    fn describe(&self) -> String {
+        "dying test backing".into()
+    }
+}
+
+#[test]
+fn backing_store_alone_is_always_a_flush_boundary_plus_part_of_the_next_epoch() {
+    let seed: u64 = std::env::var("PCACHE_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(78);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_cache(dir.path());
+    let mut e = open(&region);
+    let mut head = DataHead::default();
+    // History per sector: (epoch written, id). Epoch k = writes between
+    // flush k-1 and flush k.
+    let mut hist: Vec<Vec<(u64, u64)>> = vec![vec![(0, 0)]; SECTORS as usize];
+    let mut epoch = 1u64;
+    let mut buf = vec![0u8; 64 * SECTOR as usize];
+    let mut next_id = 1u64;
+    for _ in 0..3000 {
+        let n = rng.gen_range(1..=64u64);
+        let s = rng.gen_range(0..=SECTORS - n);
+        let b = &mut buf[..(n * SECTOR) as usize];
+        for i in 0..n {
+            fill(
+                &mut b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
+                next_id,
+                s + i,
+            );
+        }
+        e.write(&mut head, s * SECTOR, b).unwrap();
+        for i in s..s + n {
+            hist[i as usize].push((epoch, next_id));
+        }
+        next_id += 1;
+        if rng.gen_bool(0.05) {
+            e.flush().unwrap();
+            epoch += 1;
+        }
+    }
+    e.flush().unwrap();
+    let backing = Arc::new(DyingBacking {
+        mem: MemBacking::new(DISK),
+        countdown: AtomicI64::new(i64::MAX),
+    });
+    let mut crashes = 0;
+    loop {
+        backing
+            .countdown
+            .store(rng.gen_range(1..200), Ordering::SeqCst);
+        let mut q = BackingQueue::new(backing.clone(), 8);
+        let mut finished = false;
+        loop {
+            match e.writeback_once(&mut q) {
+                Ok(Progress::Clean) => {
+                    finished = true;
+                    break;
+                }
+                Ok(Progress::Advanced { .. }) => {}
+                Err(_) => break,
+            }
+        }
+        if finished {
+            break;
+        }
+        // Both media fail at this point.
+        drop(q);
+        drop(e);
+        region.simulate_power_failure(seed ^ crashes);
+        crashes += 1;
+        e = open(&region);
+        head = DataHead::default();
+        let image = backing.mem.durable_image();
+        // Each sector allows the boundaries E in [epoch(v) - 1, epoch(next) - 1];
+        // all sectors must share one.
+        let (mut lo, mut hi) = (0u64, u64::MAX);
+        for s in 0..SECTORS {
+            let v = id_of(
+                &image[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize],
+                s,
+            )
+            .unwrap();
+            let h = &hist[s as usize];
+            let i = h
+                .iter()
+                .position(|(_, id)| *id == v)
+                .unwrap_or_else(|| panic!("sector {s}: id {v} never written"));
+            let a = h[i].0.saturating_sub(1);
+            let b = h.get(i + 1).map_or(u64::MAX, |(ep, _)| ep - 1);
+            lo = lo.max(a);
+            hi = hi.min(b);
+        }
+        assert!(
+            lo <= hi,
+            "seed {seed} crash {crashes}: the backing store mixes flush epochs (needs a boundary in {lo}..={hi})"
+        );
+        backing.countdown.store(i64::MAX, Ordering::SeqCst);
+    }
+    let _ = head;
+    // Fully drained: the backing store alone is the whole disk.
+    let image = backing.mem.durable_image();
+    for s in 0..SECTORS {
+        let v = id_of(
+            &image[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize],
+            s,
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            hist[s as usize].last().unwrap().1,
+            "sector {s} after the drain"
+        );
+    }
+    println!("backing crash consistency (seed {seed}): {crashes} crashes during writeback, {epoch} epochs");
+    assert!(crashes >= 3, "too few crash points ({crashes})");
+}
