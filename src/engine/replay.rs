@@ -51,6 +51,51 @@ impl Engine {
         KsetView::parse(&buf[..room], self.sb.format_id(), pos.lsn, self.n_segs)
     }
 
+    /// After the log ended at `end`, look for a valid kset with a higher
+    /// LSN: in the rest of `end`'s segment and at the start of every segment
+    /// not already in the log. Kset closes are serialised and each is
+    /// persisted before the next is written, so after a torn tail there is
+    /// none; finding one means a kset in the middle of the log is damaged,
+    /// and replaying only up to it would silently drop later writes.
+    fn find_later_kset(&self, end: PosOnMedia, uses: &[Use]) -> Option<((u32, u32), u64)> {
+        let fid = self.sb.format_id();
+        let mut buf = [0u8; KSET_MAX_BYTES];
+        let mut probe = |seg: u32, off: u32| -> Option<u64> {
+            let room = (SEG_DATA_BYTES - off as u64).min(KSET_MAX_BYTES as u64) as usize;
+            if room < format::KSET_HEADER_BYTES {
+                return None;
+            }
+            self.region
+                .read(data_off(seg, off), &mut buf[..format::KSET_HEADER_BYTES]);
+            if u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes")) != format::KSET_MAGIC {
+                return None;
+            }
+            let lsn = u64::from_le_bytes(buf[24..32].try_into().expect("8 bytes"));
+            if lsn <= end.lsn {
+                return None;
+            }
+            self.region.read(data_off(seg, off), &mut buf[..room]);
+            KsetView::parse(&buf[..room], fid, lsn, self.n_segs)
+                .ok()
+                .map(|_| lsn)
+        };
+        let mut off = end.off + 8;
+        while (off as u64) + (format::KSET_HEADER_BYTES as u64) <= SEG_DATA_BYTES {
+            // Ksets are 8-byte aligned (48 + 40n bytes from an aligned start).
+            let mut magic = [0u8; 8];
+            self.region.read(data_off(end.seg, off) + 8, &mut magic);
+            if u64::from_le_bytes(magic) == format::KSET_MAGIC {
+                if let Some(lsn) = probe(end.seg, off) {
+                    return Some(((end.seg, off), lsn));
+                }
+            }
+            off += 8;
+        }
+        (0..self.n_segs)
+            .filter(|s| *s != end.seg && uses[*s as usize] != Use::Log)
+            .find_map(|s| probe(s, 0).map(|lsn| ((s, 0), lsn)))
+    }
+
     pub(super) fn replay(&self) -> Result<LogEnd> {
         let mut uses = vec![Use::Free; self.n_segs as usize];
         let key_tail = self.key_tail();
@@ -137,6 +182,15 @@ impl Engine {
             pos.off += h.bytes() as u32;
             pos.lsn += 1;
         };
+        if let Some((at, lsn)) = self.find_later_kset(pos, &uses) {
+            return Err(corrupt(
+                pos,
+                format!(
+                    "the log ends here ({reason:?}) but a later kset (lsn {lsn}) is at segment {}:{}; a kset in the middle of the log is damaged",
+                    at.0, at.1
+                ),
+            ));
+        }
         if !seen_dirty {
             return Err(format::Error::Corrupt {
                 what: "dirty_tail",
