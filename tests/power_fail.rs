@@ -301,8 +301,7 @@ fn backing_store_alone_is_always_a_flush_boundary_plus_part_of_the_next_epoch() 
     let mut hist: Vec<Vec<(u64, u64)>> = vec![vec![(0, 0)]; SECTORS as usize];
     let mut epoch = 1u64;
     let mut buf = vec![0u8; 64 * SECTOR as usize];
-    let mut next_id = 1u64;
-    for _ in 0..3000 {
+    for next_id in 1..=3000u64 {
         let n = rng.gen_range(1..=64u64);
         let s = rng.gen_range(0..=SECTORS - n);
         let b = &mut buf[..(n * SECTOR) as usize];
@@ -317,7 +316,6 @@ fn backing_store_alone_is_always_a_flush_boundary_plus_part_of_the_next_epoch() 
         for i in s..s + n {
             hist[i as usize].push((epoch, next_id));
         }
-        next_id += 1;
         if rng.gen_bool(0.05) {
             e.flush().unwrap();
             epoch += 1;
