@@ -89,8 +89,8 @@ fn one_bad_replica_is_survived_and_two_are_named_by_check() {
         ("segment_gen", seg(0, format::SEG_GEN_OFF)),
     ];
     for (name, offs) in records {
-        for slot in 0..2 {
-            flip(&cache, offs[slot] + 20);
+        for (slot, off) in offs.iter().enumerate() {
+            flip(&cache, off + 20);
             let o = pcache(&["check", "--cache", c]);
             assert_eq!(
                 o.status.code(),
@@ -98,7 +98,7 @@ fn one_bad_replica_is_survived_and_two_are_named_by_check() {
                 "{name} slot {slot} alone bad: {}",
                 text(&o)
             );
-            flip(&cache, offs[slot] + 20);
+            flip(&cache, off + 20);
         }
         flip(&cache, offs[0] + 20);
         flip(&cache, offs[1] + 20);
