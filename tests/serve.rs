@@ -278,3 +278,42 @@ fn refuses_foreign_caches_and_mismatched_backing_stores() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("refusing to use it"), "{err}");
 }
+
+#[test]
+fn garbage_on_the_vhost_socket_closes_that_connection_and_the_next_client_is_served() {
+    use std::io::{Read, Write};
+    let disk = Disk::new(16 * MIB, None);
+    let server = disk.serve(&[]);
+    for garbage in [
+        vec![0xffu8; 64],
+        // A header claiming a huge payload, then nothing.
+        {
+            let mut m = vec![0u8; 12];
+            m[0..4].copy_from_slice(&1u32.to_le_bytes()); // GET_FEATURES
+            m[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+            m
+        },
+        // A valid-looking request code far out of range.
+        {
+            let mut m = vec![0u8; 12];
+            m[0..4].copy_from_slice(&9999u32.to_le_bytes());
+            m
+        },
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(&disk.socket).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let _ = s.write_all(&garbage);
+        // pcache hangs up on us (or we give up after the timeout).
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf);
+        drop(s);
+        // The next client works.
+        let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+        c.mem()[..4096].fill(3);
+        assert_eq!(c.write_sync(0, 0, 0, 4096), 0);
+        assert_eq!(c.read_sync(0, 0, 4096, 4096), 0);
+        assert!(c.mem()[4096..8192].iter().all(|b| *b == 3));
+    }
+    server.stop();
+}
