@@ -63,6 +63,7 @@ apt_install() {
         if [[ $p == qemu-system-x86 ]] && dpkg -s qemu-utils >/dev/null 2>&1; then
             local qv codename
             qv=$(dpkg-query -W -f='${Version}' qemu-utils)
+            # shellcheck disable=SC1091
             codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
             if [[ -n $codename ]] && dpkg --compare-versions "$qv" ge 1:8; then
                 pkgs+=("qemu-utils/$codename")
@@ -89,7 +90,10 @@ need_cmd /usr/sbin/mke2fs e2fsprogs
 need_cmd /usr/sbin/e2fsck e2fsprogs
 need_cmd gzip gzip
 need_cmd dpkg-deb dpkg
-((${#missing[@]})) && apt_install $(printf '%s\n' "${missing[@]}" | sort -u)
+if ((${#missing[@]})); then
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    apt_install "${missing[@]}"
+fi
 # busybox must be the static one: the dynamic `busybox` package also provides
 # /bin/busybox.
 bb_ldd=$(LC_ALL=C ldd /bin/busybox 2>&1 || true)

@@ -17,6 +17,9 @@
 #   PCACHE_GUEST_SMP         vCPUs (default 2)
 #   PCACHE_GUEST_MEM         guest memory (default 1G)
 #   PCACHE_GUEST_APPEND      extra kernel command line
+#   PCACHE_GUEST_BIOS        firmware for -bios (default: QEMU's, SeaBIOS, which
+#                            drives the disk itself before Linux does;
+#                            /usr/share/qemu/qboot.rom does not touch it)
 #   PCACHE_GUEST_QEMU_ARGS   extra QEMU arguments (split on whitespace)
 set -uo pipefail
 
@@ -56,6 +59,7 @@ fi
 # x86 kernels keep 2048 bytes of command line
 ((${#append} < 2000)) || die "command too long for the kernel command line (${#append} bytes of 2000 after base64)"
 
+# shellcheck disable=SC2054 # commas separate QEMU's suboptions
 qemu=(qemu-system-x86_64
     -accel tcg -cpu max -smp "$SMP"
     -m "$MEM"
@@ -65,6 +69,7 @@ qemu=(qemu-system-x86_64
     -append "$append"
     -chardev "socket,id=vub0,path=$SOCK"
     -device "vhost-user-blk-pci,chardev=vub0,num-queues=$QUEUES,queue-size=$QSIZE")
+[[ -n ${PCACHE_GUEST_BIOS:-} ]] && qemu+=(-bios "$PCACHE_GUEST_BIOS")
 # shellcheck disable=SC2206
 [[ -n ${PCACHE_GUEST_QEMU_ARGS:-} ]] && qemu+=($PCACHE_GUEST_QEMU_ARGS)
 

@@ -157,7 +157,9 @@ impl Drop for Server {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
-            eprintln!("{}", self.log_text());
+            if thread::panicking() {
+                eprintln!("{}", self.log_text());
+            }
         }
     }
 }
@@ -191,7 +193,10 @@ fn run_guest(sock: &Path, cmd: &str, name: &str) -> (ExitStatus, Vec<String>) {
         .arg(sock)
         .arg(cmd)
         .env("PCACHE_GUEST_QUEUES", QUEUES)
-        .env("PCACHE_GUEST_TIMEOUT", "400")
+        .env(
+            "PCACHE_GUEST_TIMEOUT",
+            std::env::var("PCACHE_GUEST_TIMEOUT").unwrap_or_else(|_| "240".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -318,12 +323,10 @@ fn guest_fio_and_ext4_survive_a_server_restart() {
         &["--cache-size", "512M", "--backing-size", "1G", "--format"],
     );
     let (st, lines) = run_guest(&sock, &write_cmd(), "guest-1 (fio + mkfs + write)");
-    if !st.success() {
-        panic!(
-            "guest 1 failed ({st}): see its console above\n{}",
-            server.log_text()
-        );
-    }
+    assert!(
+        st.success(),
+        "guest 1 failed ({st}): see its console above and the server log below"
+    );
     let written = md5s(&lines);
     assert_eq!(
         written.len(),
@@ -336,12 +339,10 @@ fn guest_fio_and_ext4_survive_a_server_restart() {
     // d: replay the same cache, read the files back.
     let server = Server::start(dir.path(), &sock, "serve-2", &[]);
     let (st, lines) = run_guest(&sock, &read_cmd(), "guest-2 (fsck + read)");
-    if !st.success() {
-        panic!(
-            "guest 2 failed ({st}): see its console above\n{}",
-            server.log_text()
-        );
-    }
+    assert!(
+        st.success(),
+        "guest 2 failed ({st}): see its console above and the server log below"
+    );
     let read = md5s(&lines);
     assert_eq!(
         read, written,

@@ -50,8 +50,10 @@ pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatur
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
 
-/// Largest data segment we advertise (1 MiB).
-pub const SIZE_MAX_BYTES: u32 = 1 << 20;
+/// Largest data segment we advertise (128 KiB). SeaBIOS computes
+/// `(u16)(size_max * seg_max / 512)` blocks per request: at 1 MiB x 128 that
+/// wraps to 0 and it loops forever on zero-length reads of the MBR.
+pub const SIZE_MAX_BYTES: u32 = 1 << 17;
 /// Most data segments in one request.
 pub const SEG_MAX: u32 = 128;
 
