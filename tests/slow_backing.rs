@@ -124,7 +124,7 @@ fn three_times_the_cache_through_a_slow_backing_store_loses_nothing() {
     let growth = peak.saturating_sub(rss_before);
     println!(
         "slow backing: {} MiB written through a {} MiB cache in {:.1} s, {} cache-full deferrals, anon memory grew {} MiB",
-        total * PIECE >> 20,
+        (total * PIECE) >> 20,
         CACHE >> 20,
         started.elapsed().as_secs_f64(),
         s.cache_full,
