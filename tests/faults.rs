@@ -81,7 +81,8 @@ fn failed_writebacks_are_retried_and_drain_once_faults_stop() {
         }
         assert!(b.injected() >= 3);
     }
-    assert!(e.stats().snapshot().writeback_errors >= 9);
+    let errors = e.stats().snapshot().writeback_errors;
+    assert!(errors >= 9);
     assert!(e.is_dirty());
     // Faults stop: everything drains and the backing store matches.
     let b = faulty();
@@ -160,6 +161,11 @@ fn workers_retry_with_backoff_under_intermittent_faults() {
     }
     w.stop();
     assert!(b.inner().durable_image() == want);
+    println!(
+        "faults: workers survived {} injected faults ({} write-back errors) and drained",
+        b.injected(),
+        e.stats().snapshot().writeback_errors
+    );
     let mut q = BackingQueue::new(b.clone(), 4);
     assert_eq!(e.writeback_once(&mut q).unwrap(), Progress::Clean);
 }
