@@ -37,6 +37,10 @@ type Gm = GuestMemoryAtomic<Mem>;
 type Chain = DescriptorChain<GuestMemoryLoadGuard<Mem>>;
 type Vring = VringRwLock<Gm>;
 
+#[cfg(any(test, feature = "fuzzing"))]
+#[path = "harness.rs"]
+pub mod harness;
+
 /// Bits of a backing-queue user_data that name the miss inside a request.
 const MISS_BITS: u32 = 20;
 /// How long `stop_vring` waits for deferred writes to find space.
@@ -182,20 +186,29 @@ impl PcacheBlk {
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
-            if let Some((head, len)) = self.start(qs, chain) {
-                vring.add_used(head, len).map_err(io::Error::other)?;
-                used = true;
-            }
+            used |= self.run_chain(qs, vring, chain);
         }
-        // Submit the reads queued above in one batch.
-        qs.bq.poll(&mut qs.completions);
-        if !qs.completions.is_empty() {
-            used |= self.finish_reads(qs, vring)?;
-        }
+        used |= self.end_batch(qs, vring);
         if used {
             notify(vring)?;
         }
         Ok(())
+    }
+
+    /// Start one popped chain; put it in the used ring if it completed.
+    /// Returns whether it did.
+    fn run_chain(&self, qs: &mut QueueState, vring: &Vring, chain: Chain) -> bool {
+        match self.start(qs, chain) {
+            Some((head, len)) => put_used(vring, head, len),
+            None => false,
+        }
+    }
+
+    /// After a batch of `run_chain`: submit the reads it queued in one go
+    /// and complete any already back. Returns whether any request completed.
+    fn end_batch(&self, qs: &mut QueueState, vring: &Vring) -> bool {
+        qs.bq.poll(&mut qs.completions);
+        !qs.completions.is_empty() && self.finish_reads(qs, vring)
     }
 
     /// Start one request. Returns (head, used length) when it completed at
@@ -243,6 +256,12 @@ impl PcacheBlk {
                 let mut misses = Vec::new();
                 if let Err(e) = self.engine.read(off, &mut buf, &mut misses) {
                     tracing::warn!(off, len, error = %e, "read failed");
+                    let _ = st.write_all(&[status::IOERR]);
+                    return Some((head, 1));
+                }
+                if misses.len() > 1 << MISS_BITS {
+                    // Their indices would not fit in a user_data.
+                    tracing::warn!(off, len, n = misses.len(), "read with too many misses");
                     let _ = st.write_all(&[status::IOERR]);
                     return Some((head, 1));
                 }
@@ -368,15 +387,14 @@ impl PcacheBlk {
     }
 
     /// Retry deferred requests in order, as far as space allows.
-    fn retry_deferred(&self, qs: &mut QueueState, vring: Option<&Vring>) -> io::Result<bool> {
+    fn retry_deferred(&self, qs: &mut QueueState, vring: Option<&Vring>) -> bool {
         let mut used = false;
         while let Some(mut d) = qs.deferred.pop_front() {
             match self.try_run(&mut qs.head, &mut d) {
                 Some(st) => {
                     let (head, len) = complete(&d.chain, st);
                     if let Some(v) = vring {
-                        v.add_used(head, len).map_err(io::Error::other)?;
-                        used = true;
+                        used |= put_used(v, head, len);
                     }
                 }
                 None => {
@@ -385,12 +403,13 @@ impl PcacheBlk {
                 }
             }
         }
-        Ok(used)
+        used
     }
 
     /// Handle backing completions in `qs.completions`; returns whether any
-    /// request completed.
-    fn finish_reads(&self, qs: &mut QueueState, vring: &Vring) -> io::Result<bool> {
+    /// request completed. Every completion is consumed, whatever happens to
+    /// the used ring: one lost here would leave its read pending forever.
+    fn finish_reads(&self, qs: &mut QueueState, vring: &Vring) -> bool {
         let mut used = false;
         let done = std::mem::take(&mut qs.completions);
         for c in &done {
@@ -415,14 +434,13 @@ impl PcacheBlk {
             if p.left == 0 {
                 let p = qs.reads.remove(&id).expect("present");
                 let (head, len) = finish_read(&p);
-                vring.add_used(head, len).map_err(io::Error::other)?;
-                used = true;
+                used |= put_used(vring, head, len);
             }
         }
         let mut done = done;
         done.clear();
         qs.completions = done;
-        Ok(used)
+        used
     }
 
     fn on_completions(&self, qs: &mut QueueState) -> io::Result<()> {
@@ -431,7 +449,7 @@ impl PcacheBlk {
         let Some(vring) = qs.vring.clone() else {
             return Ok(());
         };
-        if self.finish_reads(qs, &vring)? {
+        if self.finish_reads(qs, &vring) {
             notify(&vring)?;
         }
         Ok(())
@@ -443,7 +461,7 @@ impl PcacheBlk {
             return Ok(());
         }
         let vring = qs.vring.clone();
-        if self.retry_deferred(qs, vring.as_ref())? {
+        if self.retry_deferred(qs, vring.as_ref()) {
             if let Some(v) = &vring {
                 notify(v)?;
             }
@@ -473,23 +491,45 @@ fn complete(chain: &Chain, st: u8) -> (u16, u32) {
 }
 
 /// Copy a finished read to the guest and write its status.
+///
+/// The chain is walked again from guest memory, which the guest may have
+/// rewritten while the read was in flight: nothing about its layout at
+/// `start` can be assumed (it may have no writable byte left, or fewer
+/// than the data needs).
 fn finish_read(p: &PendingRead) -> (u16, u32) {
     let chain = &p.chain;
     let mem = chain.memory();
     let Ok(mut w) = chain.clone().writer(mem) else {
         return (chain.head_index(), 0);
     };
-    let n = w.available_bytes();
-    let Ok(mut st) = w.split_at(n - 1) else {
+    let Some(data_w) = w.available_bytes().checked_sub(1) else {
+        return (chain.head_index(), 0);
+    };
+    let Ok(mut st) = w.split_at(data_w) else {
         return (chain.head_index(), 0);
     };
     if p.failed {
         let _ = st.write_all(&[status::IOERR]);
         return (chain.head_index(), 1);
     }
-    let ok = w.write_all(&p.buf).is_ok();
+    let ok = data_w == p.buf.len() && w.write_all(&p.buf).is_ok();
     let _ = st.write_all(&[if ok { status::OK } else { status::IOERR }]);
-    (chain.head_index(), p.buf.len() as u32 + 1)
+    (chain.head_index(), w.bytes_written() as u32 + 1)
+}
+
+/// Put a completed chain in the used ring. A failure (a head index past
+/// the queue, which only a broken or hostile driver sends, or a used ring
+/// outside guest memory) is logged and the chain dropped: returning an
+/// error would end the queue's worker thread and strand every request
+/// after it.
+fn put_used(vring: &Vring, head: u16, len: u32) -> bool {
+    match vring.add_used(head, len) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(head, len, error = %e, "cannot return a request to the used ring; dropped");
+            false
+        }
+    }
 }
 
 fn notify(vring: &Vring) -> io::Result<()> {
@@ -605,12 +645,12 @@ impl VhostUserBackend for PcacheBlk {
         while !qs.reads.is_empty() {
             let qs = &mut *qs;
             qs.bq.wait(1, &mut qs.completions);
-            self.finish_reads(qs, &vring)?;
+            self.finish_reads(qs, &vring);
         }
         let started = Instant::now();
         while !qs.deferred.is_empty() {
             let epoch = self.engine.space_epoch();
-            self.retry_deferred(&mut qs, Some(&vring))?;
+            self.retry_deferred(&mut qs, Some(&vring));
             if qs.deferred.is_empty() {
                 break;
             }
@@ -621,7 +661,7 @@ impl VhostUserBackend for PcacheBlk {
                 );
                 while let Some(d) = qs.deferred.pop_front() {
                     let (head, len) = complete(&d.chain, status::IOERR);
-                    vring.add_used(head, len).map_err(io::Error::other)?;
+                    put_used(&vring, head, len);
                 }
                 break;
             }
@@ -658,5 +698,573 @@ impl VhostUserBackend for PcacheBlk {
             return self.on_space(q, &mut qs);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Hostile guests: every chain gets a sane completion, none crashes the
+    //! backend. Each test runs chains through [`harness::Harness`].
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use rand::{Rng, RngCore, SeedableRng};
+
+    use super::harness::{
+        Class, Desc, Harness, Options, Outcome, F_INDIRECT, F_NEXT, F_WRITE, QUEUE_SIZE,
+    };
+    use super::status;
+    use crate::vhost::request::types;
+
+    const SERIAL: &str = "pcache-hostile-0001";
+
+    fn harness(o: Options) -> Harness {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let name = format!(
+            "pcache-vhost-test-{}-{}.img",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        Harness::new(&dir.join(name), &o).expect("harness")
+    }
+
+    fn rw() -> Harness {
+        harness(Options::default())
+    }
+
+    fn hdr(ty: u32, sector: u64) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    /// Offer `descs` (table entries 0.., linked in order), run the chain,
+    /// finish it if it waits, and return the used length.
+    fn run(h: &mut Harness, descs: &[Desc]) -> u32 {
+        h.offer_chain(descs);
+        let len = match h.submit() {
+            Outcome::Used(len) => len,
+            Outcome::Pending => match h.settle().expect("settle").as_slice() {
+                [(id, len)] => {
+                    assert_eq!(*id, 0);
+                    *len
+                }
+                other => panic!("pending chain finished as {other:?}"),
+            },
+            Outcome::Dropped => panic!("chain dropped"),
+        };
+        assert_eq!(h.pending(), (0, 0));
+        len
+    }
+
+    fn byte(h: &Harness, addr: u64) -> u8 {
+        h.read_mem(addr, 1).expect("in guest memory")[0]
+    }
+
+    /// A request with a one-descriptor header at 0x2000, data buffers as
+    /// given, and a status byte at 0x3000 (pre-set to 0xEE). Returns (used
+    /// len, status byte).
+    fn request(h: &mut Harness, header: [u8; 16], data: &[Desc]) -> (u32, u8) {
+        assert!(h.write_mem(0x2000, &header));
+        assert!(h.write_mem(0x3000, &[0xEE]));
+        let mut descs = vec![Desc::r(0x2000, 16)];
+        descs.extend_from_slice(data);
+        descs.push(Desc::w(0x3000, 1));
+        let len = run(h, &descs);
+        (len, byte(h, 0x3000))
+    }
+
+    #[test]
+    fn out_of_range_sectors_get_ioerr() {
+        let mut h = rw();
+        let cap = h.capacity() / 512;
+        for (ty, sector, n) in [
+            (types::IN, cap, 512),
+            (types::IN, cap - 1, 1024),
+            (types::IN, cap + 1000, 4096),
+            (types::OUT, cap, 512),
+            (types::OUT, cap - 7, 4096),
+        ] {
+            let data = if ty == types::IN {
+                Desc::w(0x4000, n)
+            } else {
+                Desc::r(0x4000, n)
+            };
+            let got = request(&mut h, hdr(ty, sector), &[data]);
+            assert_eq!(got, (1, status::IOERR), "type {ty} sector {sector} len {n}");
+        }
+        // The last sector itself is fine.
+        let got = request(&mut h, hdr(types::IN, cap - 1), &[Desc::w(0x4000, 512)]);
+        assert_eq!(got, (513, status::OK));
+    }
+
+    #[test]
+    fn sector_times_512_overflow_gets_ioerr() {
+        let mut h = rw();
+        for sector in [u64::MAX / 512 + 1, u64::MAX, 1 << 55, u64::MAX / 512] {
+            let got = request(&mut h, hdr(types::IN, sector), &[Desc::w(0x4000, 512)]);
+            assert_eq!(got, (1, status::IOERR), "read at sector {sector:#x}");
+            let got = request(&mut h, hdr(types::OUT, sector), &[Desc::r(0x4000, 512)]);
+            assert_eq!(got, (1, status::IOERR), "write at sector {sector:#x}");
+        }
+    }
+
+    #[test]
+    fn data_length_not_a_multiple_of_512_gets_ioerr() {
+        let mut h = rw();
+        for n in [1, 100, 511, 513, 1000, 4095] {
+            let got = request(&mut h, hdr(types::OUT, 0), &[Desc::r(0x4000, n)]);
+            assert_eq!(got, (1, status::IOERR), "write of {n} bytes");
+            let got = request(&mut h, hdr(types::IN, 0), &[Desc::w(0x4000, n)]);
+            assert_eq!(got, (1, status::IOERR), "read of {n} bytes");
+        }
+        // Two odd pieces that add up to 512 are one aligned request.
+        let got = request(
+            &mut h,
+            hdr(types::OUT, 0),
+            &[Desc::r(0x4000, 100), Desc::r(0x5000, 412)],
+        );
+        assert_eq!(got, (1, status::OK));
+    }
+
+    #[test]
+    fn write_on_a_read_only_disk_gets_ioerr() {
+        let mut h = harness(Options {
+            read_only: true,
+            ..Options::default()
+        });
+        assert!(h.write_mem(0x4000, &[0x5A; 4096]));
+        let got = request(&mut h, hdr(types::OUT, 8), &[Desc::r(0x4000, 4096)]);
+        assert_eq!(got, (1, status::IOERR));
+        // Reads and flushes still work, and the write left no trace.
+        let got = request(&mut h, hdr(types::IN, 8), &[Desc::w(0x4000, 4096)]);
+        assert_eq!(got, (4097, status::OK));
+        assert_eq!(h.read_mem(0x4000, 4096).unwrap(), vec![0; 4096]);
+        assert_eq!(request(&mut h, hdr(types::FLUSH, 0), &[]), (1, status::OK));
+    }
+
+    #[test]
+    fn unknown_type_gets_unsupp() {
+        let mut h = rw();
+        // DISCARD (11) and WRITE_ZEROES (13) are not offered either.
+        for ty in [2, 3, 5, 7, 9, 11, 13, 16, 0x8000_0000, u32::MAX] {
+            let got = request(&mut h, hdr(ty, 0), &[Desc::w(0x4000, 512)]);
+            assert_eq!(got, (1, status::UNSUPP), "type {ty}");
+        }
+    }
+
+    #[test]
+    fn descriptors_outside_guest_memory_complete_with_used_len_0() {
+        let mut h = rw();
+        let end = h.guest_bytes();
+        assert!(h.write_mem(0x2000, &hdr(types::IN, 0)));
+        let status = Desc::w(0x3000, 1);
+        let chains: Vec<Vec<Desc>> = vec![
+            // Header past the end, straddling it, or wrapping the address space.
+            vec![Desc::r(end, 16), status],
+            vec![Desc::r(end - 8, 16), status],
+            vec![Desc::r(u64::MAX - 7, 16), status],
+            vec![Desc::r(u64::MAX, 1), status],
+            // Data buffers outside.
+            vec![Desc::r(0x2000, 16), Desc::w(end, 512), status],
+            vec![Desc::r(0x2000, 16), Desc::w(end - 511, 512), status],
+            vec![Desc::r(0x2000, 16), Desc::w(0x4000, u32::MAX), status],
+            vec![Desc::r(0x2000, 16), Desc::r(1 << 40, 512), status],
+            // The status byte outside.
+            vec![Desc::r(0x2000, 16), Desc::w(0x4000, 512), Desc::w(end, 1)],
+            vec![Desc::r(0x2000, 16), Desc::w(u64::MAX, 1)],
+        ];
+        for c in chains {
+            assert!(h.write_mem(0x3000, &[0xEE]));
+            assert_eq!(run(&mut h, &c), 0, "chain {c:?}");
+            assert_eq!(byte(&h, 0x3000), 0xEE, "nothing written for {c:?}");
+        }
+        // An indirect table outside memory, or of a length that is not a
+        // whole number of descriptors: the walk ends, leaving no status.
+        for table in [
+            Desc {
+                addr: end,
+                len: 64,
+                flags: F_INDIRECT,
+                next: 0,
+            },
+            Desc {
+                addr: u64::MAX - 15,
+                len: 32,
+                flags: F_INDIRECT,
+                next: 0,
+            },
+            Desc {
+                addr: 0x8000,
+                len: 40,
+                flags: F_INDIRECT,
+                next: 0,
+            },
+        ] {
+            assert_eq!(run(&mut h, &[table]), 0, "indirect {table:?}");
+        }
+    }
+
+    #[test]
+    fn chain_without_a_writable_byte_gets_used_len_0() {
+        let mut h = rw();
+        assert!(h.write_mem(0x2000, &hdr(types::IN, 0)));
+        assert_eq!(run(&mut h, &[Desc::r(0x2000, 16)]), 0);
+        assert_eq!(run(&mut h, &[Desc::r(0x2000, 16), Desc::w(0x3000, 0)]), 0);
+        assert_eq!(run(&mut h, &[Desc::r(0x2000, 16), Desc::r(0x4000, 512)]), 0);
+        assert_eq!(run(&mut h, &[Desc::r(0x2000, 0)]), 0);
+        // A descriptor loop without a writable byte ends at the queue size.
+        h.set_desc(
+            0,
+            Desc {
+                addr: 0x2000,
+                len: 16,
+                flags: F_NEXT,
+                next: 0,
+            },
+        );
+        h.publish(0);
+        assert_eq!(h.submit(), Outcome::Used(0));
+        // A chain of nothing but empty descriptors.
+        let empty: Vec<Desc> = (0..QUEUE_SIZE).map(|_| Desc::w(0, 0)).collect();
+        assert_eq!(run(&mut h, &empty), 0);
+    }
+
+    /// `total` bytes at `addr` as descriptors of the given sizes (the last
+    /// one takes the rest), each followed by a gap.
+    fn pieces(addr: u64, sizes: &[u32], total: u32, flags: u16) -> Vec<Desc> {
+        let mut out = Vec::new();
+        let (mut at, mut left) = (addr, total);
+        for (i, &s) in sizes.iter().enumerate() {
+            let n = if i + 1 == sizes.len() {
+                left
+            } else {
+                s.min(left)
+            };
+            if n == 0 {
+                continue;
+            }
+            out.push(Desc {
+                addr: at,
+                len: n,
+                flags,
+                next: 0,
+            });
+            at += u64::from(n) + 3;
+            left -= n;
+        }
+        out
+    }
+
+    /// Write `data` at `sector` through a header split as `hs` and data
+    /// split as `ds`; the status byte is its own descriptor, or comes first
+    /// in the chain when `status_first` (readable after writable).
+    fn write_split(
+        h: &mut Harness,
+        sector: u64,
+        data: &[u8],
+        hs: &[u32],
+        ds: &[u32],
+        status_first: bool,
+    ) {
+        let header = pieces(0x2000, hs, 16, 0);
+        let body = pieces(0x3000, ds, data.len() as u32, 0);
+        let mut hb = Vec::new();
+        hb.extend_from_slice(&hdr(types::OUT, sector));
+        hb.extend_from_slice(data);
+        let mut at = 0;
+        for d in header.iter().chain(&body) {
+            assert!(h.write_mem(d.addr, &hb[at..at + d.len as usize]));
+            at += d.len as usize;
+        }
+        let st = Desc::w(0x1_F000, 1);
+        let mut chain = Vec::new();
+        if status_first {
+            chain.push(st);
+        }
+        chain.extend(header);
+        chain.extend(body);
+        if !status_first {
+            chain.push(st);
+        }
+        assert!(h.write_mem(0x1_F000, &[0xEE]));
+        assert_eq!(run(h, &chain), 1);
+        assert_eq!(byte(h, 0x1_F000), status::OK);
+    }
+
+    /// Read `len` bytes at `sector` into buffers split as `ds`, the status
+    /// byte sharing the last data descriptor when `merge`.
+    fn read_split(
+        h: &mut Harness,
+        sector: u64,
+        len: u32,
+        hs: &[u32],
+        ds: &[u32],
+        merge: bool,
+    ) -> Vec<u8> {
+        let header = pieces(0x2000, hs, 16, 0);
+        let h16 = hdr(types::IN, sector);
+        let mut at = 0;
+        for d in &header {
+            assert!(h.write_mem(d.addr, &h16[at..at + d.len as usize]));
+            at += d.len as usize;
+        }
+        let mut body = pieces(0x8000, ds, len + u32::from(merge), F_WRITE);
+        for d in &body {
+            assert!(h.write_mem(d.addr, &vec![0xA5; d.len as usize]));
+        }
+        if !merge {
+            body.push(Desc::w(0x1_F000, 1));
+        }
+        let last = *body.last().unwrap();
+        let st_addr = last.addr + u64::from(last.len) - 1;
+        let mut chain = header;
+        chain.extend(body.iter().copied());
+        assert_eq!(run(h, &chain), len + 1);
+        assert_eq!(byte(h, st_addr), status::OK);
+        let mut got = Vec::new();
+        for d in &body {
+            got.extend(h.read_mem(d.addr, d.len as usize).unwrap());
+        }
+        got.truncate(len as usize);
+        got
+    }
+
+    #[test]
+    fn header_and_data_split_across_odd_descriptors_round_trip() {
+        let mut h = rw();
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + i / 509) as u8).collect();
+        // Fixed awkward layouts first.
+        write_split(
+            &mut h,
+            40,
+            &data[..4096],
+            &[3, 13],
+            &[1, 511, 1000, 2584],
+            false,
+        );
+        assert_eq!(
+            read_split(&mut h, 40, 4096, &[1, 1, 14], &[7, 4089], true),
+            &data[..4096]
+        );
+        write_split(&mut h, 100, &data, &[16], &[8191, 1], true);
+        assert_eq!(
+            read_split(&mut h, 100, 8192, &[15, 1], &[1; 1], false),
+            data
+        );
+        // A read straddling written and never-written sectors (a partial
+        // hit: the rest comes from the backing store).
+        let mut want = vec![0u8; 2048];
+        want[1024..].copy_from_slice(&data[..1024]);
+        assert_eq!(
+            read_split(&mut h, 98, 2048, &[5, 11], &[333, 1715], false),
+            want
+        );
+
+        // Then random layouts, each write read back through another.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed_0001);
+        let cuts = |rng: &mut rand::rngs::StdRng, total: u32, max: usize| -> Vec<u32> {
+            let n = rng.gen_range(1..=max);
+            (0..n).map(|_| rng.gen_range(1..=total)).collect()
+        };
+        for round in 0..40 {
+            let sectors = rng.gen_range(1..=16u32);
+            let len = sectors * 512;
+            let sector = rng.gen_range(0..(h.capacity() / 512 - u64::from(sectors)));
+            let mut buf = vec![0u8; len as usize];
+            rng.fill_bytes(&mut buf);
+            let (hs, ds) = (cuts(&mut rng, 16, 4), cuts(&mut rng, len, 8));
+            write_split(&mut h, sector, &buf, &hs, &ds, rng.gen());
+            let (hs, ds) = (cuts(&mut rng, 16, 4), cuts(&mut rng, len, 8));
+            let got = read_split(&mut h, sector, len, &hs, &ds, rng.gen());
+            assert!(
+                got == buf,
+                "round {round}: {len} bytes at sector {sector} differ"
+            );
+        }
+    }
+
+    #[test]
+    fn get_id_returns_the_serial() {
+        let mut h = rw();
+        let mut want = [0u8; 20];
+        want[..SERIAL.len()].copy_from_slice(SERIAL.as_bytes());
+        for (buf, used) in [(20u32, 21u32), (8, 9), (40, 21), (0, 1)] {
+            assert!(h.write_mem(0x4000, &[0xA5; 40]));
+            let data = if buf > 0 {
+                vec![Desc::w(0x4000, buf)]
+            } else {
+                vec![]
+            };
+            let got = request(&mut h, hdr(types::GET_ID, 0), &data);
+            assert_eq!(got, (used, status::OK), "buffer of {buf}");
+            let n = (used - 1) as usize;
+            assert_eq!(h.read_mem(0x4000, n).unwrap(), &want[..n]);
+        }
+        // Split over odd buffers, the status byte sharing the last.
+        assert!(h.write_mem(0x2000, &hdr(types::GET_ID, 0)));
+        let chain = [
+            Desc::r(0x2000, 16),
+            Desc::w(0x4000, 3),
+            Desc::w(0x5000, 17),
+            Desc::w(0x6000, 1),
+        ];
+        assert_eq!(run(&mut h, &chain), 21);
+        let mut got = h.read_mem(0x4000, 3).unwrap();
+        got.extend(h.read_mem(0x5000, 17).unwrap());
+        assert_eq!(got, want);
+        assert_eq!(byte(&h, 0x6000), status::OK);
+    }
+
+    #[test]
+    fn head_index_past_the_queue_is_dropped_and_the_queue_keeps_working() {
+        let mut h = rw();
+        assert!(h.write_mem(0x2000, &hdr(types::FLUSH, 0)));
+        h.set_desc(
+            0,
+            Desc {
+                addr: 0x2000,
+                len: 16,
+                flags: F_NEXT,
+                next: 1,
+            },
+        );
+        h.set_desc(1, Desc::w(0x3000, 1));
+        // Through the worker's own path: a bad head, then a good chain.
+        h.publish_many(&[QUEUE_SIZE, u16::MAX, 0]);
+        h.kick().expect("a bad head must not end the worker");
+        assert_eq!(h.take_used(), vec![(0, 1)]);
+        assert_eq!(byte(&h, 0x3000), status::OK);
+        // And through submit.
+        h.publish(QUEUE_SIZE + 3);
+        assert_eq!(h.submit(), Outcome::Dropped);
+        h.publish(0);
+        assert_eq!(h.submit(), Outcome::Used(1));
+    }
+
+    #[test]
+    fn guest_rewriting_a_pending_read_gets_a_sane_completion() {
+        let mut h = rw();
+        // A read that misses fills the cache: each round reads elsewhere.
+        let mut sector = 1000;
+        let mut read = |h: &mut Harness| {
+            sector += 8;
+            assert!(h.write_mem(0x2000, &hdr(types::IN, sector)));
+            h.offer_chain(&[
+                Desc::r(0x2000, 16),
+                Desc::w(0x4000, 4096),
+                Desc::w(0x3000, 1),
+            ]);
+            // Nothing is cached there: the read waits for the backing store.
+            assert_eq!(h.submit_with(false), Outcome::Pending);
+            assert_eq!(h.pending(), (1, 0));
+        };
+        // Every writable descriptor turned readable: no status byte left.
+        let linked = |d: Desc| Desc {
+            flags: d.flags | F_NEXT,
+            next: 2,
+            ..d
+        };
+        read(&mut h);
+        h.set_desc(1, linked(Desc::r(0x4000, 4096)));
+        h.set_desc(2, Desc::r(0x3000, 1));
+        assert_eq!(h.settle().unwrap(), vec![(0, 0)]);
+        // Fewer writable bytes than the data: IOERR, nothing but the status.
+        read(&mut h);
+        h.set_desc(1, linked(Desc::w(0x4000, 512)));
+        assert!(h.write_mem(0x4000, &[0xA5; 512]));
+        assert_eq!(h.settle().unwrap(), vec![(0, 1)]);
+        assert_eq!(byte(&h, 0x3000), status::IOERR);
+        assert_eq!(h.read_mem(0x4000, 512).unwrap(), vec![0xA5; 512]);
+        // More writable bytes than the data: IOERR too.
+        read(&mut h);
+        h.set_desc(1, linked(Desc::w(0x4000, 8192)));
+        assert_eq!(h.settle().unwrap(), vec![(0, 1)]);
+        assert_eq!(byte(&h, 0x3000), status::IOERR);
+        // Buffers moved outside guest memory.
+        read(&mut h);
+        h.set_desc(1, linked(Desc::w(h.guest_bytes(), 4096)));
+        assert_eq!(h.settle().unwrap(), vec![(0, 0)]);
+        // The chain cut short: the header alone.
+        read(&mut h);
+        h.set_desc(0, Desc::r(0x2000, 16));
+        assert_eq!(h.settle().unwrap(), vec![(0, 0)]);
+        // Left alone, it completes normally.
+        read(&mut h);
+        assert_eq!(h.settle().unwrap(), vec![(0, 4097)]);
+        assert_eq!(byte(&h, 0x3000), status::OK);
+    }
+
+    /// Runs `cases` random chains through `Harness::run_case` (which checks
+    /// each answer against its model and a shadow of the disk) and returns
+    /// how many fell in each class.
+    fn random_chains(
+        h: &mut Harness,
+        seed: u64,
+        cases: usize,
+    ) -> std::collections::BTreeMap<Class, usize> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut seen = std::collections::BTreeMap::new();
+        let mut buf = Vec::new();
+        for i in 0..cases {
+            let n = rng.gen_range(0..256);
+            buf.resize(n, 0);
+            rng.fill_bytes(&mut buf);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.run_case(&buf)));
+            match r {
+                Ok(rep) => *seen.entry(rep.class).or_insert(0) += 1,
+                Err(e) => {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    panic!("case {i} (seed {seed:#x}) input {buf:02x?}: {msg}");
+                }
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn ten_thousand_random_chains_never_panic_and_always_complete_sanely() {
+        let mut h = rw();
+        let seen = random_chains(&mut h, 0x0bad_c0de_0000_0001, 10_000);
+        eprintln!("classes: {seen:?}");
+        // The generator reaches every kind of answer, not just rejections.
+        for (class, min) in [
+            (Class::Dropped, 10),
+            (Class::NoStatus, 200),
+            (Class::Rejected(status::IOERR), 200),
+            (Class::Rejected(status::UNSUPP), 50),
+            (Class::ReadHit, 50),
+            (Class::ReadMiss, 50),
+            (Class::Write, 200),
+            (Class::Flush, 50),
+            (Class::GetId, 50),
+        ] {
+            let n = seen.get(&class).copied().unwrap_or(0);
+            assert!(
+                n >= min,
+                "only {n} cases of {class:?} (want {min}): {seen:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn random_chains_on_a_read_only_disk() {
+        let mut h = harness(Options {
+            read_only: true,
+            ..Options::default()
+        });
+        let seen = random_chains(&mut h, 0x0bad_c0de_0000_0002, 1_000);
+        assert!(!seen.contains_key(&Class::Write), "{seen:?}");
     }
 }

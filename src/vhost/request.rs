@@ -30,6 +30,10 @@ pub mod status {
 
 /// Bytes of the request header: type u32, reserved u32, sector u64.
 pub const HEADER_BYTES: usize = 16;
+/// Most data bytes in one request: the seg_max x size_max we advertise.
+pub const MAX_DATA_BYTES: u64 =
+    super::config::SEG_MAX as u64 * super::config::SIZE_MAX_BYTES as u64;
+
 /// Bytes of the serial returned by GET_ID.
 pub const ID_BYTES: usize = 20;
 
@@ -67,6 +71,9 @@ pub enum Reject {
     OutOfRange,
     /// A write to a read-only disk.
     ReadOnly,
+    /// More data than `seg_max * size_max` (each pending request holds a
+    /// buffer of its size, so this bounds what a guest can make us allocate).
+    TooLarge,
     /// A request type we do not implement.
     Unsupported(u32),
 }
@@ -79,6 +86,7 @@ impl Reject {
             Reject::Unaligned => status::IOERR,
             Reject::OutOfRange => status::IOERR,
             Reject::ReadOnly => status::IOERR,
+            Reject::TooLarge => status::IOERR,
             Reject::Unsupported(_) => status::UNSUPP,
         }
     }
@@ -99,6 +107,9 @@ pub fn parse(
     let sector = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
     let range = |len: usize| -> Result<(u64, u64), Reject> {
         let len = len as u64;
+        if len > MAX_DATA_BYTES {
+            return Err(Reject::TooLarge);
+        }
         if !len.is_multiple_of(512) {
             return Err(Reject::Unaligned);
         }
@@ -195,6 +206,23 @@ mod tests {
             parse(hdr(11, 0), 0, 0, CAP, false),
             Err(Reject::Unsupported(11))
         );
+        let big = (MAX_DATA_BYTES + 512) as usize;
+        assert_eq!(
+            parse(hdr(types::IN, 0), 0, big, u64::MAX, false),
+            Err(Reject::TooLarge)
+        );
+        assert_eq!(
+            parse(hdr(types::OUT, 0), big, 0, u64::MAX, false),
+            Err(Reject::TooLarge)
+        );
+        assert!(parse(
+            hdr(types::IN, 0),
+            0,
+            MAX_DATA_BYTES as usize,
+            u64::MAX,
+            false
+        )
+        .is_ok());
         assert_eq!(Reject::Unsupported(11).status(), status::UNSUPP);
         assert_eq!(Reject::OutOfRange.status(), status::IOERR);
     }
