@@ -87,6 +87,9 @@ struct QueueState {
     deferred: VecDeque<Deferred>,
     next_id: u64,
     completions: Vec<Completion>,
+    /// Data buffer reused by requests that complete at once (most of
+    /// them), so they neither allocate nor zero a buffer.
+    scratch: Vec<u8>,
 }
 
 /// The vhost-user-blk backend for one frontend connection. The engine and
@@ -122,6 +125,7 @@ impl PcacheBlk {
                 deferred: VecDeque::new(),
                 next_id: 1,
                 completions: Vec::new(),
+                scratch: Vec::new(),
             }));
             let fd = EventFd::new(EFD_NONBLOCK)?;
             engine.add_space_fd(std::os::fd::AsRawFd::as_raw_fd(&fd));
@@ -252,7 +256,9 @@ impl PcacheBlk {
         };
         match kind {
             RequestKind::Read { off, len } => {
-                let mut buf = vec![0u8; len as usize];
+                let mut buf = std::mem::take(&mut qs.scratch);
+                // Every byte is overwritten (hits now, misses on completion).
+                buf.resize(len as usize, 0);
                 let mut misses = Vec::new();
                 if let Err(e) = self.engine.read(off, &mut buf, &mut misses) {
                     tracing::warn!(off, len, error = %e, "read failed");
@@ -272,6 +278,7 @@ impl PcacheBlk {
                         status::IOERR
                     };
                     let _ = st.write_all(&[s]);
+                    keep_scratch(qs, buf);
                     return Some((head, len as u32 + 1));
                 }
                 let id = qs.next_id;
@@ -300,7 +307,8 @@ impl PcacheBlk {
                 None
             }
             RequestKind::Write { len, .. } => {
-                let mut data = vec![0u8; len as usize];
+                let mut data = std::mem::take(&mut qs.scratch);
+                data.resize(len as usize, 0);
                 if r.read_exact(&mut data).is_err() {
                     let _ = st.write_all(&[status::IOERR]);
                     return Some((head, 1));
@@ -341,7 +349,11 @@ impl PcacheBlk {
             return None;
         }
         match self.try_run(&mut qs.head, &mut d) {
-            Some(st) => Some(complete(&d.chain, st)),
+            Some(st) => {
+                let done = complete(&d.chain, st);
+                keep_scratch(qs, d.data);
+                Some(done)
+            }
             None => {
                 qs.deferred.push_back(d);
                 None
@@ -467,6 +479,14 @@ impl PcacheBlk {
             }
         }
         Ok(())
+    }
+}
+
+/// Keep a buffer for the next request, unless it is unusually large (each
+/// idle queue would hold on to it).
+fn keep_scratch(qs: &mut QueueState, buf: Vec<u8>) {
+    if buf.capacity() <= 1 << 20 {
+        qs.scratch = buf;
     }
 }
 
