@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -256,30 +258,51 @@ impl PcacheBlk {
         };
         match kind {
             RequestKind::Read { off, len } => {
-                let mut buf = std::mem::take(&mut qs.scratch);
-                // Every byte is overwritten (hits now, misses on completion).
-                buf.resize(len as usize, 0);
                 let mut misses = Vec::new();
-                if let Err(e) = self.engine.read(off, &mut buf, &mut misses) {
-                    tracing::warn!(off, len, error = %e, "read failed");
-                    let _ = st.write_all(&[status::IOERR]);
-                    return Some((head, 1));
-                }
+                let buf = match guest_read_buffer(&chain, len as usize) {
+                    // The usual layout: copy cached data straight into the
+                    // guest's buffer, with no bounce buffer.
+                    Some(direct) => {
+                        if let Err(e) = self.engine.read(off, direct, &mut misses) {
+                            tracing::warn!(off, len, error = %e, "read failed");
+                            let _ = st.write_all(&[status::IOERR]);
+                            return Some((head, 1));
+                        }
+                        if misses.is_empty() {
+                            let _ = st.write_all(&[status::OK]);
+                            return Some((head, len as u32 + 1));
+                        }
+                        // Misses finish later through a buffer of our own.
+                        direct.to_vec()
+                    }
+                    None => {
+                        let mut buf = std::mem::take(&mut qs.scratch);
+                        // Every byte is overwritten (hits now, misses on
+                        // completion).
+                        buf.resize(len as usize, 0);
+                        if let Err(e) = self.engine.read(off, &mut buf, &mut misses) {
+                            tracing::warn!(off, len, error = %e, "read failed");
+                            let _ = st.write_all(&[status::IOERR]);
+                            return Some((head, 1));
+                        }
+                        if misses.is_empty() {
+                            let s = if w.write_all(&buf).is_ok() {
+                                status::OK
+                            } else {
+                                status::IOERR
+                            };
+                            let _ = st.write_all(&[s]);
+                            keep_scratch(qs, buf);
+                            return Some((head, len as u32 + 1));
+                        }
+                        buf
+                    }
+                };
                 if misses.len() > 1 << MISS_BITS {
                     // Their indices would not fit in a user_data.
                     tracing::warn!(off, len, n = misses.len(), "read with too many misses");
                     let _ = st.write_all(&[status::IOERR]);
                     return Some((head, 1));
-                }
-                if misses.is_empty() {
-                    let s = if w.write_all(&buf).is_ok() {
-                        status::OK
-                    } else {
-                        status::IOERR
-                    };
-                    let _ = st.write_all(&[s]);
-                    keep_scratch(qs, buf);
-                    return Some((head, len as u32 + 1));
                 }
                 let id = qs.next_id;
                 qs.next_id += 1;
@@ -480,6 +503,25 @@ impl PcacheBlk {
         }
         Ok(())
     }
+}
+
+/// The first `len` bytes of a request's device-writable area, when they lie
+/// in its first writable descriptor (how Linux and libblkio lay out a read),
+/// as a slice to copy into directly.
+#[allow(clippy::mut_from_ref)] // guest memory: shared with the guest by design
+fn guest_read_buffer(chain: &Chain, len: usize) -> Option<&mut [u8]> {
+    let desc = chain.clone().writable().next()?;
+    if len == 0 || (desc.len() as usize) < len {
+        return None;
+    }
+    let vs = chain.memory().get_slice(desc.addr(), len).ok()?;
+    let p = vs.ptr_guard_mut().as_ptr();
+    // SAFETY: `get_slice` checked that `len` bytes at the descriptor's
+    // address lie inside one mapped guest memory region, and the chain
+    // holds a guard on the memory table, so the mapping outlives the
+    // borrow of `chain`. The guest may write these bytes concurrently, as
+    // with any device DMA; we only store into them.
+    Some(unsafe { std::slice::from_raw_parts_mut(p, len) })
 }
 
 /// Keep a buffer for the next request, unless it is unusually large (each
