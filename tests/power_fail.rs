@@ -24,33 +24,13 @@ use pcache::pmem::{Region, RegionOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/sectors.rs"]
+mod sectors;
+use sectors::{fill_sector, sector_id};
+
 const SECTOR: u64 = 512;
 const DISK: u64 = 4 << 20;
 const SECTORS: u64 = DISK / SECTOR;
-
-fn fill(buf: &mut [u8], id: u64, sector: u64) {
-    for pair in buf.chunks_exact_mut(16) {
-        pair[..8].copy_from_slice(&id.to_le_bytes());
-        pair[8..].copy_from_slice(&sector.to_le_bytes());
-    }
-}
-
-fn id_of(buf: &[u8], sector: u64) -> Result<u64, String> {
-    if buf.iter().all(|b| *b == 0) {
-        return Ok(0);
-    }
-    let id = u64::from_le_bytes(buf[..8].try_into().unwrap());
-    for pair in buf.chunks_exact(16) {
-        let i = u64::from_le_bytes(pair[..8].try_into().unwrap());
-        let s = u64::from_le_bytes(pair[8..].try_into().unwrap());
-        if i != id || s != sector {
-            return Err(format!(
-                "sector {sector} holds garbage: ({i}, {s}) beside ({id}, {sector})"
-            ));
-        }
-    }
-    Ok(id)
-}
 
 fn tracked_region(path: &Path) -> Arc<Region> {
     Arc::new(
@@ -136,7 +116,7 @@ fn power_failures_at_random_points_lose_no_flushed_write() {
                     next_id += 1;
                     let b = &mut buf[..(n * SECTOR) as usize];
                     for i in 0..n {
-                        fill(
+                        fill_sector(
                             &mut b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
                             id,
                             s + i,
@@ -179,7 +159,7 @@ fn power_failures_at_random_points_lose_no_flushed_write() {
                     let b = &mut buf[..(n * SECTOR) as usize];
                     e.read_sync(&mut head, &*backing, s * SECTOR, b).unwrap();
                     for i in 0..n {
-                        let got = id_of(
+                        let got = sector_id(
                             &b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
                             s + i,
                         )
@@ -222,7 +202,7 @@ fn power_failures_at_random_points_lose_no_flushed_write() {
             e.read_sync(&mut head, &*backing, s * SECTOR, b).unwrap();
             for i in 0..n {
                 let sec = s + i;
-                let got = id_of(&b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize], sec)
+                let got = sector_id(&b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize], sec)
                     .unwrap_or_else(|m| panic!("seed {seed} point {point}: {m}"));
                 let ok = got == durable[sec as usize]
                     || since.get(&sec).is_some_and(|v| v.contains(&got));
@@ -306,7 +286,7 @@ fn backing_store_alone_is_always_a_flush_boundary_plus_part_of_the_next_epoch() 
         let s = rng.gen_range(0..=SECTORS - n);
         let b = &mut buf[..(n * SECTOR) as usize];
         for i in 0..n {
-            fill(
+            fill_sector(
                 &mut b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
                 next_id,
                 s + i,
@@ -358,7 +338,7 @@ fn backing_store_alone_is_always_a_flush_boundary_plus_part_of_the_next_epoch() 
         // all sectors must share one.
         let (mut lo, mut hi) = (0u64, u64::MAX);
         for s in 0..SECTORS {
-            let v = id_of(
+            let v = sector_id(
                 &image[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize],
                 s,
             )
@@ -383,7 +363,7 @@ fn backing_store_alone_is_always_a_flush_boundary_plus_part_of_the_next_epoch() 
     // Fully drained: the backing store alone is the whole disk.
     let image = backing.mem.durable_image();
     for s in 0..SECTORS {
-        let v = id_of(
+        let v = sector_id(
             &image[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize],
             s,
         )
