@@ -36,6 +36,11 @@ SEQ_BS=${SEQ_BS:-128k}
 BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench}
 CACHE_DIR=${CACHE_DIR:-/dev/shm}
 QUIET_WAIT=${QUIET_WAIT:-300}
+# Extra flags for pcache serve. The default turns on pcache's adaptive
+# busy-poll window; the qemu-storage-daemon exports here run in its main
+# loop, which does not poll (iothreads would, with poll-max-ns). Set
+# PCACHE_SERVE_ARGS= to compare without polling.
+PCACHE_SERVE_ARGS=${PCACHE_SERVE_ARGS:---poll-us 50}
 OUT_MD=${OUT_MD:-$ROOT/docs/benchmarks.md}
 OUT_SVG=${OUT_SVG:-$ROOT/docs/benchmarks-latency.svg}
 SERVER_CPU=0
@@ -151,7 +156,7 @@ start_server() {
         pagec) cmd=("$QSD" --blockdev "driver=file,node-name=f0,filename=$RAW,cache.direct=off,aio=threads"
             --export "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1") ;;
         pcache) cmd=("$PCACHE_BIN" serve --socket "$SOCK" --control "$CTL" --cache "$CACHE"
-            --cache-size "$CACHE_SIZE" --backing "$RAW" --format --num-queues 2) ;;
+            --cache-size "$CACHE_SIZE" --backing "$RAW" --format --num-queues 2 ${PCACHE_SERVE_ARGS}) ;; # word splitting wanted
         *) die "unknown peer $peer" ;;
     esac
     echo "server $peer: taskset -c $SERVER_CPU ${cmd[*]}" >>"$CMDS"

@@ -150,6 +150,10 @@ pub struct ServeArgs {
     /// Control socket [default: the vhost socket with extension .ctl].
     #[arg(long)]
     pub control: Option<PathBuf>,
+    /// Busy-poll each queue this many microseconds after it runs dry before
+    /// sleeping (lower latency, more CPU; 0 = off).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub poll_us: u32,
     /// Permissions of the vhost socket, octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     pub socket_mode: u32,
@@ -194,6 +198,7 @@ impl ServeArgs {
                 blk_size: self.block_size,
                 read_only: self.read_only,
                 serial: self.serial,
+                poll_us: self.poll_us,
             },
             data_crc: self.data_crc,
             gc_percent: self.gc_percent,

@@ -317,3 +317,16 @@ fn garbage_on_the_vhost_socket_closes_that_connection_and_the_next_client_is_ser
     }
     server.stop();
 }
+
+#[test]
+fn busy_polling_serves_the_same_data() {
+    let disk = Disk::new(16 * MIB, None);
+    let server = disk.serve(&["--poll-us", "200", "--num-queues", "2"]);
+    let mut c = Client::connect(&disk.socket, 2, 8 << 20);
+    let blocks = 16 * MIB / BLOCK as u64;
+    write_all_blocks(&mut c, 1, blocks, 9);
+    assert_eq!(c.flush_sync(0), 0);
+    verify_all_blocks(&mut c, 0, blocks, |_| 9);
+    drop(c);
+    server.stop();
+}

@@ -248,6 +248,7 @@ impl Harness {
                 blk_size: 512,
                 read_only: o.read_only,
                 serial: o.serial.clone(),
+                poll_us: 0,
             },
             gm.clone(),
         )?;
