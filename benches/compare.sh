@@ -40,7 +40,7 @@ QUIET_WAIT=${QUIET_WAIT:-300}
 # busy-poll window; the qemu-storage-daemon exports here run in its main
 # loop, which does not poll (iothreads would, with poll-max-ns). Set
 # PCACHE_SERVE_ARGS= to compare without polling.
-PCACHE_SERVE_ARGS=${PCACHE_SERVE_ARGS:---poll-us 50}
+export PCACHE_SERVE_ARGS=${PCACHE_SERVE_ARGS---poll-us 50}
 OUT_MD=${OUT_MD:-$ROOT/docs/benchmarks.md}
 OUT_SVG=${OUT_SVG:-$ROOT/docs/benchmarks-latency.svg}
 SERVER_CPU=0

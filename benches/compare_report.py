@@ -406,6 +406,9 @@ def main():
     md.append(f"- {qsd_ver}; pcache {rev_note}; client `examples/vub_bench.rs` (libblkio `blkio` 0.5.1, "
               "virtio-blk-vhost-user, interrupt-driven queues)")
     md.append(f"- server pinned to core 0, client to core 1 (`taskset`); {a.start_state}")
+    serve_args = os.environ.get("PCACHE_SERVE_ARGS", "")
+    md.append(f"- pcache serve extra flags: `{serve_args or '(none)'}`; the qemu-storage-daemon exports run "
+              "in its main loop, which does not busy-poll")
     if noisy:
         md.append(f"- points measured while a qemu-system process (another user's VM) was running: {len(noisy)} — "
                   "treat those numbers as noisy: " + ", ".join(noisy[:12]) + (" ..." if len(noisy) > 12 else ""))
