@@ -42,11 +42,6 @@ impl Default for OpenKset {
 }
 
 impl OpenKset {
-    /// Keys waiting.
-    pub fn len(&self) -> usize {
-        self.n
-    }
-
     /// Full (must close before appending)?
     pub fn is_full(&self) -> bool {
         self.n == KSET_KEYS_MAX
@@ -185,13 +180,5 @@ impl Engine {
             }
         }
         Ok(())
-    }
-
-    /// Keys waiting in open ksets.
-    pub fn open_keys(&self) -> usize {
-        self.ksets
-            .iter()
-            .map(|k| k.lock().expect("kset lock").len())
-            .sum()
     }
 }

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{fence, Ordering};
 
-use super::key::{CacheExt, EXT_CLEAN};
+use super::key::CacheExt;
 use super::segment::SegKind;
 use super::{check_range, region_of, stats, Engine, Error, Result};
 use crate::backing::Backing;
@@ -370,7 +370,6 @@ impl Engine {
             }
             done += a.len as u64;
         }
-        let _ = EXT_CLEAN;
     }
 
     /// Read through the cache, reading misses from `backing` on this thread

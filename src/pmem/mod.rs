@@ -330,13 +330,6 @@ impl Region {
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(o), buf.as_mut_ptr(), buf.len()) }
     }
 
-    /// Read a little-endian u64 at `off` (8-byte aligned: atomic on x86).
-    pub fn read_u64(&self, off: u64) -> u64 {
-        let mut b = [0u8; 8];
-        self.read(off, &mut b);
-        u64::from_le_bytes(b)
-    }
-
     /// crc32c of `len` bytes at `off`, computed in place without a copy.
     pub fn crc32c(&self, off: u64, len: usize) -> u32 {
         self.crc32c_append(0, off, len)

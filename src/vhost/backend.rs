@@ -248,6 +248,12 @@ impl PcacheBlk {
     /// After a batch of `run_chain`: submit the reads it queued in one go
     /// and complete any already back. Returns whether any request completed.
     fn end_batch(&self, qs: &mut QueueState, vring: &Vring) -> bool {
+        // Most batches are all hits: with nothing in flight there is nothing
+        // to submit or reap, so skip the syscalls. A notifier left readable
+        // by an earlier completion brings the worker to `on_completions`.
+        if qs.bq.in_flight() == 0 {
+            return false;
+        }
         qs.bq.poll(&mut qs.completions);
         !qs.completions.is_empty() && self.finish_reads(qs, vring)
     }
