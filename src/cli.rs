@@ -307,7 +307,7 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
         }
         Command::Inspect { cache, json } => {
             let engine = open_read_only(&cache)?;
-            let report = Report::of(&engine);
+            let report = crate::report::Report::of(&engine);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -317,7 +317,7 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
         }
         Command::Check { cache } => match open_read_only(&cache) {
             Ok(engine) => {
-                let r = Report::of(&engine);
+                let r = crate::report::Report::of(&engine);
                 println!(
                     "{}: sound: {} keys replayed ({} stale skipped), log {} .. {}, {} dirty bytes",
                     cache.display(),
@@ -440,109 +440,5 @@ pub fn prepare_cache_file(cache: &Path, size: Option<u64>, force: bool) -> AnyRe
             }
             Ok(())
         }
-    }
-}
-
-/// What `inspect` shows.
-#[derive(Debug, serde::Serialize)]
-pub struct Report {
-    /// Cache medium path.
-    pub cache: String,
-    /// Format version.
-    pub version: u32,
-    /// Superblock UUID, hex.
-    pub uuid: String,
-    /// Bytes of the medium.
-    pub cache_bytes: u64,
-    /// Backing store size recorded at format.
-    pub backing_bytes: u64,
-    /// Segments.
-    pub segments: u32,
-    /// Segments in use.
-    pub segments_used: u32,
-    /// gc_percent.
-    pub gc_percent: u8,
-    /// data_crc on?
-    pub data_crc: bool,
-    /// key_head as seg:off (lsn).
-    pub key_head: String,
-    /// dirty_tail as seg:off (lsn).
-    pub dirty_tail: String,
-    /// key_tail as seg:off (lsn).
-    pub key_tail: String,
-    /// Dirty bytes in the log (including overwritten data).
-    pub dirty_bytes: u64,
-    /// Extents in the index.
-    pub keys: u64,
-    /// Keys replayed.
-    pub keys_replayed: u64,
-    /// Stale keys skipped at replay.
-    pub stale_keys: u64,
-    /// What the medium's persistence survives.
-    pub durability: String,
-}
-
-fn pos(p: format::PosOnMedia) -> String {
-    format!("{}:{} (lsn {})", p.seg, p.off, p.lsn)
-}
-
-impl Report {
-    /// Gather from an open engine.
-    pub fn of(e: &Engine) -> Report {
-        let sb = e.superblock();
-        let s = e.stats().snapshot();
-        Report {
-            cache: e.region().path().display().to_string(),
-            version: sb.version,
-            uuid: sb.uuid.iter().map(|b| format!("{b:02x}")).collect(),
-            cache_bytes: sb.cache_bytes,
-            backing_bytes: sb.backing_bytes,
-            segments: e.n_segs(),
-            segments_used: e.segs_used(),
-            gc_percent: e.gc_percent(),
-            data_crc: e.data_crc(),
-            key_head: pos(e.key_head()),
-            dirty_tail: pos(e.dirty_tail()),
-            key_tail: pos(e.key_tail()),
-            dirty_bytes: s.dirty_bytes,
-            keys: e.extent_count(),
-            keys_replayed: s.replay_keys,
-            stale_keys: s.replay_stale_keys,
-            durability: e.region().durability().to_string(),
-        }
-    }
-
-    /// Human-readable form.
-    pub fn text(&self) -> String {
-        format!(
-            "cache          {}\n\
-             format         version {}, uuid {}\n\
-             size           {} bytes, {} segments of 16 MiB, {} used\n\
-             backing        {} bytes\n\
-             settings       gc_percent {}, data_crc {}\n\
-             key_head       {}\n\
-             dirty_tail     {}\n\
-             key_tail       {}\n\
-             dirty          {} bytes\n\
-             keys           {} extents ({} keys replayed, {} stale skipped)\n\
-             durability     {}\n",
-            self.cache,
-            self.version,
-            self.uuid,
-            self.cache_bytes,
-            self.segments,
-            self.segments_used,
-            self.backing_bytes,
-            self.gc_percent,
-            if self.data_crc { "on" } else { "off" },
-            self.key_head,
-            self.dirty_tail,
-            self.key_tail,
-            self.dirty_bytes,
-            self.keys,
-            self.keys_replayed,
-            self.stale_keys,
-            self.durability
-        )
     }
 }

@@ -11,6 +11,7 @@
 //! - [`vhost`]: the vhost-user-blk backend; the only code that knows virtio.
 //! - [`control`]: the runtime control socket (status, gc_percent, flush).
 //! - [`serve`]: `pcache serve`, tying the above together.
+//! - [`report`]: the view of an open cache shown by inspect and status.
 //! - [`cli`]: the command line.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -21,6 +22,7 @@ pub mod control;
 pub mod engine;
 pub mod format;
 pub mod pmem;
+pub mod report;
 pub mod serve;
 pub mod util;
 pub mod vhost;

@@ -175,7 +175,6 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     let workers = Workers::start(engine.clone(), backing.clone());
     let info = ServeInfo {
         backing_path: o.backing.display().to_string(),
-        backing_bytes,
         num_queues: o.cfg.num_queues,
         socket: o.socket.display().to_string(),
     };

@@ -22,49 +22,30 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, StatsSnapshot};
+use crate::report::Report;
 
 /// Facts about the running server that the engine does not know.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServeInfo {
     /// Backing store path.
     pub backing_path: String,
-    /// Backing store size in bytes.
-    pub backing_bytes: u64,
     /// Queues offered to the frontend.
     pub num_queues: u16,
     /// vhost-user socket.
     pub socket: String,
 }
 
-/// Everything `pcache status` shows.
+/// Everything `pcache status` shows: what `pcache inspect` shows, plus the
+/// live counters and the server's own facts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
-    /// Cache medium path.
-    pub cache_path: String,
-    /// Cache medium size in bytes.
-    pub cache_bytes: u64,
-    /// Segments in the cache.
-    pub segments: u32,
-    /// Segments in use.
-    pub segments_used: u32,
-    /// gc_percent.
-    pub gc_percent: u8,
-    /// data_crc on?
-    pub data_crc: bool,
-    /// key_head as seg:off.
-    pub key_head: String,
-    /// dirty_tail as seg:off.
-    pub dirty_tail: String,
-    /// key_tail as seg:off.
-    pub key_tail: String,
-    /// Dirty bytes not yet written back.
-    pub dirty_bytes: u64,
+    /// The cache, as `inspect` reports it.
+    #[serde(flatten)]
+    pub cache: Report,
     /// Read requests fully served from the cache.
     pub read_hits: u64,
     /// Read requests that needed the backing store.
     pub read_misses: u64,
-    /// What the medium's persistence survives.
-    pub durability: String,
     /// Has a persist failed (the cache then refuses writes)?
     pub failed: bool,
     /// The server's own facts.
@@ -102,30 +83,16 @@ pub struct Reply {
     pub status: Option<Status>,
 }
 
-fn pos(p: crate::format::PosOnMedia) -> String {
-    format!("{}:{}", p.seg, p.off)
-}
-
 /// Build a status report.
 pub fn status(engine: &Engine, info: &ServeInfo) -> Status {
-    let s = engine.stats().snapshot();
+    let stats = engine.stats().snapshot();
     Status {
-        cache_path: engine.region().path().display().to_string(),
-        cache_bytes: engine.region().len(),
-        segments: engine.n_segs(),
-        segments_used: engine.segs_used(),
-        gc_percent: engine.gc_percent(),
-        data_crc: engine.data_crc(),
-        key_head: pos(engine.key_head()),
-        dirty_tail: pos(engine.dirty_tail()),
-        key_tail: pos(engine.key_tail()),
-        dirty_bytes: s.dirty_bytes,
-        read_hits: s.read_hits,
-        read_misses: s.read_misses,
-        durability: engine.region().durability().to_string(),
+        cache: Report::of(engine),
+        read_hits: stats.read_hits,
+        read_misses: stats.read_misses,
         failed: engine.has_failed(),
         serve: info.clone(),
-        stats: s,
+        stats,
     }
 }
 
@@ -249,26 +216,26 @@ impl Status {
              writeback    {} bytes written, {} errors\n\
              durability   {}\n\
              state        {}\n",
-            self.cache_path,
-            self.cache_bytes,
-            self.segments,
-            self.segments_used,
-            pct(self.segments_used as u64, self.segments as u64),
+            self.cache.cache,
+            self.cache.cache_bytes,
+            self.cache.segments,
+            self.cache.segments_used,
+            pct(self.cache.segments_used as u64, self.cache.segments as u64),
             self.serve.backing_path,
-            self.serve.backing_bytes,
+            self.cache.backing_bytes,
             self.serve.socket,
             self.serve.num_queues,
-            self.gc_percent,
-            if self.data_crc { "on" } else { "off" },
-            self.key_head,
-            self.dirty_tail,
-            self.key_tail,
-            self.dirty_bytes,
+            self.cache.gc_percent,
+            if self.cache.data_crc { "on" } else { "off" },
+            self.cache.key_head,
+            self.cache.dirty_tail,
+            self.cache.key_tail,
+            self.cache.dirty_bytes,
             self.read_hits,
             self.read_misses,
             self.stats.writeback_bytes,
             self.stats.writeback_errors,
-            self.durability,
+            self.cache.durability,
             if self.failed {
                 "FAILED (restart pcache)"
             } else {
