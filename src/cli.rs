@@ -5,11 +5,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use crate::backing::{Backing, BackingQueue, FileBacking};
-use crate::engine::{Engine, FormatOptions, OpenOptions};
+use crate::engine::{Engine, FormatOptions, OpenOptions, WritebackPolicy};
 use crate::format::{self, check_new_cache_size};
 use crate::pmem::{Region, RegionOptions};
 use crate::util::parse_size;
@@ -157,6 +158,21 @@ pub struct ServeArgs {
     /// Permissions of the vhost socket, octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// Write back at full speed once dirty data reaches this percent of the
+    /// cache (0 = write back everything as soon as it is dirty).
+    #[arg(long, default_value_t = WritebackPolicy::default().high_percent,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub writeback_high: u8,
+    /// Once started by --writeback-high, write back down to this percent
+    /// [default: 10 below --writeback-high].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub writeback_low: Option<u8>,
+    /// Also write back once the disk has been idle this many milliseconds.
+    #[arg(long, default_value_t = WritebackPolicy::default().idle.as_millis() as u64)]
+    pub writeback_idle_ms: u64,
+    /// Also write back dirty data older than this many seconds.
+    #[arg(long, default_value_t = WritebackPolicy::default().max_age.as_secs())]
+    pub writeback_max_age: u64,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -203,6 +219,14 @@ impl ServeArgs {
             data_crc: self.data_crc,
             gc_percent: self.gc_percent,
             socket_mode: self.socket_mode,
+            writeback: WritebackPolicy {
+                high_percent: self.writeback_high,
+                low_percent: self
+                    .writeback_low
+                    .unwrap_or(self.writeback_high.saturating_sub(10)),
+                idle: Duration::from_millis(self.writeback_idle_ms),
+                max_age: Duration::from_secs(self.writeback_max_age),
+            },
         }
     }
 }

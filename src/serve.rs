@@ -14,7 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::backing::{Backing, FileBacking};
 use crate::cli::{check_backing_size, prepare_cache_file};
 use crate::control::{self, ServeInfo};
-use crate::engine::{Engine, FormatOptions, OpenOptions, Workers};
+use crate::engine::{Engine, FormatOptions, OpenOptions, Workers, WritebackPolicy};
 use crate::format::{self, Superblock};
 use crate::pmem::{Region, RegionOptions};
 use crate::vhost::{PcacheBlk, ServeConfig};
@@ -51,6 +51,8 @@ pub struct ServeOptions {
     pub control: PathBuf,
     /// Mode of the vhost socket.
     pub socket_mode: u32,
+    /// When to write back.
+    pub writeback: WritebackPolicy,
 }
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -164,6 +166,7 @@ fn bind(socket: &Path, mode: u32) -> AnyResult<Listener> {
 /// process after persisting.
 pub fn run(o: ServeOptions) -> AnyResult<i32> {
     crate::util::block_termination_signals();
+    o.writeback.validate()?;
     if let Some(dir) = o.cache.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
@@ -172,11 +175,12 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     let engine = open_cache(&o, backing_bytes)?;
     check_backing_size(&engine, backing_bytes, &o.backing)?;
     let backing: Arc<dyn Backing> = Arc::new(backing);
-    let workers = Workers::start(engine.clone(), backing.clone());
+    let workers = Workers::start(engine.clone(), backing.clone(), o.writeback);
     let info = ServeInfo {
         backing_path: o.backing.display().to_string(),
         num_queues: o.cfg.num_queues,
         socket: o.socket.display().to_string(),
+        writeback: o.writeback,
     };
     control::spawn_server(&o.control, engine.clone(), info).map_err(|e| {
         format!(

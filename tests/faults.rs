@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use pcache::backing::{
     Backing, BackingQueue, FaultKind, FaultOp, FaultPlan, FaultyBacking, MemBacking,
 };
-use pcache::engine::{DataHead, Engine, Error, FormatOptions, OpenOptions, Progress, Workers};
+use pcache::engine::{
+    DataHead, Engine, Error, FormatOptions, OpenOptions, Progress, Workers, WritebackPolicy,
+};
 use pcache::pmem::{Region, RegionOptions};
 
 const DISK: u64 = 32 << 20;
@@ -141,7 +143,11 @@ fn workers_retry_with_backoff_under_intermittent_faults() {
     let b = faulty();
     b.add(FaultPlan::new(FaultOp::Write, FaultKind::Eio).every_nth(3));
     b.add(FaultPlan::new(FaultOp::Flush, FaultKind::Eio).every_nth(2));
-    let w = Workers::start(e.clone(), b.clone() as Arc<dyn Backing>);
+    let w = Workers::start(
+        e.clone(),
+        b.clone() as Arc<dyn Backing>,
+        WritebackPolicy::IMMEDIATE,
+    );
     let want = write_some(&e, 3);
     let t = Instant::now();
     while e.stats().snapshot().writeback_errors < 3 {

@@ -15,7 +15,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pcache::backing::{Backing, BackingQueue, MemBacking};
-use pcache::engine::{DataHead, Engine, Error, FormatOptions, OpenOptions, Workers};
+use pcache::engine::{
+    DataHead, Engine, Error, FormatOptions, OpenOptions, Workers, WritebackPolicy,
+};
 use pcache::pmem::{Region, RegionOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -384,7 +386,11 @@ fn concurrent_writers_with_background_workers_lose_nothing() {
     let h = Harness::new(dir.path(), backing_bytes, false);
     let engine = h.e().clone();
     let backing = h.backing.clone();
-    let workers = Workers::start(engine.clone(), backing.clone() as Arc<dyn Backing>);
+    let workers = Workers::start(
+        engine.clone(),
+        backing.clone() as Arc<dyn Backing>,
+        WritebackPolicy::IMMEDIATE,
+    );
     // Each thread owns half the device and writes it over and over: 4x the
     // cache size in total.
     let half = backing_bytes / 2;

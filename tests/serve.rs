@@ -330,3 +330,85 @@ fn busy_polling_serves_the_same_data() {
     drop(c);
     server.stop();
 }
+
+/// Dirty bytes and writeback progress from `pcache status --json`.
+fn dirty_and_written(ctl: &str) -> (u64, u64) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_pcache"))
+        .args(["status", "--control", ctl, "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    (
+        v["dirty_bytes"].as_u64().unwrap(),
+        v["stats"]["writeback_bytes"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn writeback_waits_while_the_disk_is_busy_and_runs_once_it_is_idle() {
+    let disk = Disk::new(64 * MIB, None);
+    let server = disk.serve(&["--writeback-idle-ms", "1500", "--writeback-max-age", "3600"]);
+    let ctl = server.control.to_str().unwrap().to_owned();
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    // Keep the disk busy for 2 s (longer than the idle time) with small
+    // flushed writes: nothing may be written back meanwhile, far under the
+    // 50 % watermark.
+    let t0 = std::time::Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed() < std::time::Duration::from_secs(2) {
+        assert_eq!(c.write_sync(0, (n % 1024) * 65536, 0, 65536), 0);
+        assert_eq!(c.flush_sync(0), 0);
+        n += 1;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (dirty, written) = dirty_and_written(&ctl);
+    assert!(dirty >= 65536, "dirty_bytes {dirty} after {n} writes");
+    assert_eq!(written, 0, "wrote back while the disk was busy");
+    // Idle: everything goes to the backing store within idle time + slack.
+    let idle_from = std::time::Instant::now();
+    let mut last = (dirty, written);
+    while last.0 > 0 {
+        assert!(
+            idle_from.elapsed() < std::time::Duration::from_secs(20),
+            "still {} dirty bytes 20 s after going idle",
+            last.0
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        last = dirty_and_written(&ctl);
+    }
+    assert!(last.1 >= 65536);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_pcache"))
+        .args(["status", "--control", &ctl])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("after 1500 ms idle"), "{text}");
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn bad_writeback_watermarks_are_refused() {
+    let disk = Disk::new(16 * MIB, None);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_pcache"))
+        .args(["serve", "--socket"])
+        .arg(&disk.socket)
+        .arg("--cache")
+        .arg(&disk.cache)
+        .arg("--backing")
+        .arg(&disk.backing)
+        .args([
+            "--cache-size",
+            "512M",
+            "--writeback-high",
+            "30",
+            "--writeback-low",
+            "40",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("must not exceed"), "{err}");
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pcache::backing::{Backing, FaultKind, FaultOp, FaultPlan, FaultyBacking, MemBacking};
-use pcache::engine::{DataHead, Engine, FormatOptions, OpenOptions, Workers};
+use pcache::engine::{DataHead, Engine, FormatOptions, OpenOptions, Workers, WritebackPolicy};
 use pcache::pmem::{Region, RegionOptions};
 
 const CACHE: u64 = 512 << 20;
@@ -68,7 +68,11 @@ fn three_times_the_cache_through_a_slow_backing_store_loses_nothing() {
             .unwrap();
     }
     backing.inner().flush().unwrap();
-    let workers = Workers::start(e.clone(), backing.clone() as Arc<dyn Backing>);
+    let workers = Workers::start(
+        e.clone(),
+        backing.clone() as Arc<dyn Backing>,
+        WritebackPolicy::default(),
+    );
     let started = Instant::now();
     let rss_before = anon_rss();
     let mut peak = 0u64;

@@ -33,6 +33,8 @@ pub struct ServeInfo {
     pub num_queues: u16,
     /// vhost-user socket.
     pub socket: String,
+    /// When writeback runs.
+    pub writeback: crate::engine::WritebackPolicy,
 }
 
 /// Everything `pcache status` shows: what `pcache inspect` shows, plus the
@@ -213,7 +215,7 @@ impl Status {
              key_tail     {}\n\
              dirty        {} bytes\n\
              reads        {} hits, {} misses\n\
-             writeback    {} bytes written, {} errors\n\
+             writeback    {} bytes written, {} errors; runs {}\n\
              durability   {}\n\
              state        {}\n",
             self.cache.cache,
@@ -235,6 +237,7 @@ impl Status {
             self.read_misses,
             self.stats.writeback_bytes,
             self.stats.writeback_errors,
+            self.serve.writeback,
             self.cache.durability,
             if self.failed {
                 "FAILED (restart pcache)"

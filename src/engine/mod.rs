@@ -22,6 +22,7 @@ mod index;
 mod key;
 mod kset;
 mod open;
+mod policy;
 mod replay;
 mod req;
 mod segment;
@@ -32,6 +33,7 @@ mod writeback;
 pub use index::{Extent, ExtentMap};
 pub use key::CacheExt;
 pub use open::{FormatOptions, OpenOptions};
+pub use policy::{Gate, Observation, Reason, WritebackPolicy};
 pub use req::{DataHead, Miss};
 pub use segment::LOG_RESERVE_SEGS;
 pub use stats::{Stats, StatsSnapshot};
@@ -193,6 +195,8 @@ pub struct Engine {
     failed: AtomicBool,
     /// A writer found the cache full: GC runs regardless of gc_percent.
     space_wanted: AtomicBool,
+    /// The same for the writeback worker (each worker clears its own).
+    writeback_wanted: AtomicBool,
     stats: Stats,
     writeback_kick: Kick,
     gc_kick: Kick,

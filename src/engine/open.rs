@@ -278,6 +278,7 @@ impl Engine {
             }),
             failed: AtomicBool::new(false),
             space_wanted: AtomicBool::new(false),
+            writeback_wanted: AtomicBool::new(false),
             stats: Stats::default(),
             writeback_kick: Kick::default(),
             gc_kick: Kick::default(),

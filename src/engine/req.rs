@@ -116,6 +116,7 @@ impl Engine {
             let Some(a) = self.data_alloc(head, want) else {
                 stats::add(&self.stats.cache_full, 1);
                 self.space_wanted.store(true, Ordering::Relaxed);
+                self.writeback_wanted.store(true, Ordering::Relaxed);
                 self.gc_kick.kick();
                 return Err(Error::CacheFull { done });
             };
@@ -411,6 +412,7 @@ impl Engine {
     /// (or a short timeout), kicking GC and writeback.
     pub fn wait_for_space(&self, epoch: u64) {
         self.space_wanted.store(true, Ordering::Relaxed);
+        self.writeback_wanted.store(true, Ordering::Relaxed);
         self.gc_kick.kick();
         self.writeback_kick.kick();
         self.segs

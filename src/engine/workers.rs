@@ -4,17 +4,19 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::kset::KSET_MAX_AGE;
 use super::writeback::Progress;
-use super::Engine;
+use super::{Engine, Gate, WritebackPolicy};
 use crate::backing::{Backing, BackingQueue};
 
 /// How often the kset timer looks at open ksets.
 const TIMER_TICK: Duration = Duration::from_millis(100);
 /// Idle poll interval of writeback and GC (they are also kicked).
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How often a waiting writeback worker re-checks its policy.
+const POLICY_TICK: Duration = Duration::from_millis(25);
 /// Writeback retry backoff after a backing error: from 10 ms doubling to 5 s.
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -28,13 +30,18 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Start writeback (against `backing`), GC and the kset timer.
-    pub fn start(engine: Arc<Engine>, backing: Arc<dyn Backing>) -> Workers {
+    /// Start writeback (against `backing`, when `policy` says), GC and the
+    /// kset timer.
+    pub fn start(
+        engine: Arc<Engine>,
+        backing: Arc<dyn Backing>,
+        policy: WritebackPolicy,
+    ) -> Workers {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let (e, s) = (engine.clone(), stop.clone());
         threads.push(spawn("pcache-writeback", move || {
-            writeback_loop(&e, backing, &s)
+            writeback_loop(&e, backing, policy, &s)
         }));
         let (e, s) = (engine.clone(), stop.clone());
         threads.push(spawn("pcache-gc", move || gc_loop(&e, &s)));
@@ -75,10 +82,33 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
         .expect("spawning a worker thread")
 }
 
-fn writeback_loop(e: &Engine, backing: Arc<dyn Backing>, stop: &AtomicBool) {
+fn writeback_loop(
+    e: &Engine,
+    backing: Arc<dyn Backing>,
+    policy: WritebackPolicy,
+    stop: &AtomicBool,
+) {
     let mut q = BackingQueue::new(backing, 64);
     let mut backoff = BACKOFF_MIN;
+    let mut gate = Gate::new(policy, Instant::now());
+    let mut running = None;
     while !stop.load(Ordering::Relaxed) {
+        let seen = e.observe();
+        let why = gate.check(&seen);
+        if why != running {
+            tracing::debug!(reason = ?why, "writeback {}", if why.is_some() { "running" } else { "waiting" });
+            running = why;
+        }
+        if why.is_none() {
+            if seen.dirty_lsn < seen.head_lsn {
+                // Dirty, but the policy says wait: re-check on a tick rather
+                // than on every kset close (a wake-up per 128 writes).
+                std::thread::sleep(POLICY_TICK);
+            } else {
+                e.writeback_kick.wait(IDLE_POLL);
+            }
+            continue;
+        }
         match e.writeback_once(&mut q) {
             Ok(Progress::Advanced { .. }) => backoff = BACKOFF_MIN,
             Ok(Progress::Clean) => {

@@ -220,6 +220,27 @@ impl Engine {
         }
     }
 
+    /// What the writeback policy looks at, now. Clears the flag set by a
+    /// writer waiting for space.
+    pub fn observe(&self) -> super::Observation {
+        let s = &self.stats;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        super::Observation {
+            now: std::time::Instant::now(),
+            dirty_bytes: load(&s.dirty_bytes),
+            capacity: self.n_segs as u64 * format::SEG_DATA_BYTES,
+            activity: load(&s.write_bytes)
+                .wrapping_add(load(&s.read_hit_bytes))
+                .wrapping_add(load(&s.read_miss_bytes))
+                .wrapping_add(load(&s.flushes)),
+            head_lsn: self.key_head().lsn,
+            dirty_lsn: self.dirty_tail().lsn,
+            space_wanted: self
+                .writeback_wanted
+                .swap(false, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     /// Is there logged dirty data not yet written back?
     pub fn is_dirty(&self) -> bool {
         self.dirty_tail().lsn < self.key_head().lsn

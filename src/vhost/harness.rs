@@ -40,7 +40,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::{notify, PcacheBlk, ServeConfig, Vring};
 use crate::backing::{Backing, MemBacking};
-use crate::engine::{Engine, FormatOptions, OpenOptions, Workers};
+use crate::engine::{Engine, FormatOptions, OpenOptions, Workers, WritebackPolicy};
 use crate::pmem::{Region, RegionOptions};
 use crate::vhost::request::{status, types, HEADER_BYTES, ID_BYTES};
 
@@ -235,7 +235,7 @@ impl Harness {
         let backing: Arc<dyn Backing> = Arc::new(MemBacking::new(o.backing_bytes));
         let workers = o
             .workers
-            .then(|| Workers::start(engine.clone(), backing.clone()));
+            .then(|| Workers::start(engine.clone(), backing.clone(), WritebackPolicy::IMMEDIATE));
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), o.guest_bytes as usize)])
             .map_err(other)?;
         let gm = GuestMemoryAtomic::new(mem);
