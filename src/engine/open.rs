@@ -282,7 +282,9 @@ impl Engine {
             stats: Stats::default(),
             writeback_kick: Kick::default(),
             gc_kick: Kick::default(),
-            writeback_lock: Mutex::new(()),
+            writeback_lock: Mutex::new(crate::backing::BufPool::new(
+                super::writeback::INFLIGHT_BYTES as usize,
+            )),
             gc_lock: Mutex::new(()),
             region,
         };

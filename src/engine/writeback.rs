@@ -12,7 +12,7 @@
 
 use super::index::{Extent, ExtentMap};
 use super::{stats, Engine, Error, Result};
-use crate::backing::{AlignedBuf, BackingQueue, Completion, IoOp};
+use crate::backing::{BackingQueue, BufPool, Completion, IoOp};
 use crate::format::{self, data_off, PosOnMedia, KEY_FLAG_CLEAN, KSET_MAX_BYTES, SECTOR_BYTES};
 
 /// Most ksets in one writeback batch.
@@ -20,7 +20,7 @@ const BATCH_KSETS: usize = 64;
 /// Stop adding ksets to a batch once it holds this much dirty data.
 const BATCH_BYTES: u64 = 64 << 20;
 /// Most bytes of backing writes in flight at once.
-const INFLIGHT_BYTES: u64 = 32 << 20;
+pub(super) const INFLIGHT_BYTES: u64 = 32 << 20;
 
 /// What one writeback pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +67,7 @@ impl Engine {
     /// the new dirty_tail. On a backing error nothing moves; the caller
     /// retries later (with backoff) and the dirty data stays in the cache.
     pub fn writeback_once(&self, q: &mut BackingQueue) -> Result<Progress> {
-        let _pass = self.writeback_lock.lock().expect("writeback lock");
+        let mut pool = self.writeback_lock.lock().expect("writeback lock");
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -145,9 +145,11 @@ impl Engine {
             ksets += 1;
         }
         if ksets == 0 {
+            // Nothing to do for a while, probably: give the buffers back.
+            *pool = BufPool::new(INFLIGHT_BYTES as usize);
             return Ok(Progress::Clean);
         }
-        let bytes = self.write_batch(q, &map)?;
+        let bytes = self.write_batch(q, &map, &mut pool)?;
         // dirty_tail may only pass these keys once they are durable on the
         // backing store.
         flush_backing(q)?;
@@ -161,17 +163,24 @@ impl Engine {
         Ok(Progress::Advanced { ksets, bytes })
     }
 
-    fn write_batch(&self, q: &mut BackingQueue, map: &ExtentMap<u64, WbExt>) -> Result<u64> {
+    fn write_batch(
+        &self,
+        q: &mut BackingQueue,
+        map: &ExtentMap<u64, WbExt>,
+        pool: &mut BufPool,
+    ) -> Result<u64> {
         let mut done = Vec::new();
         let mut inflight = 0u64;
         let mut total = 0u64;
         let mut first_err: Option<std::io::Error> = None;
         let reap = |done: &mut Vec<Completion>,
                     inflight: &mut u64,
-                    first_err: &mut Option<std::io::Error>| {
+                    first_err: &mut Option<std::io::Error>,
+                    pool: &mut BufPool| {
             for c in done.drain(..) {
-                if let IoOp::Write { buf, .. } = &c.op {
+                if let IoOp::Write { buf, .. } = c.op {
                     *inflight -= buf.len() as u64;
+                    pool.give(buf);
                 }
                 if let Err(e) = c.result {
                     first_err.get_or_insert(e);
@@ -182,9 +191,9 @@ impl Engine {
             let len = e.sectors as u64 * SECTOR_BYTES;
             while inflight > 0 && inflight + len > INFLIGHT_BYTES {
                 q.wait(1, &mut done);
-                reap(&mut done, &mut inflight, &mut first_err);
+                reap(&mut done, &mut inflight, &mut first_err, pool);
             }
-            let mut buf = AlignedBuf::new(len as usize);
+            let mut buf = pool.take(len as usize);
             self.region.read(data_off(e.seg, e.seg_off), &mut buf);
             q.submit(
                 0,
@@ -198,7 +207,7 @@ impl Engine {
         }
         while q.in_flight() > 0 {
             q.wait(1, &mut done);
-            reap(&mut done, &mut inflight, &mut first_err);
+            reap(&mut done, &mut inflight, &mut first_err, pool);
         }
         if let Some(e) = first_err {
             stats::add(&self.stats.writeback_errors, 1);
