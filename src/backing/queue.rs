@@ -265,6 +265,18 @@ impl BackingQueue {
             }
     }
 
+    /// Whether `poll` would return something now, checked without a system
+    /// call (io_uring's completion ring is in shared memory), for a worker
+    /// that busy-polls. Always false for the thread pool, whose completions
+    /// only announce themselves through [`BackingQueue::notifier`].
+    pub fn has_ready(&mut self) -> bool {
+        !self.ready.is_empty()
+            || match &mut self.engine {
+                Engine::Uring(u) => !u.ring.completion().is_empty(),
+                Engine::Pool(_) => false,
+            }
+    }
+
     /// An eventfd that becomes readable when completions are ready, for the
     /// worker's epoll loop (level- or edge-triggered). `poll` and `wait`
     /// reset it. -1 if the eventfd could not be created (logged at `new`).
@@ -1387,6 +1399,40 @@ mod tests {
         let q = BackingQueue::new(Arc::new(faulty), 8);
         assert_eq!(q.engine(), QueueEngine::ThreadPool);
         notifier_becomes_readable(q);
+    }
+
+    #[test]
+    fn has_ready_sees_a_uring_completion_without_a_system_call() {
+        let dir = disk_dir();
+        let path = disk_file(dir.path(), 1 << 20);
+        let b = Arc::new(FileBacking::open(&path, false).expect("open"));
+        let mut q = BackingQueue::new(b, 8);
+        assert_eq!(q.engine(), expected_file_engine());
+        assert!(!q.has_ready());
+        q.submit(
+            7,
+            IoOp::Read {
+                off: 4096,
+                buf: AlignedBuf::new(4096),
+            },
+        );
+        let mut out = Vec::new();
+        q.poll(&mut out); // hands the SQE to the kernel
+        if out.is_empty() && q.engine() == QueueEngine::ThreadPool {
+            // No shared completion ring to look at: only wait() finds it.
+            assert!(!q.has_ready());
+            q.wait(1, &mut out);
+        } else if out.is_empty() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !q.has_ready() {
+                assert!(Instant::now() < deadline, "no completion within 5 s");
+                std::thread::yield_now();
+            }
+            q.poll(&mut out);
+        }
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].user_data, 7);
+        assert!(!q.has_ready());
     }
 
     #[test]

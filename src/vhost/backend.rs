@@ -191,7 +191,7 @@ impl PcacheBlk {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             self.drain_avail(qs, vring)?;
-            if self.poll_for_more(vring) {
+            if self.poll_for_more(qs, vring) {
                 continue;
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
@@ -202,10 +202,11 @@ impl PcacheBlk {
     }
 
     /// Busy-poll the avail ring for up to `poll_us` (with notifications
-    /// still off under EVENT_IDX); true as soon as a request shows up. The
-    /// window restarts with every batch found, so it adapts to a busy guest
-    /// and costs one window after the last request.
-    fn poll_for_more(&self, vring: &Vring) -> bool {
+    /// still off under EVENT_IDX); true as soon as a request shows up, or a
+    /// backing read completes (its completion would otherwise wait for the
+    /// window to end). The window restarts with every batch found, so it
+    /// adapts to a busy guest and costs one window after the last request.
+    fn poll_for_more(&self, qs: &mut QueueState, vring: &Vring) -> bool {
         if self.cfg.poll_us == 0 {
             return false;
         }
@@ -220,6 +221,9 @@ impl PcacheBlk {
                         return true;
                     }
                 }
+            }
+            if qs.bq.in_flight() > 0 && qs.bq.has_ready() {
+                return true;
             }
             if Instant::now() >= deadline {
                 return false;
