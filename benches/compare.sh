@@ -156,7 +156,7 @@ start_server() {
         pagec) cmd=("$QSD" --blockdev "driver=file,node-name=f0,filename=$RAW,cache.direct=off,aio=threads"
             --export "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1") ;;
         pcache) cmd=("$PCACHE_BIN" serve --socket "$SOCK" --control "$CTL" --cache "$CACHE"
-            --cache-size "$CACHE_SIZE" --backing "$RAW" --format --num-queues 2 ${PCACHE_SERVE_ARGS}) ;; # word splitting wanted
+            --cache-size "$CACHE_SIZE" --backing "$RAW" --format --num-queues 2 ${PCACHE_SERVE_ARGS} ${PCACHE_EXTRA:-}) ;; # word splitting wanted
         *) die "unknown peer $peer" ;;
     esac
     echo "server $peer: taskset -c $SERVER_CPU ${cmd[*]}" >>"$CMDS"
@@ -266,10 +266,14 @@ run_pcache() {
     save_status hits "$r"
     # Writes: a fresh cache for each, so each stays within capacity.
     local p
-    for p in w32 w1 wf1 w32q2; do
+    for p in w32 w32imm w1 wf1 w32q2; do
+        # w32imm: the same writes with writeback at once (dm-pcache's way)
+        # instead of the default policy, which waits while the guest is busy.
+        if [[ $p == w32imm ]]; then PCACHE_EXTRA="--writeback-high 0"; else PCACHE_EXTRA=""; fi
         start_server pcache
         case $p in
             w32) client pcache w32 "$r" "${W4[@]}" --qd 32 --size "$WS_BYTES" "${WCAP[@]}" ;;
+            w32imm) client pcache w32imm "$r" "${W4[@]}" --qd 32 --size "$WS_BYTES" "${WCAP[@]}" ;;
             w1) client pcache w1 "$r" "${W4[@]}" --qd 1 --size "$WS_BYTES" "${WCAP[@]}" ;;
             wf1) client pcache wf1 "$r" "${W4[@]}" --qd 1 --flush-every 1 --size "$WS_BYTES" "${T[@]}" ;;
             w32q2) client pcache w32q2 "$r" "${W4[@]}" --qd 32 --queues 2 --size "$WS_BYTES" "${WCAP[@]}" ;;

@@ -25,6 +25,7 @@ PEERS = {
 POINTS = {
     "fill": "fill working set: seq write QD32",
     "w32": "4k randwrite QD32 1q (working set)",
+    "w32imm": "4k randwrite QD32 1q, --writeback-high 0",
     "w32q2": "4k randwrite QD32 2q (working set)",
     "r32": "4k randread QD32 1q (working set)",
     "r32q2": "4k randread QD32 2q (working set)",
@@ -312,6 +313,10 @@ def main():
          e2e, "QSD raw O_DIRECT", m("direct", "w32disk", "mb_s")),
         ("4 KiB random read QD32 hit, 2 queues vs 1 queue", "IOPS",
          m("pcache", "r32q2", "iops"), "pcache 1 queue", m("pcache", "r32", "iops")),
+        ("4 KiB random write QD32, writeback at once (`--writeback-high 0`)", "IOPS",
+         m("pcache", "w32imm", "iops"), "QSD null-co", m("null", "w32", "iops")),
+        ("4 KiB random write QD32, writeback at once (`--writeback-high 0`)", "IOPS",
+         m("pcache", "w32imm", "iops"), "QSD raw O_DIRECT", m("direct", "w32", "iops")),
         ("4 KiB random write QD32, 2 queues vs 1 queue", "IOPS",
          m("pcache", "w32q2", "iops"), "pcache 1 queue", m("pcache", "w32", "iops")),
         ("4 KiB random write + FLUSH QD1", "writes/s",
@@ -423,14 +428,19 @@ def main():
               f"(1M, QD32), then 4 KiB random reads over those {a.ws}. Writes go to a fresh cache per point "
               f"over the same {a.ws}; each write point stops after {a.runtime} s or half the cache "
               "(`--total`), whichever comes first, so it stays within capacity (GC starts at 70 %). "
-              "The peers run the identical client command.")
+              "The peers run the identical client command. pcache runs its default writeback policy "
+              "(docs/operations.md): while the guest is busy and under 50 % of the cache is dirty, writeback "
+              "waits, so these points measure the write path; the drain and end-to-end rows measure writeback, "
+              "and the `--writeback-high 0` rows below show the write rate when writeback runs at once on the "
+              "same core.")
     md.append("- *all misses*: a fresh cache, 4 KiB random reads over the whole disk with `--random-map` "
               "(every block at most once), so nothing read is in the cache (see the read_hits column below).")
     md.append("- *write + FLUSH*: `--qd 1 --flush-every 1`: write, wait, FLUSH, wait; rate = writes/s.")
     md.append("- *drain*: a fresh cache, half the cache of distinct random 4 KiB blocks written at QD32, "
               "then `pcache status --control C --json` polled every 50 ms until `dirty_bytes == 0`; "
-              "rate = dirty bytes when the client finished / time to 0 (writeback also runs while the client writes, "
-              "so less than half the cache is still dirty then; the end-to-end row below counts both phases). "
+              "rate = dirty bytes when the client finished / time to 0 (writeback starts when the disk has been idle "
+              "for 250 ms or dirty data reaches 50 % of the cache, whichever is first; that wait is inside the time; "
+              "the end-to-end row below counts both phases). "
               "It is compared with the raw file's own 4 KiB random write rate at QD32 through QSD O_DIRECT, "
               "with the same client command (w32disk).")
     md.append("")
