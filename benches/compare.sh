@@ -360,4 +360,4 @@ python3 "$ROOT/benches/compare_report.py" "$RES" \
     --start-state "$START_STATE" --elapsed "$ELAPSED" \
     --pcache-bin "$PCACHE_BIN" --vub-bench "$VUB_BENCH" --qsd "$QSD" --raw "$RAW" \
     --cache "$CACHE_DIR/pcache-compare-PID.img" --cache-size "$CACHE_SIZE" --disk-size "$DISK_SIZE" \
-    --ws "$WS" --rounds "$ROUNDS" --runtime "$RUNTIME" --ramp "$RAMP" --pcache-rev "${PCACHE_REV:-}"
+    --ws "$WS" --seq-bs "$SEQ_BS" --rounds "$ROUNDS" --runtime "$RUNTIME" --ramp "$RAMP" --pcache-rev "${PCACHE_REV:-}"

@@ -228,6 +228,7 @@ def main():
     ap.add_argument("--cache-size", default="2G")
     ap.add_argument("--disk-size", default="4G")
     ap.add_argument("--ws", default="256M")
+    ap.add_argument("--seq-bs", default="128k")
     ap.add_argument("--rounds", default="3")
     ap.add_argument("--runtime", default="10")
     ap.add_argument("--ramp", default="2")
@@ -425,7 +426,7 @@ def main():
     md.append(f"\n{passes} of {len(targets)} targets met.\n")
     md.append("How each is measured:\n")
     md.append(f"- *cache hit*: a fresh pcache cache, the first {a.ws} of the disk written sequentially "
-              f"(1M, QD32), then 4 KiB random reads over those {a.ws}. Writes go to a fresh cache per point "
+              f"({a.seq_bs}, QD32), then 4 KiB random reads over those {a.ws}. Writes go to a fresh cache per point "
               f"over the same {a.ws}; each write point stops after {a.runtime} s or half the cache "
               "(`--total`), whichever comes first, so it stays within capacity (GC starts at 70 %). "
               "The peers run the identical client command. pcache runs its default writeback policy "
