@@ -32,6 +32,7 @@ POINTS = {
     "r1": "4k randread QD1 (working set)",
     "w1": "4k randwrite QD1 (working set)",
     "wf1": "4k randwrite+FLUSH QD1 (working set)",
+    "wf1poll": "4k randwrite+FLUSH QD1, polling client",
     "r32miss": "4k randread QD32 whole disk, each block once",
     "w32disk": "4k randwrite QD32 whole disk, each block once",
     "burst": "seq write QD32, 1.5x the cache (burst)",
@@ -320,6 +321,8 @@ def main():
          m("pcache", "w32imm", "iops"), "QSD raw O_DIRECT", m("direct", "w32", "iops")),
         ("4 KiB random write QD32, 2 queues vs 1 queue", "IOPS",
          m("pcache", "w32q2", "iops"), "pcache 1 queue", m("pcache", "w32", "iops")),
+        ("4 KiB random write + FLUSH QD1, client polling (`--poll`)", "writes/s",
+         m("pcache", "wf1poll", "iops"), "QSD raw O_DIRECT", m("direct", "wf1poll", "iops")),
         ("4 KiB random write + FLUSH QD1", "writes/s",
          m("pcache", "wf1", "iops"), "QSD null-co", m("null", "wf1", "iops")),
         ("4 KiB random write + FLUSH QD1", "writes/s",
@@ -410,7 +413,7 @@ def main():
     md.append(f"- raw disk file `{a.raw}` ({a.disk_size}, fully written) on {fs}; "
               f"pcache cache `{a.cache}` ({a.cache_size}) on tmpfs")
     md.append(f"- {qsd_ver}; pcache {rev_note}; client `examples/vub_bench.rs` (libblkio `blkio` 0.5.1, "
-              "virtio-blk-vhost-user, interrupt-driven queues)")
+              "virtio-blk-vhost-user, interrupt-driven queues except where `--poll` is named)")
     md.append(f"- server pinned to core 0, client to core 1 (`taskset`); {a.start_state}")
     serve_args = os.environ.get("PCACHE_SERVE_ARGS", "")
     md.append(f"- pcache serve extra flags: `{serve_args or '(none)'}`; the qemu-storage-daemon exports run "
