@@ -21,6 +21,7 @@
 #   PCACHE_BIN=..., VUB_BENCH=...     prebuilt binaries (else cargo build --release)
 #   PCACHE_REV="..."                  how to describe that build in the report (default: git HEAD)
 #   QUIET_WAIT=300                    seconds to wait at start for load < 1.0 and no qemu-system
+#   ENGINE_CACHE=4G                   cache size for the engine-alone bench at the end (0: skip)
 #   OUT_MD=docs/benchmarks.md OUT_SVG=docs/benchmarks-latency.svg
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -267,7 +268,7 @@ run_pcache() {
     save_status hits "$r"
     # Writes: a fresh cache for each, so each stays within capacity.
     local p
-    for p in w32 w32imm w1 wf1 w32q2; do
+    for p in w32 w32imm w1 wf1 wf1poll w32q2; do
         # w32imm: the same writes with writeback at once (dm-pcache's way)
         # instead of the default policy, which waits while the guest is busy.
         if [[ $p == w32imm ]]; then PCACHE_EXTRA="--writeback-high 0"; else PCACHE_EXTRA=""; fi
@@ -276,10 +277,10 @@ run_pcache() {
             w32) client pcache w32 "$r" "${W4[@]}" --qd 32 --size "$WS_BYTES" "${WCAP[@]}" ;;
             w32imm) client pcache w32imm "$r" "${W4[@]}" --qd 32 --size "$WS_BYTES" "${WCAP[@]}" ;;
             w1) client pcache w1 "$r" "${W4[@]}" --qd 1 --size "$WS_BYTES" "${WCAP[@]}" ;;
-            wf1) client pcache wf1 "$r" "${W4[@]}" --qd 1 --flush-every 1 --size "$WS_BYTES" "${T[@]}"
-                # The same with the client polling its completions: no
-                # wake-up of the client's CPU in each round trip.
-                client pcache wf1poll "$r" "${W4[@]}" --qd 1 --flush-every 1 --poll --size "$WS_BYTES" "${T[@]}" ;;
+            wf1) client pcache wf1 "$r" "${W4[@]}" --qd 1 --flush-every 1 --size "$WS_BYTES" "${T[@]}" ;;
+            # The client polls its completions: no wake-up of the client's
+            # CPU in each round trip.
+            wf1poll) client pcache wf1poll "$r" "${W4[@]}" --qd 1 --flush-every 1 --poll --size "$WS_BYTES" "${T[@]}" ;;
             w32q2) client pcache w32q2 "$r" "${W4[@]}" --qd 32 --queues 2 --size "$WS_BYTES" "${WCAP[@]}" ;;
         esac
         save_status "$p" "$r"
@@ -358,6 +359,18 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 ELAPSED=$((SECONDS - T_START))
 log "measured in $ELAPSED s"
+
+# The engine alone on one thread (no vhost, no client): write and read-hit
+# rates, replay of a full cache of 4 KiB keys, DRAM per extent.
+ENGINE_CACHE=${ENGINE_CACHE:-4G}
+if [[ $ENGINE_CACHE != 0 ]]; then
+    log "engine alone: cargo bench --bench engine, PCACHE_BENCH_CACHE=$ENGINE_CACHE"
+    cargo bench --bench engine --no-run >&2
+    echo "engine: PCACHE_BENCH_CACHE=$ENGINE_CACHE taskset -c $SERVER_CPU cargo bench --bench engine" >>"$CMDS"
+    PCACHE_BENCH_CACHE=$ENGINE_CACHE taskset -c $SERVER_CPU cargo bench --bench engine \
+        >"$RES/engine-bench.out" 2>>"$RES/server.log" ||
+        echo "engine bench failed" >>"$RES/anomalies.txt"
+fi
 
 python3 "$ROOT/benches/compare_report.py" "$RES" \
     --md "$OUT_MD" --svg "$OUT_SVG" \

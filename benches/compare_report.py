@@ -452,6 +452,15 @@ def main():
     md.append("\n".join(ext_tbl))
     md.append("\nWith 2 cores, a 2-queue point runs both of pcache's queue workers on core 0 and both client "
               "threads on core 1: any gain over 1 queue comes from overlapping waits and wake-ups, not from more CPU.\n")
+    eng = os.path.join(a.res, "engine-bench.out")
+    if os.path.exists(eng):
+        lines = [l.rstrip() for l in open(eng) if l.strip() and not l.startswith("{")]
+        md.append("## The engine alone\n")
+        md.append("`cargo bench --bench engine` after the rounds (one thread on core 0, no vhost and no client; "
+                  "the replay line is a full cache of 4 KiB keys being reopened):\n")
+        md.append("```")
+        md.extend(lines)
+        md.append("```\n")
     md.append("## All medians\n")
     md.append("\n".join(all_tbl))
     md.append("")
