@@ -439,7 +439,11 @@ def main():
               "same core.")
     md.append("- *all misses*: a fresh cache, 4 KiB random reads over the whole disk with `--random-map` "
               "(every block at most once), so nothing read is in the cache (see the read_hits column below).")
-    md.append("- *write + FLUSH*: `--qd 1 --flush-every 1`: write, wait, FLUSH, wait; rate = writes/s.")
+    md.append("- *write + FLUSH*: `--qd 1 --flush-every 1`: write, wait, FLUSH, wait; rate = writes/s. The `--poll` "
+              "variant stops at half the cache like the other write points: every FLUSH starts a flush epoch, and "
+              "writeback keeps epochs in order with a backing flush after each one, so a sustained flush-per-write "
+              "load drains at the backing store's flush rate (about 5k epochs/s, 21 MB/s here) and fills the cache "
+              "if it runs faster than that.")
     md.append("- *drain*: a fresh cache, half the cache of distinct random 4 KiB blocks written at QD32, "
               "then `pcache status --control C --json` polled every 50 ms until `dirty_bytes == 0`; "
               "rate = dirty bytes when the client finished / time to 0 (writeback starts when the disk has been idle "
