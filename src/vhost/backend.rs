@@ -21,8 +21,8 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
-    Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -284,6 +284,10 @@ impl PcacheBlk {
     /// Start one request. Returns (head, used length) when it completed at
     /// once; None when it waits for the backing store or for space.
     fn start(&self, qs: &mut QueueState, chain: Chain) -> Option<(u16, u32)> {
+        let chain = match self.start_simple(qs, chain) {
+            Ok(done) => return done,
+            Err(chain) => chain,
+        };
         let head = chain.head_index();
         let mem = chain.memory();
         let (mut r, mut w) = match (chain.clone().reader(mem), chain.clone().writer(mem)) {
@@ -362,35 +366,12 @@ impl PcacheBlk {
                         buf
                     }
                 };
-                if misses.len() > 1 << MISS_BITS {
-                    // Their indices would not fit in a user_data.
+                if misses.len() > MAX_MISSES {
                     tracing::warn!(off, len, n = misses.len(), "read with too many misses");
                     let _ = st.write_all(&[status::IOERR]);
                     return Some((head, 1));
                 }
-                let id = qs.next_id;
-                qs.next_id += 1;
-                for (i, m) in misses.iter().enumerate() {
-                    let ud = id << MISS_BITS | i as u64;
-                    qs.bq.submit(
-                        ud,
-                        IoOp::Read {
-                            off: m.off,
-                            buf: qs.bufs.take(m.len as usize),
-                        },
-                    );
-                }
-                let left = misses.len();
-                qs.reads.insert(
-                    id,
-                    PendingRead {
-                        chain,
-                        buf,
-                        misses,
-                        left,
-                        failed: false,
-                    },
-                );
+                queue_misses(qs, chain, buf, misses);
                 None
             }
             RequestKind::Write { off, len } => {
@@ -433,6 +414,140 @@ impl PcacheBlk {
                 let _ = st.write_all(&[if ok { status::OK } else { status::IOERR }]);
                 Some((head, n as u32 + 1))
             }
+        }
+    }
+
+    /// Start a request laid out as Linux and libblkio lay them out: a
+    /// 16-byte header descriptor (a write's data may follow in it), at most
+    /// one data descriptor, and a 1-byte status descriptor. One walk of the
+    /// chain, no Reader or Writer (their allocations and repeated walks were
+    /// a tenth of the server's time on 4 KiB hits). Err(chain), with nothing
+    /// done, for any other layout, an ID request or memory it cannot map:
+    /// `start` then takes the general path.
+    #[allow(clippy::result_large_err)] // the chain goes back by value, once
+    fn start_simple(&self, qs: &mut QueueState, chain: Chain) -> Result<Option<(u16, u32)>, Chain> {
+        // (address, length, device-writable) of each descriptor.
+        let mut d = [(0u64, 0usize, false); 3];
+        let mut n = 0;
+        for desc in chain.clone() {
+            if n == d.len() {
+                return Err(chain);
+            }
+            d[n] = (desc.addr().0, desc.len() as usize, desc.is_write_only());
+            n += 1;
+        }
+        // (header address, data (address, length, writable), status address)
+        let (hdr, data, st) = match (n, d[0], d[1], d[2]) {
+            (2, (h, hl, false), (s, 1, true), _) if hl >= HEADER_BYTES => {
+                let data = (hl > HEADER_BYTES)
+                    .then(|| (h + HEADER_BYTES as u64, hl - HEADER_BYTES, false));
+                (h, data, s)
+            }
+            (3, (h, HEADER_BYTES, false), (a, l, w), (s, 1, true)) => (h, Some((a, l, w)), s),
+            _ => return Err(chain),
+        };
+        let head = chain.head_index();
+        let mem = chain.memory();
+        // As the general path: any descriptor outside guest memory means no
+        // status at all, before the header is even looked at.
+        if d[..n]
+            .iter()
+            .any(|&(a, l, _)| !mem.check_range(GuestAddress(a), l))
+        {
+            return Err(chain);
+        }
+        let Ok(header) = mem.read_obj::<[u8; HEADER_BYTES]>(GuestAddress(hdr)) else {
+            return Err(chain);
+        };
+        let Ok(st) = mem.get_slice(GuestAddress(st), 1) else {
+            return Err(chain);
+        };
+        let set = |s: u8| {
+            let _ = st.write_obj(s, 0);
+        };
+        let (readable, writable) = match data {
+            Some((_, l, false)) => (l, 0),
+            Some((_, l, true)) => (0, l),
+            None => (0, 0),
+        };
+        let kind = match parse(
+            Some(header),
+            readable,
+            writable,
+            self.capacity(),
+            self.cfg.read_only,
+        ) {
+            Ok(RequestKind::GetId) => return Err(chain),
+            Ok(k) => k,
+            Err(why) => {
+                tracing::debug!(head, ?why, "rejected request");
+                set(why.status());
+                return Ok(Some((head, 1)));
+            }
+        };
+        // The data descriptor's bytes, mapped (parse checked the lengths).
+        let data_slice = |len: u64| {
+            let (a, _, _) = data?;
+            let vs = mem.get_slice(GuestAddress(a), len as usize).ok()?;
+            Some((vs.ptr_guard_mut().as_ptr(), len as usize))
+        };
+        match kind {
+            RequestKind::Read { off, len } => {
+                let Some((p, l)) = data_slice(len) else {
+                    return Err(chain);
+                };
+                // SAFETY: `get_slice` checked that the bytes lie in one mapped
+                // guest memory region, which the chain's guard on the memory
+                // table keeps mapped; the guest may write them concurrently,
+                // as with any device DMA; we only store into them.
+                let direct = unsafe { std::slice::from_raw_parts_mut(p, l) };
+                let mut misses = Vec::new();
+                if let Err(e) = self.engine.read(off, direct, &mut misses) {
+                    tracing::warn!(off, len, error = %e, "read failed");
+                    set(status::IOERR);
+                    return Ok(Some((head, 1)));
+                }
+                if misses.is_empty() {
+                    set(status::OK);
+                    return Ok(Some((head, len as u32 + 1)));
+                }
+                if misses.len() > MAX_MISSES {
+                    tracing::warn!(off, len, n = misses.len(), "read with too many misses");
+                    set(status::IOERR);
+                    return Ok(Some((head, 1)));
+                }
+                // Misses finish later through a buffer of our own.
+                let buf = direct.to_vec();
+                queue_misses(qs, chain, buf, misses);
+                Ok(None)
+            }
+            RequestKind::Write { off, len } => {
+                let Some((p, l)) = data_slice(len) else {
+                    return Err(chain);
+                };
+                // SAFETY: as for a read; we only load from these bytes, and a
+                // guest changing them meanwhile gets a mix, as it asked for.
+                let direct = unsafe { std::slice::from_raw_parts(p as *const u8, l) };
+                if !qs.deferred.is_empty() {
+                    let data = direct.to_vec();
+                    return Ok(self.run_or_defer(qs, chain, kind, data));
+                }
+                let mut done = 0;
+                if let Some(s) = self.write_from(&mut qs.head, off, len, direct, &mut done) {
+                    set(s);
+                    return Ok(Some((head, 1)));
+                }
+                let data = direct.to_vec();
+                qs.deferred.push_back(Deferred {
+                    chain,
+                    kind,
+                    data,
+                    done,
+                });
+                Ok(None)
+            }
+            RequestKind::Flush => Ok(self.run_or_defer(qs, chain, kind, Vec::new())),
+            RequestKind::GetId => Err(chain),
         }
     }
 
@@ -602,6 +717,37 @@ impl PcacheBlk {
         }
         Ok(())
     }
+}
+
+/// Most misses in one read: their indices must fit in a user_data.
+const MAX_MISSES: usize = 1 << MISS_BITS;
+
+/// Send a read's misses (at most [`MAX_MISSES`]) to the backing queue; the
+/// request completes when the last one is back.
+fn queue_misses(qs: &mut QueueState, chain: Chain, buf: Vec<u8>, misses: Vec<Miss>) {
+    let id = qs.next_id;
+    qs.next_id += 1;
+    for (i, m) in misses.iter().enumerate() {
+        let ud = id << MISS_BITS | i as u64;
+        qs.bq.submit(
+            ud,
+            IoOp::Read {
+                off: m.off,
+                buf: qs.bufs.take(m.len as usize),
+            },
+        );
+    }
+    let left = misses.len();
+    qs.reads.insert(
+        id,
+        PendingRead {
+            chain,
+            buf,
+            misses,
+            left,
+            failed: false,
+        },
+    );
 }
 
 /// The first `len` bytes of a request's device-writable area, when they lie
