@@ -21,7 +21,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestMemoryLoadGuard, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
@@ -374,27 +374,9 @@ impl PcacheBlk {
                 queue_misses(qs, chain, buf, misses);
                 None
             }
-            RequestKind::Write { off, len } => {
-                // The usual layout, with nothing queued before it: write
-                // straight from the guest's buffer into the cache.
-                if qs.deferred.is_empty() {
-                    if let Some(direct) = guest_write_buffer(&chain, len as usize) {
-                        let mut done = 0;
-                        if let Some(s) = self.write_from(&mut qs.head, off, len, direct, &mut done)
-                        {
-                            let _ = st.write_all(&[s]);
-                            return Some((head, 1));
-                        }
-                        let data = direct.to_vec();
-                        qs.deferred.push_back(Deferred {
-                            chain,
-                            kind,
-                            data,
-                            done,
-                        });
-                        return None;
-                    }
-                }
+            RequestKind::Write { len, .. } => {
+                // Copied out first: the usual layout, written straight from
+                // guest memory, took `start_simple`.
                 let mut data = std::mem::take(&mut qs.scratch);
                 data.resize(len as usize, 0);
                 if r.read_exact(&mut data).is_err() {
@@ -767,35 +749,6 @@ fn guest_read_buffer(chain: &Chain, len: usize) -> Option<&mut [u8]> {
     // borrow of `chain`. The guest may write these bytes concurrently, as
     // with any device DMA; we only store into them.
     Some(unsafe { std::slice::from_raw_parts_mut(p, len) })
-}
-
-/// The data of a write, when it lies in one readable descriptor right after
-/// the 16-byte header (in the header's descriptor or the next one: how
-/// Linux and libblkio lay out a write), as a slice to copy from directly.
-fn guest_write_buffer(chain: &Chain, len: usize) -> Option<&[u8]> {
-    if len == 0 {
-        return None;
-    }
-    let mut descs = chain.clone().readable();
-    let first = descs.next()?;
-    let (addr, avail) = match (first.len() as usize).checked_sub(HEADER_BYTES)? {
-        0 => {
-            let d = descs.next()?;
-            (d.addr(), d.len() as usize)
-        }
-        rest => (first.addr().checked_add(HEADER_BYTES as u64)?, rest),
-    };
-    if avail < len {
-        return None;
-    }
-    let vs = chain.memory().get_slice(addr, len).ok()?;
-    let p = vs.ptr_guard().as_ptr();
-    // SAFETY: `get_slice` checked that `len` bytes at `addr` lie inside one
-    // mapped guest memory region, and the chain holds a guard on the memory
-    // table, so the mapping outlives the borrow of `chain`. The guest may
-    // change these bytes while we copy them, as with any device DMA; the
-    // copy then holds a mix, which is what such a guest asked for.
-    Some(unsafe { std::slice::from_raw_parts(p, len) })
 }
 
 /// Keep a buffer for the next request, unless it is unusually large (each
