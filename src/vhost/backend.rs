@@ -32,7 +32,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::{bits, BlkConfig, PROTOCOL_FEATURES, PROTOCOL_FEATURES_BIT, VIRTIO_FEATURES};
 use super::request::{parse, status, RequestKind, HEADER_BYTES, ID_BYTES};
-use crate::backing::{Backing, BackingQueue, BufPool, Completion, IoOp};
+use crate::backing::{AlignedBuf, Backing, BackingQueue, BufPool, Completion, IoOp};
 use crate::engine::{DataHead, Engine, Error as EngineError, Miss};
 
 type Mem = GuestMemoryMmap<()>;
@@ -106,6 +106,9 @@ struct QueueState {
     scratch: Vec<u8>,
     /// Aligned buffers for backing reads, reused.
     bufs: BufPool,
+    /// Backing data read for completed misses, to go into the cache once
+    /// the guest has been told (`run_fills`).
+    fills: Vec<(Miss, AlignedBuf)>,
 }
 
 /// The vhost-user-blk backend for one frontend connection. The engine and
@@ -143,6 +146,7 @@ impl PcacheBlk {
                 completions: Vec::new(),
                 scratch: Vec::new(),
                 bufs: BufPool::new(MISS_BUFS_HELD),
+                fills: Vec::new(),
             }));
             let fd = EventFd::new(EFD_NONBLOCK)?;
             engine.add_space_fd(std::os::fd::AsRawFd::as_raw_fd(&fd));
@@ -253,10 +257,13 @@ impl PcacheBlk {
                 }
             }
         }
-        if self.end_batch(qs, vring) || pending > 0 {
-            notify(vring)?;
-        }
-        Ok(())
+        let signalled = if self.end_batch(qs, vring) || pending > 0 {
+            notify(vring)
+        } else {
+            Ok(())
+        };
+        self.run_fills(qs);
+        signalled
     }
 
     /// Start one popped chain; put it in the used ring if it completed.
@@ -654,8 +661,7 @@ impl PcacheBlk {
             match (&c.result, c.op) {
                 (Ok(()), IoOp::Read { buf, .. }) => {
                     p.buf[m.buf_off..m.buf_off + m.len as usize].copy_from_slice(&buf);
-                    self.engine.fill(&mut qs.head, &m, &buf);
-                    qs.bufs.give(buf);
+                    qs.fills.push((m, buf));
                 }
                 (Err(e), _) => {
                     tracing::warn!(off = m.off, len = m.len, error = %e, "backing read failed");
@@ -674,16 +680,26 @@ impl PcacheBlk {
         used
     }
 
+    /// Put the data of completed misses into the cache. Done after the
+    /// guest has been signalled: it does not need the fill, and a fill (a
+    /// copy into the medium and an index insert) per miss made it wait.
+    fn run_fills(&self, qs: &mut QueueState) {
+        for (m, buf) in std::mem::take(&mut qs.fills) {
+            self.engine.fill(&mut qs.head, &m, &buf);
+            qs.bufs.give(buf);
+        }
+    }
+
     fn on_completions(&self, qs: &mut QueueState) -> io::Result<()> {
         let st = &mut *qs;
         st.bq.poll(&mut st.completions);
         let Some(vring) = qs.vring.clone() else {
             return Ok(());
         };
-        if self.finish_reads(qs, &vring) {
-            notify(&vring)?;
-        }
-        Ok(())
+        let used = self.finish_reads(qs, &vring);
+        let signalled = if used { notify(&vring) } else { Ok(()) };
+        self.run_fills(qs);
+        signalled
     }
 
     fn on_space(&self, q: usize, qs: &mut QueueState) -> io::Result<()> {
@@ -935,6 +951,7 @@ impl VhostUserBackend for PcacheBlk {
             let qs = &mut *qs;
             qs.bq.wait(1, &mut qs.completions);
             self.finish_reads(qs, &vring);
+            self.run_fills(qs);
         }
         let started = Instant::now();
         while !qs.deferred.is_empty() {
