@@ -437,18 +437,25 @@ impl PcacheBlk {
         };
         let head = chain.head_index();
         let mem = chain.memory();
-        // As the general path: any descriptor outside guest memory means no
-        // status at all, before the header is even looked at.
-        if d[..n]
-            .iter()
-            .any(|&(a, l, _)| !mem.check_range(GuestAddress(a), l))
-        {
-            return Err(chain);
-        }
-        let Ok(header) = mem.read_obj::<[u8; HEADER_BYTES]>(GuestAddress(hdr)) else {
+        // Map header, data and status once; together they are exactly the
+        // descriptors' bytes. As on the general path, any of them outside
+        // guest memory means no status at all, before the header is read
+        // (a range spanning two regions also lands there).
+        let map = |a: u64, l: usize| mem.get_slice(GuestAddress(a), l).ok();
+        let Some(hdr) = map(hdr, HEADER_BYTES) else {
             return Err(chain);
         };
-        let Ok(st) = mem.get_slice(GuestAddress(st), 1) else {
+        let data = match data {
+            Some((a, l, w)) => match map(a, l) {
+                Some(vs) => Some((vs.ptr_guard_mut().as_ptr(), l, w)),
+                None => return Err(chain),
+            },
+            None => None,
+        };
+        let Some(st) = map(st, 1) else {
+            return Err(chain);
+        };
+        let Ok(header) = hdr.read_obj::<[u8; HEADER_BYTES]>(0) else {
             return Err(chain);
         };
         let set = |s: u8| {
@@ -474,11 +481,12 @@ impl PcacheBlk {
                 return Ok(Some((head, 1)));
             }
         };
-        // The data descriptor's bytes, mapped (parse checked the lengths).
+        // parse took a read's length from the writable bytes and a write's
+        // from the readable ones: for this layout, the data descriptor.
         let data_slice = |len: u64| {
-            let (a, _, _) = data?;
-            let vs = mem.get_slice(GuestAddress(a), len as usize).ok()?;
-            Some((vs.ptr_guard_mut().as_ptr(), len as usize))
+            let (p, l, _) = data?;
+            debug_assert_eq!(l as u64, len);
+            Some((p, l))
         };
         match kind {
             RequestKind::Read { off, len } => {
@@ -684,10 +692,13 @@ impl PcacheBlk {
     /// guest has been signalled: it does not need the fill, and a fill (a
     /// copy into the medium and an index insert) per miss made it wait.
     fn run_fills(&self, qs: &mut QueueState) {
-        for (m, buf) in std::mem::take(&mut qs.fills) {
+        // Taken and put back so the vector keeps its capacity.
+        let mut fills = std::mem::take(&mut qs.fills);
+        for (m, buf) in fills.drain(..) {
             self.engine.fill(&mut qs.head, &m, &buf);
             qs.bufs.give(buf);
         }
+        qs.fills = fills;
     }
 
     fn on_completions(&self, qs: &mut QueueState) -> io::Result<()> {
