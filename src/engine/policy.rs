@@ -165,11 +165,6 @@ impl Gate {
         }
     }
 
-    /// The policy applied.
-    pub fn policy(&self) -> WritebackPolicy {
-        self.policy
-    }
-
     /// Should a writeback pass run now, and why.
     pub fn check(&mut self, o: &Observation) -> Option<Reason> {
         if o.activity != self.activity {
