@@ -53,6 +53,10 @@ const STOP_DEFER_TIMEOUT: Duration = Duration::from_secs(30);
 /// at the end of a batch leaves it idle until the whole batch is done.
 /// Eight measured best for 4 KiB hits at QD32 (see docs/benchmarks.md).
 const NOTIFY_BATCH: usize = 8;
+/// Times `run_fills` goes back to the ring for new requests before it
+/// finishes the fills it holds.
+const FILL_RING_TURNS: usize = 64;
+
 /// Idle backing-read buffers a queue keeps for reuse.
 const MISS_BUFS_HELD: usize = 4 << 20;
 
@@ -741,13 +745,17 @@ impl PcacheBlk {
     /// first. Under a stream of misses this keeps the backing store busy
     /// instead of idle while a whole batch of fills runs.
     fn run_fills(&self, qs: &mut QueueState, vring: Option<&Vring>) -> io::Result<()> {
+        // Under a steady stream of misses new fills keep coming; after this
+        // many turns to the ring the rest are filled without looking, so
+        // the worker gets back to its other events.
+        let mut turns = FILL_RING_TURNS;
         loop {
-            if let Some(v) = vring {
+            if let Some(v) = vring.filter(|_| turns > 0) {
                 if self.avail_pending(v) {
+                    turns -= 1;
                     self.process_vring(qs, v)?;
                 }
             }
-            // Each turn fills one, so fills finish however busy the ring is.
             let Some((m, buf)) = qs.fills.pop() else {
                 return Ok(());
             };
