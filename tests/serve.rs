@@ -133,6 +133,73 @@ fn a_partly_cached_read_combines_cache_and_backing_store() {
     server.stop();
 }
 
+/// read_hits, read_misses and fill_bytes from `pcache status`.
+fn read_counters(ctl: &str) -> (u64, u64, u64) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_pcache"))
+        .args(["status", "--control", ctl, "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    (
+        v["read_hits"].as_u64().unwrap(),
+        v["read_misses"].as_u64().unwrap(),
+        v["stats"]["fill_bytes"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn misses_in_flight_together_come_from_the_backing_store_then_hit() {
+    // 32 reads, each one whole miss, all in flight at once: each goes to
+    // the backing store on its own and is answered from its read buffer;
+    // the fills that follow make the same reads hits.
+    let fill = |i: u64| ((i / 4096) as u8).wrapping_mul(31) ^ (i % 251) as u8;
+    let disk = Disk::new(16 * MIB, Some(&fill));
+    let server = disk.serve(&[]);
+    let ctl = server.control.display().to_string();
+    let mut c = Client::connect(&disk.socket, 1, 4 << 20);
+    // Distinct blocks (37 is odd, so i * 37 mod 4096 never repeats).
+    let blocks: Vec<u64> = (0..32u64).map(|i| i * 37 % 4096).collect();
+    for round in 0..2u64 {
+        c.mem()[..32 * BLOCK].fill(0);
+        for (i, &b) in blocks.iter().enumerate() {
+            let p = c.ptr(i * BLOCK);
+            c.queues[0].read(b * BLOCK as u64, p, BLOCK, i, ReqFlags::empty());
+        }
+        let mut done = 0;
+        while done < blocks.len() {
+            for (i, ret) in c.reap(0, 1) {
+                assert_eq!(ret, 0, "read {i} failed in round {round}");
+                done += 1;
+            }
+        }
+        for (i, &b) in blocks.iter().enumerate() {
+            let got = &c.mem()[i * BLOCK..(i + 1) * BLOCK];
+            let off = b * BLOCK as u64;
+            assert!(
+                got.iter()
+                    .enumerate()
+                    .all(|(j, &x)| x == fill(off + j as u64)),
+                "block {b} read wrong in round {round}"
+            );
+        }
+        // Fills run after the guest is answered: give them a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (hits, misses, filled) = loop {
+            let r = read_counters(&ctl);
+            if r.2 >= 32 * BLOCK as u64 || std::time::Instant::now() > deadline {
+                break r;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(misses, 32, "round {round}");
+        assert_eq!(hits, 32 * round, "round {round}");
+        assert_eq!(filled, 32 * BLOCK as u64, "round {round}");
+    }
+    drop(c);
+    server.stop();
+}
+
 #[test]
 fn sigterm_persists_and_a_restart_reads_everything_back() {
     let disk = Disk::new(32 * MIB, None);
