@@ -517,16 +517,17 @@ impl PcacheBlk {
                 return Ok(Some((head, 1)));
             }
         };
-        // parse took a read's length from the writable bytes and a write's
-        // from the readable ones: for this layout, the data descriptor.
-        let data_slice = |len: u64| {
-            let (p, l, _) = data?;
-            debug_assert_eq!(l as u64, len);
-            Some((p, l))
+        // The data, if it points the way the request moves data (a read's
+        // must be device-writable, a write's device-readable) and so is
+        // the length parse took. A read whose only data is readable, say,
+        // goes to the general path, which leaves those bytes alone.
+        let data_slice = |len: u64, writable: bool| match data {
+            Some((p, l, w)) if w == writable && l as u64 == len => Some((p, l)),
+            _ => None,
         };
         match kind {
             RequestKind::Read { off, len } => {
-                let Some((p, l)) = data_slice(len) else {
+                let Some((p, l)) = data_slice(len, true) else {
                     return Err(chain);
                 };
                 // SAFETY: `get_slice` checked that the bytes lie in one mapped
@@ -554,7 +555,7 @@ impl PcacheBlk {
                 Ok(None)
             }
             RequestKind::Write { off, len } => {
-                let Some((p, l)) = data_slice(len) else {
+                let Some((p, l)) = data_slice(len, false) else {
                     return Err(chain);
                 };
                 // SAFETY: as for a read; we only load from these bytes, and a
@@ -1332,6 +1333,43 @@ mod tests {
         ] {
             assert_eq!(run(&mut h, &[table]), 0, "indirect {table:?}");
         }
+    }
+
+    #[test]
+    fn data_pointing_the_wrong_way_is_neither_read_into_nor_written_from() {
+        // Found by the fuzzer: a read whose only data is device-readable (or
+        // a write whose only data is device-writable) is a zero-length
+        // request; its buffer must be left alone and the disk unchanged.
+        let mut h = rw();
+        assert!(h.write_mem(0x4000, &[0x5A; 4096]));
+        let got = request(&mut h, hdr(types::OUT, 8), &[Desc::r(0x4000, 4096)]);
+        assert_eq!(got, (1, status::OK));
+        let read_back = |h: &mut Harness| {
+            assert!(h.write_mem(0x6000, &[0; 4096]));
+            let got = request(h, hdr(types::IN, 8), &[Desc::w(0x6000, 4096)]);
+            assert_eq!(got, (4097, status::OK));
+            h.read_mem(0x6000, 4096).unwrap()
+        };
+        assert!(read_back(&mut h) == [0x5A; 4096]);
+        // A read with its data in the header's readable descriptor...
+        let mut one = hdr(types::IN, 8).to_vec();
+        one.extend_from_slice(&[0xAB; 4096]);
+        assert!(h.write_mem(0x8000, &one));
+        assert!(h.write_mem(0x3000, &[0xEE]));
+        let len = run(&mut h, &[Desc::r(0x8000, 16 + 4096), Desc::w(0x3000, 1)]);
+        assert_eq!((len, byte(&h, 0x3000)), (1, status::OK));
+        assert!(h.read_mem(0x8010, 4096).unwrap() == [0xAB; 4096]);
+        // ... or in a readable descriptor of its own.
+        assert!(h.write_mem(0x4000, &[0xAB; 4096]));
+        let got = request(&mut h, hdr(types::IN, 8), &[Desc::r(0x4000, 4096)]);
+        assert_eq!(got, (1, status::OK));
+        assert!(h.read_mem(0x4000, 4096).unwrap() == [0xAB; 4096]);
+        // A write whose data the device may only write: nothing is written.
+        assert!(h.write_mem(0x4000, &[0xC3; 4096]));
+        let got = request(&mut h, hdr(types::OUT, 8), &[Desc::w(0x4000, 4096)]);
+        assert_eq!(got, (1, status::OK));
+        assert!(h.read_mem(0x4000, 4096).unwrap() == [0xC3; 4096]);
+        assert!(read_back(&mut h) == [0x5A; 4096]);
     }
 
     #[test]
