@@ -133,14 +133,19 @@ fn a_partly_cached_read_combines_cache_and_backing_store() {
     server.stop();
 }
 
-/// read_hits, read_misses and fill_bytes from `pcache status`.
-fn read_counters(ctl: &str) -> (u64, u64, u64) {
+/// `pcache status --json` of the server on control socket `ctl`.
+fn status_json(ctl: &str) -> serde_json::Value {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_pcache"))
         .args(["status", "--control", ctl, "--json"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// read_hits, read_misses and fill_bytes from `pcache status`.
+fn read_counters(ctl: &str) -> (u64, u64, u64) {
+    let v = status_json(ctl);
     (
         v["read_hits"].as_u64().unwrap(),
         v["read_misses"].as_u64().unwrap(),
@@ -400,12 +405,7 @@ fn busy_polling_serves_the_same_data() {
 
 /// Dirty bytes and writeback progress from `pcache status --json`.
 fn dirty_and_written(ctl: &str) -> (u64, u64) {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_pcache"))
-        .args(["status", "--control", ctl, "--json"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = status_json(ctl);
     (
         v["dirty_bytes"].as_u64().unwrap(),
         v["stats"]["writeback_bytes"].as_u64().unwrap(),
