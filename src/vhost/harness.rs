@@ -595,6 +595,20 @@ impl Harness {
 
         // The model looks at the final state, as the device will.
         let walk = self.peek_chain();
+        // Device-readable buffers clear of every writable one: the device
+        // must leave them as they are.
+        let untouchable: Vec<(Desc, Vec<u8>)> = walk
+            .iter()
+            .filter(|d| !d.is_write() && d.len > 0 && d.addr >= DATA_START)
+            .filter(|d| {
+                let (a, b) = (d.addr, d.addr.saturating_add(u64::from(d.len)));
+                walk.iter().filter(|w| w.is_write()).all(|w| {
+                    let (c, e) = (w.addr, w.addr.saturating_add(u64::from(w.len)));
+                    b <= c || e <= a
+                })
+            })
+            .filter_map(|d| Some((*d, self.read_mem(d.addr, d.len as usize)?)))
+            .collect();
         let expect = self.model(head, &walk);
         let relaxed = walk
             .iter()
@@ -703,6 +717,16 @@ impl Harness {
         }
 
         assert_eq!(self.pending(), (0, 0), "requests left pending");
+        for (d, before) in &untouchable {
+            let now = self
+                .read_mem(d.addr, d.len as usize)
+                .expect("was in memory");
+            assert!(
+                now == *before,
+                "the device wrote into readable buffer {d:?}: {}",
+                describe()
+            );
+        }
         let w: u64 = walk
             .iter()
             .filter(|d| d.is_write())
@@ -845,7 +869,10 @@ impl Harness {
         for p in split(16, 1 + inp.u8() % 3, inp) {
             out.push(Desc::r(place(p, inp), p));
         }
-        let data_write = ty != types::OUT;
+        // Now and then the data points the wrong way (a read's readable, a
+        // write's writable): such a request moves no data, and the device
+        // must neither store into nor take from those buffers.
+        let data_write = (ty != types::OUT) ^ inp.u8().is_multiple_of(16);
         let mut data = Vec::new();
         for p in split(data_len, 1 + inp.u8() % 6, inp) {
             let d = Desc {
