@@ -330,6 +330,40 @@ mod tests {
         assert_eq!(pieces, vec![(5, 2, Some(101))]);
     }
 
+    /// Insert `len` sectors at `s` mapping to `src..`, in the map and in a
+    /// per-sector model.
+    fn insert_both(
+        m: &mut ExtentMap<u16, T>,
+        model: &mut [Option<u64>],
+        s: u64,
+        len: u64,
+        src: u64,
+    ) {
+        m.insert(
+            s,
+            T {
+                len: len as u32,
+                src,
+            },
+        );
+        for k in 0..len {
+            model[(s + k) as usize] = Some(src + k);
+        }
+    }
+
+    /// The whole map as the model sees it: per sector, its source or none.
+    fn flatten(m: &ExtentMap<u16, T>) -> Vec<Option<u64>> {
+        let mut got = vec![None::<u64>; 8192];
+        m.lookup(0, 8192, |ps, pl, e| {
+            if let Some((_, t)) = e {
+                for k in 0..pl {
+                    got[(ps + k) as usize] = Some(t.src + k);
+                }
+            }
+        });
+        got
+    }
+
     #[test]
     fn overwrites_of_whole_blocks_match_a_simple_interval_map() {
         // 8-sector blocks written again and again (the exact-overwrite fast
@@ -344,27 +378,9 @@ mod tests {
                 let s = rng.gen_range(0..8192u64);
                 (s, rng.gen_range(1..=(8192 - s).min(40)))
             };
-            let src = i * 100_000;
-            m.insert(
-                s,
-                T {
-                    len: len as u32,
-                    src,
-                },
-            );
-            for k in 0..len {
-                model[(s + k) as usize] = Some(src + k);
-            }
+            insert_both(&mut m, &mut model, s, len, i * 100_000);
             if i % 1000 == 0 || i == 19_999 {
-                let mut got = vec![None::<u64>; 8192];
-                m.lookup(0, 8192, |ps, pl, e| {
-                    if let Some((_, t)) = e {
-                        for k in 0..pl {
-                            got[(ps + k) as usize] = Some(t.src + k);
-                        }
-                    }
-                });
-                assert!(got == model, "op {i}");
+                assert!(flatten(&m) == model, "op {i}");
                 #[cfg(debug_assertions)]
                 m.assert_invariants();
             }
@@ -382,27 +398,9 @@ mod tests {
                 let s = rng.gen_range(0..8192u64);
                 let cap = if rng.gen_bool(0.1) { 8192 } else { 64 };
                 let len = rng.gen_range(1..=(8192 - s).min(cap));
-                let src = round * 1_000_000 + i * 10_000;
-                m.insert(
-                    s,
-                    T {
-                        len: len as u32,
-                        src,
-                    },
-                );
-                for k in 0..len {
-                    model[(s + k) as usize] = Some(src + k);
-                }
+                insert_both(&mut m, &mut model, s, len, round * 1_000_000 + i * 10_000);
                 if i % 50 == 0 {
-                    let mut got = vec![None::<u64>; 8192];
-                    m.lookup(0, 8192, |ps, pl, e| {
-                        if let Some((_, t)) = e {
-                            for k in 0..pl {
-                                got[(ps + k) as usize] = Some(t.src + k);
-                            }
-                        }
-                    });
-                    assert_eq!(got, model, "round {round} op {i}");
+                    assert_eq!(flatten(&m), model, "round {round} op {i}");
                 }
             }
         }
