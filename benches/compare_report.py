@@ -246,19 +246,21 @@ def ten_x_bounds(m, res):
     p50, p50poll = m("pcache", "wf1", "lat_us", "p50"), m("pcache", "wf1poll", "lat_us", "p50")
     if None not in (pf, df, p50, p50poll) and df > 0 and pf < 10 * df:
         pair = 1e6 / df
+        poll_ratio = ratio(m("pcache", "wf1poll", "iops"), m("direct", "wf1poll", "iops"))
         out.append(f"- *write + FLUSH QD1 at 10x the raw file* needs each write and FLUSH pair within "
                    f"{pair / 10:.1f} µs ({pair:.0f} µs on the raw file), {pair / 20:.1f} µs per request. pcache's "
                    f"p50 per request is {fmt(p50)} µs with the interrupt-driven client and {fmt(p50poll)} µs when "
                    f"the client polls: {fmt(p50 - p50poll)} µs of each request is the client being woken for its "
                    "completion (an idle vCPU on this machine). With the polling client the same load is "
                    f"{fmt(m('pcache', 'wf1poll', 'iops'))} writes/s, "
-                   f"{ratio_or_dash(m('pcache', 'wf1poll', 'iops'), m('direct', 'wf1poll', 'iops'))} the raw "
+                   f"{'-' if poll_ratio is None else f'{poll_ratio:.1f}x'} the raw "
                    "file with the same client (the row in the next table).")
     return out
 
 
-def ratio_or_dash(a, b):
-    return f"{a / b:.1f}x" if a is not None and b not in (None, 0) else "-"
+def ratio(a, b):
+    """a / b, or None when either is missing (or b is 0)."""
+    return a / b if a is not None and b not in (None, 0) else None
 
 
 def main():
@@ -310,9 +312,6 @@ def main():
         all_tbl.append("| " + " | ".join([r[0], r[1], str(r[2])] + [fmt(v) for v in r[3:9]] + [r[9]]) + " |")
 
     # --- targets ---
-    def ratio(a_, b_):
-        return a_ / b_ if a_ is not None and b_ not in (None, 0) else None
-
     targets = [
         ("4 KiB random write QD32, 1 queue, cache hit", "IOPS",
          m("pcache", "w32", "iops"), "QSD null-co", m("null", "w32", "iops"), ">=", 1.0),
