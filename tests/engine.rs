@@ -326,3 +326,79 @@ fn writeback_to_a_real_file_makes_it_complete() {
         "backing file differs from what was written"
     );
 }
+
+#[test]
+fn a_completed_write_survives_the_process_without_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = new_cache(dir.path(), opts(64 << 20));
+    let e = open(&path).unwrap();
+    let mut head = DataHead::default();
+    let data = pattern(7, 12288);
+    e.write(&mut head, 1 << 20, &data).unwrap();
+    // One key in an open kset, no flush, no shutdown: the process dies.
+    drop(e);
+    let e = open(&path).unwrap();
+    assert_eq!(e.stats().snapshot().replay_staged_keys, 1);
+    let mut got = vec![0u8; data.len()];
+    let mut misses = Vec::new();
+    e.read(1 << 20, &mut got, &mut misses).unwrap();
+    assert!(misses.is_empty(), "the write is cached: {misses:?}");
+    assert_eq!(got, data);
+    // Opening appended the slot's keys to the log and emptied the slot.
+    drop(e);
+    let e = open(&path).unwrap();
+    assert_eq!(e.stats().snapshot().replay_staged_keys, 0);
+    e.read(1 << 20, &mut got, &mut misses).unwrap();
+    assert!(misses.is_empty() && got == data);
+}
+
+#[test]
+fn a_staged_key_that_passes_its_crc_but_is_impossible_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = new_cache(dir.path(), opts(64 << 20));
+    let e = open(&path).unwrap();
+    let fid = e.superblock().format_id();
+    let mut head = DataHead::default();
+    e.write(&mut head, 0, &pattern(1, 4096)).unwrap();
+    // Slot 0 now holds one key of the current era: forge a second, sealed
+    // with a valid crc, that ends past the 64 MiB backing store.
+    let mut hdr = [0u8; format::SLOT_HEADER_BYTES];
+    e.region().read(format::slot_off(0), &mut hdr);
+    let seq = format::SlotHeader::decode(&hdr).seq;
+    drop(e);
+    let bad = format::KeyOnMedia {
+        off: 64 << 20,
+        len: 4096,
+        flags: 0,
+        seg: 0,
+        seg_off: 0,
+        gen: 0,
+        data_crc: 0,
+    };
+    let bytes = format::encode_staged(&bad, fid, 0, seq);
+    let region = Region::open(&path, RegionOptions::default()).unwrap();
+    region.write(format::staged_key_off(0, 1), &bytes);
+    drop(region);
+    match open(&path) {
+        Err(Error::Format(format::Error::Corrupt { what, offset, .. })) => {
+            assert_eq!(what, "kset key");
+            assert_eq!(offset, format::staged_key_off(0, 1));
+        }
+        other => panic!("expected a corrupt staged key, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_guests_write_cache_choice_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = new_cache(dir.path(), opts(64 << 20));
+    let e = open(&path).unwrap();
+    assert!(!e.guest_writethrough(), "a new cache starts write-back");
+    e.set_guest_writethrough(true).unwrap();
+    drop(e);
+    let e = open(&path).unwrap();
+    assert!(e.guest_writethrough());
+    e.set_guest_writethrough(false).unwrap();
+    drop(e);
+    assert!(!open(&path).unwrap().guest_writethrough());
+}

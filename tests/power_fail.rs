@@ -1,13 +1,18 @@
-//! Power failures of the cache medium and of the backing store.
+//! Power failures and process deaths, of the cache medium and of the
+//! backing store.
 //!
 //! The cache medium records every store between persistence barriers; at a
-//! crash point it keeps everything persisted and a random half of the
-//! 8-byte words stored since (real pmem is atomic only per 8 bytes), and the
-//! engine replays that image. The backing store loses every write not
-//! covered by a completed flush. Guards against: a kset durable before the
-//! data it points to, a torn record taken for a valid one, a tail written
-//! into the replica that held the newest copy, a kset from an earlier lap
-//! replayed, and writeback exposing a later flush epoch before an earlier
+//! power-failure point it keeps everything persisted and a random part of
+//! the 8-byte words stored since (real pmem is atomic only per 8 bytes), and
+//! the engine replays that image: every flushed write must be there. At a
+//! process-death point every store made so far stays (the page cache keeps
+//! it) and none after it counts: every completed write, flushed or not,
+//! must be there. The backing store loses every write not covered by a
+//! completed flush. Guards against: a kset durable before the data it points
+//! to, a torn record taken for a valid one, a tail written into the replica
+//! that held the newest copy, a kset from an earlier lap replayed, a key of
+//! an open kset lost with the process (or replayed from an earlier era of
+//! its slot), and writeback exposing a later flush epoch before an earlier
 //! one is complete.
 //!
 //! `PCACHE_CRASH_POINTS` sets the number of crash points (default 3000),
@@ -70,8 +75,17 @@ fn open(r: &Arc<Region>) -> Arc<Engine> {
         .unwrap_or_else(|e| panic!("open after power failure: {e}"))
 }
 
+/// What a crash point does to the cache medium.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Crash {
+    /// The power goes: unpersisted words may revert.
+    Power,
+    /// The process dies: nothing stored reverts.
+    Process,
+}
+
 #[test]
-fn power_failures_at_random_points_lose_no_flushed_write() {
+fn power_failures_and_process_deaths_at_random_points_lose_nothing_promised() {
     let points: u64 = std::env::var("PCACHE_CRASH_POINTS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -87,8 +101,8 @@ fn power_failures_at_random_points_lose_no_flushed_write() {
     let mut q = BackingQueue::new(backing.clone(), 16);
     let mut e = open(&region);
     let mut head = DataHead::default();
-    // Model: durable id per sector (as of the last completed flush) and ids
-    // written since.
+    // Model: durable id per sector (as of the last completed flush), the id
+    // of the last completed write, and ids written since the flush.
     let mut durable = vec![0u64; SECTORS as usize];
     let mut cur = vec![0u64; SECTORS as usize];
     let mut since: HashMap<u64, Vec<u64>> = HashMap::new();
@@ -97,12 +111,20 @@ fn power_failures_at_random_points_lose_no_flushed_write() {
         (0usize, 0usize, 0u64, 0u64);
     let mut buf = vec![0u8; 256 * SECTOR as usize];
     let (mut mid_op, mut discarded_total) = (0u64, 0usize);
+    let (mut deaths, mut staged_total) = (0u64, 0u64);
     for point in 0..points {
-        // Most crash points fall inside an operation: the power goes after
+        let kind = if rng.gen_bool(0.5) {
+            Crash::Power
+        } else {
+            Crash::Process
+        };
+        // Most crash points fall inside an operation: the crash comes after
         // a random number of stores and nothing after it counts.
         if rng.gen_bool(0.9) {
             region.arm_power_failure(rng.gen_range(1..60));
         }
+        // The write that was running when the crash came (not completed).
+        let mut in_progress: Option<(u64, u64, u64)> = None;
         for _ in 0..rng.gen_range(1..40) {
             match rng.gen_range(0..100) {
                 0..=59 => {
@@ -139,8 +161,12 @@ fn power_failures_at_random_points_lose_no_flushed_write() {
                             Err(err) => panic!("seed {seed} point {point}: write: {err}"),
                         }
                     }
-                    for i in s..s + n {
-                        cur[i as usize] = id;
+                    if region.power_failed() {
+                        in_progress = Some((s, n, id));
+                    } else {
+                        for i in s..s + n {
+                            cur[i as usize] = id;
+                        }
                     }
                     writes += 1;
                 }
@@ -184,17 +210,24 @@ fn power_failures_at_random_points_lose_no_flushed_write() {
                 break;
             }
         }
-        // Power failure: both media lose what was not persisted.
+        // The crash: the cache medium keeps what this kind of crash keeps;
+        // the backing store loses what it was not asked to flush.
         drop(e);
         head = DataHead::default();
-        let r = region.simulate_power_failure(seed ^ point);
+        let r = match kind {
+            Crash::Power => region.simulate_power_failure(seed ^ point),
+            Crash::Process => {
+                deaths += 1;
+                region.simulate_process_death()
+            }
+        };
         pending_total += r.pending_words;
         reverted_total += r.reverted_words;
         discarded_total += r.discarded_words;
         backing.crash();
         e = open(&region);
         e.assert_invariants();
-        // Every sector holds its flushed value or a later one; adopt it.
+        staged_total += e.stats().snapshot().replay_staged_keys;
         let mut s = 0;
         while s < SECTORS {
             let n = 256.min(SECTORS - s);
@@ -204,14 +237,27 @@ fn power_failures_at_random_points_lose_no_flushed_write() {
                 let sec = s + i;
                 let got = sector_id(&b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize], sec)
                     .unwrap_or_else(|m| panic!("seed {seed} point {point}: {m}"));
-                let ok = got == durable[sec as usize]
-                    || since.get(&sec).is_some_and(|v| v.contains(&got));
+                let running = in_progress
+                    .is_some_and(|(s, n, id)| (s..s + n).contains(&sec) && got == id);
+                let ok = match kind {
+                    // Every flushed write, or something written after it.
+                    Crash::Power => {
+                        got == durable[sec as usize]
+                            || since.get(&sec).is_some_and(|v| v.contains(&got))
+                    }
+                    // Every completed write, or the one that was running.
+                    Crash::Process => got == cur[sec as usize] || running,
+                };
                 assert!(
                     ok,
-                    "seed {seed} point {point}: sector {sec} holds {got}; flushed {} or later {:?}",
+                    "seed {seed} point {point}: after a {} sector {sec} holds {got}; \
+                     flushed {}, completed {}, running {in_progress:?}, later {:?}",
+                    if kind == Crash::Power { "power failure" } else { "process death" },
                     durable[sec as usize],
+                    cur[sec as usize],
                     since.get(&sec)
                 );
+                // Adopt it: it is what the disk holds now.
                 durable[sec as usize] = got;
                 cur[sec as usize] = got;
             }
@@ -220,13 +266,18 @@ fn power_failures_at_random_points_lose_no_flushed_write() {
         since.clear();
     }
     println!(
-        "power failures (seed {seed}): {points} crash points ({mid_op} inside an operation), {writes} writes, \
-         {flushes} flushes, {pending_total} unpersisted words at crash time, {reverted_total} reverted, \
-         {discarded_total} stored after the crash discarded"
+        "crash points (seed {seed}): {points} ({mid_op} inside an operation, {deaths} process deaths), \
+         {writes} writes, {flushes} flushes, {pending_total} unpersisted words at crash time, \
+         {reverted_total} reverted, {discarded_total} stored after the crash discarded, \
+         {staged_total} keys replayed from kset slots"
     );
     assert!(
         reverted_total > 0,
         "no crash point had unpersisted stores: the simulation tested nothing"
+    );
+    assert!(
+        deaths > 0 && staged_total > 0,
+        "no process death found keys in the kset slots: the simulation tested nothing"
     );
 }
 

@@ -1,25 +1,35 @@
 //! Open ksets and the key log.
 //!
-//! Keys collect in DRAM ksets, one per group of 4 MiB regions (a key goes
-//! to kset `region % n_ksets`, as in dm-pcache), so keys that can overlap
+//! Keys collect in open ksets, one per group of 4 MiB regions (a key goes
+//! to kset `region % 16`, as in dm-pcache), so keys that can overlap
 //! always pass through the same kset in the order they entered the index:
 //! log order equals index order, which replay relies on. A kset is closed
 //! (appended to the log) when it holds 128 keys, on flush, or when its
 //! first key is a second old.
+//!
+//! Every key an open kset takes is also stored in the kset's slot on the
+//! medium before the request that made it completes (`format/slot.rs`), so
+//! the death of the process loses no completed write. Differs from
+//! dm-pcache, whose open ksets live in DRAM only: a kernel target does not
+//! outlive its open ksets, a daemon does.
 
 use std::time::{Duration, Instant};
 
 use super::segment::SegKind;
 use super::{stats, Engine, Error, Result};
 use crate::format::{
-    data_off, encode_kset, encode_last, KeyOnMedia, PosOnMedia, KEY_BYTES, KSET_HEADER_BYTES,
-    KSET_KEYS_MAX, KSET_MAX_BYTES, SEG_DATA_BYTES,
+    data_off, encode_kset, encode_last, encode_staged, slot_off, staged_key_off, KeyOnMedia,
+    PosOnMedia, KEY_BYTES, KSET_HEADER_BYTES, KSET_KEYS_MAX, KSET_MAX_BYTES, SEG_DATA_BYTES,
+    SLOT_CLOSING_OFF, SLOT_SEQ_OFF,
 };
 
 /// How long a key may wait in an open kset (1 s, as dm-pcache).
 pub const KSET_MAX_AGE: Duration = Duration::from_secs(1);
 
-/// A kset being filled in DRAM.
+/// A kset being filled: its keys in DRAM, mirrored in its slot.
+///
+/// # Invariants
+/// - Keys `0..n` are stored in slot `slot` under era `seq`, in order.
 #[derive(Debug)]
 pub struct OpenKset {
     /// `n` encoded keys.
@@ -28,27 +38,47 @@ pub struct OpenKset {
     /// Dirty bytes among the keys (for the dirty counter).
     dirty: u64,
     opened: Option<Instant>,
+    /// Which slot on the medium mirrors this kset.
+    slot: usize,
+    /// The slot's current era.
+    seq: u64,
 }
 
-impl Default for OpenKset {
-    fn default() -> Self {
+impl OpenKset {
+    /// An empty kset mirrored by slot `slot`, whose era is `seq`.
+    pub fn new(slot: usize, seq: u64) -> OpenKset {
         OpenKset {
             keys: vec![0u8; KSET_KEYS_MAX * KEY_BYTES].into_boxed_slice(),
             n: 0,
             dirty: 0,
             opened: None,
+            slot,
+            seq,
         }
     }
-}
 
-impl OpenKset {
+    /// The slot's current era.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Take up the keys a slot of era `seq` already holds (replay), in
+    /// DRAM only: they are in the slot.
+    pub(super) fn resume(&mut self, seq: u64, keys: &[KeyOnMedia]) {
+        debug_assert!(self.n == 0 && keys.len() <= KSET_KEYS_MAX);
+        self.seq = seq;
+        for k in keys {
+            self.push(k, k.flags & crate::format::KEY_FLAG_CLEAN == 0);
+        }
+    }
+
     /// Full (must close before appending)?
     pub fn is_full(&self) -> bool {
         self.n == KSET_KEYS_MAX
     }
 
-    /// Add a key; the caller closed the kset first if it was full.
-    pub fn push(&mut self, key: &KeyOnMedia, dirty: bool) {
+    /// Add a key in DRAM only (the caller stores it in the slot).
+    fn push(&mut self, key: &KeyOnMedia, dirty: bool) {
         debug_assert!(!self.is_full());
         let at = self.n * KEY_BYTES;
         key.encode(&mut self.keys[at..at + KEY_BYTES]);
@@ -75,16 +105,41 @@ pub struct LogHead {
 }
 
 impl Engine {
+    /// Add `key` to the open kset `ks`: store it in the kset's slot on the
+    /// medium, then keep it in DRAM. Once this returns, the key survives the
+    /// death of the process (a plain store into the shared mapping); it
+    /// survives power loss once the kset is closed.
+    pub(super) fn kset_push(&self, ks: &mut OpenKset, key: &KeyOnMedia, dirty: bool) {
+        let staged = encode_staged(key, self.sb.format_id(), ks.slot, ks.seq);
+        self.region.write(staged_key_off(ks.slot, ks.n), &staged);
+        ks.push(key, dirty);
+    }
+
+    /// Start a new era in `ks`'s slot, holding no keys: store the new `seq`
+    /// first (every staged key fails its crc from then on), then clear
+    /// `closing`. Each is one 8-byte store.
+    pub(super) fn slot_reset(&self, ks: &mut OpenKset, seq: u64) {
+        let at = slot_off(ks.slot);
+        self.region.write(at + SLOT_SEQ_OFF, &seq.to_le_bytes());
+        self.region.write(at + SLOT_CLOSING_OFF, &0u64.to_le_bytes());
+        ks.seq = seq;
+        ks.n = 0;
+        ks.dirty = 0;
+        ks.opened = None;
+    }
+
     /// Append the open kset `ks` to the log.
     ///
     /// Persistence order:
     /// 1. If the kset and a following header do not fit in the current log
     ///    segment: zero the first header of a new log segment, write a LAST
     ///    kset pointing at it, persist, and move key_head there.
-    /// 2. Persist, so the keys' data is durable before the kset can be.
+    /// 2. Mark the slot `closing` with the kset's LSN, then persist: the
+    ///    keys' data, and the mark, are durable before the kset can be. From
+    ///    the moment the kset is in the log, replay skips the slot.
     /// 3. Write the kset and a zeroed header after it (the terminator), then
     ///    persist.
-    /// 4. Only then advance key_head.
+    /// 4. Only then advance key_head, and empty the slot (a new era).
     pub(super) fn kset_close(&self, ks: &mut OpenKset) -> Result<()> {
         if ks.n == 0 {
             return Ok(());
@@ -109,9 +164,14 @@ impl Engine {
                 lsn: log.pos.lsn + 1,
             };
         }
-        // The keys' data must be durable before the kset that points to it
-        // (on a plain file this msyncs it; on DAX each writer already
-        // fenced its own data, and this is one more sfence).
+        // (2) The keys' data must be durable before the kset that points to
+        // it (on a plain file this msyncs it; on DAX each writer already
+        // fenced its own data, and this is one more sfence), and so must the
+        // mark that the slot is going into the log as this LSN.
+        self.region.write(
+            slot_off(ks.slot) + SLOT_CLOSING_OFF,
+            &log.pos.lsn.to_le_bytes(),
+        );
         self.persist()?;
         let mut image = [0u8; KSET_MAX_BYTES];
         let n = encode_kset(
@@ -131,9 +191,7 @@ impl Engine {
         drop(log);
         stats::add(&self.stats.dirty_bytes, ks.dirty);
         stats::add(&self.stats.ksets_closed, 1);
-        ks.n = 0;
-        ks.dirty = 0;
-        ks.opened = None;
+        self.slot_reset(ks, ks.seq + 1);
         self.writeback_kick.kick();
         Ok(())
     }

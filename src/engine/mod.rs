@@ -315,6 +315,31 @@ impl Engine {
         Ok(())
     }
 
+    /// Did the guest turn its write cache off (virtio-blk CONFIG_WCE)? The
+    /// frontend sets it once and does not repeat it to a restarted backend,
+    /// so the cache keeps it.
+    pub fn guest_writethrough(&self) -> bool {
+        let s = self.settings.lock().expect("settings lock");
+        s.info.flags & format::CACHE_FLAG_WRITETHROUGH != 0
+    }
+
+    /// Record the guest's write-cache choice and persist it (nothing is
+    /// written when it does not change).
+    pub fn set_guest_writethrough(&self, on: bool) -> Result<()> {
+        self.check_writable()?;
+        let mut s = self.settings.lock().expect("settings lock");
+        let mut info = s.info;
+        if on {
+            info.flags |= format::CACHE_FLAG_WRITETHROUGH;
+        } else {
+            info.flags &= !format::CACHE_FLAG_WRITETHROUGH;
+        }
+        if info == s.info {
+            return Ok(());
+        }
+        self.write_settings(&mut s, info)
+    }
+
     fn shard(&self, region: u64) -> Option<&Mutex<Shard>> {
         self.shards.get(region as usize)?.get().map(|b| &**b)
     }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::kset::{LogHead, OpenKset};
+use super::replay::Staged;
 use super::segment::SegTable;
 use super::{Engine, Error, Kick, Result, Settings, Stats, Tail};
 use crate::format::{
@@ -13,6 +14,7 @@ use crate::format::{
     FORMAT_VERSION, KEY_TAIL_OFF, KSET_HEADER_BYTES, REGION_BYTES, SB_OFF, SEGMENTS_OFF,
     SEG_DATA_OFF, SEG_GEN_OFF, SEG_INFO_OFF, SEG_INFO_TYPE_DATA,
 };
+use crate::format::{KEY_FLAG_CLEAN, KSET_SLOTS};
 use crate::pmem::Region;
 
 /// Settings for a new cache.
@@ -40,21 +42,10 @@ impl Default for FormatOptions {
 }
 
 /// How to open a cache.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
-    /// Open ksets (keys of 4 MiB region r go to kset r % n_ksets).
-    pub n_ksets: usize,
     /// Never write to the medium (inspect, check).
     pub read_only: bool,
-}
-
-impl Default for OpenOptions {
-    fn default() -> Self {
-        OpenOptions {
-            n_ksets: 16,
-            read_only: false,
-        }
-    }
 }
 
 fn read_vec(region: &Region, off: u64, len: usize) -> Vec<u8> {
@@ -244,7 +235,6 @@ impl Engine {
         }
 
         let n_regions = sb.backing_bytes.div_ceil(REGION_BYTES) as usize;
-        let n_ksets = opts.n_ksets.max(1);
         let engine = Engine {
             sb,
             n_segs,
@@ -259,8 +249,9 @@ impl Engine {
             }),
             segs: SegTable::new(gens),
             shards: (0..n_regions).map(|_| OnceLock::new()).collect(),
-            ksets: (0..n_ksets)
-                .map(|_| Mutex::new(OpenKset::default()))
+            // Eras are set from the slots once they are replayed.
+            ksets: (0..KSET_SLOTS)
+                .map(|i| Mutex::new(OpenKset::new(i, 0)))
                 .collect(),
             log: Mutex::new(LogHead {
                 pos: key_tail.rec,
@@ -289,15 +280,32 @@ impl Engine {
             region,
         };
         let started = std::time::Instant::now();
-        engine.replay()?;
+        let (_, staged) = engine.replay()?;
         let s = engine.stats.snapshot();
+        let staged_keys: usize = staged.iter().map(|(_, k)| k.len()).sum();
         tracing::info!(
             keys = s.replay_keys,
             stale = s.replay_stale_keys,
+            staged_keys,
             key_head = ?engine.key_head(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "replayed key log"
         );
+        engine
+            .stats
+            .replay_staged_keys
+            .store(staged_keys as u64, std::sync::atomic::Ordering::Relaxed);
+        if opts.read_only {
+            let dirty = staged
+                .iter()
+                .flat_map(|(_, k)| k)
+                .filter(|k| k.flags & KEY_FLAG_CLEAN == 0)
+                .map(|k| k.len as u64)
+                .sum();
+            super::stats::add(&engine.stats.dirty_bytes, dirty);
+        } else {
+            engine.relog_staged(staged)?;
+        }
         if !opts.read_only
             && engine.settings.lock().expect("settings lock").info.flags & CACHE_FLAG_INIT_DONE == 0
         {
@@ -307,6 +315,27 @@ impl Engine {
             engine.write_settings(&mut s, info)?;
         }
         Ok(Arc::new(engine))
+    }
+
+    /// Append the keys found in the kset slots to the log, then start a new
+    /// era in every slot and persist it.
+    ///
+    /// Each slot with keys is closed like any open kset (marked `closing`,
+    /// so a death before it is emptied does not replay it twice). A new era
+    /// is the slot's era + 2, persisted before any key is staged in it: the
+    /// persisted era is never more than one behind the one stored (each
+    /// close persists the slot before it starts the next era), so after a
+    /// power failure too the new era is above every era ever used, and no
+    /// key of an earlier one can pass for a key of this one.
+    fn relog_staged(&self, staged: Staged) -> Result<()> {
+        for (slot, (seq, keys)) in staged.into_iter().enumerate() {
+            let mut ks = self.ksets[slot].lock().expect("kset lock");
+            ks.resume(seq, &keys);
+            self.kset_close(&mut ks)?;
+            let next = ks.seq() + 2;
+            self.slot_reset(&mut ks, next);
+        }
+        self.persist()
     }
 
     /// Persist new settings into the replica that is not the newest.

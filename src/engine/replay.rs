@@ -12,14 +12,22 @@
 //! segment and crashed before persisting key_tail) and is skipped.
 //! Differs from dm-pcache: the gen is checked before any data CRC, so a
 //! stale key in a reused segment never fails the open.
+//!
+//! After the log, the kset slots: the keys the open ksets held when the
+//! last process stopped, which completed writes but never reached the log.
+//! A slot whose keys went into the log (its `closing` LSN is before the
+//! log's end) is skipped; otherwise its keys, up to the first one that
+//! fails its crc, are newer than every logged key of their regions and go
+//! into the index after them. The caller appends them to the log.
 
 use std::sync::atomic::Ordering;
 
 use super::key::CacheExt;
 use super::{region_of, Engine, Result};
 use crate::format::{
-    self, data_off, KsetEnd, KsetView, PosOnMedia, KEY_FLAG_CLEAN, KSET_MAX_BYTES, REGION_BYTES,
-    SECTOR_BYTES, SEG_DATA_BYTES,
+    self, data_off, decode_staged, slot_off, staged_key_off, KeyOnMedia, KsetEnd, KsetView,
+    PosOnMedia, SlotHeader, KEY_BYTES, KEY_FLAG_CLEAN, KSET_SLOTS, KSET_MAX_BYTES, REGION_BYTES,
+    SECTOR_BYTES, SEG_DATA_BYTES, SLOT_HEADER_BYTES, SLOT_KEYS_MAX,
 };
 
 /// Why the log ended where it did (for `check` and logs).
@@ -30,6 +38,10 @@ pub struct LogEnd {
     /// What was found there.
     pub reason: KsetEnd,
 }
+
+/// Keys found in the kset slots at open: per slot, its era and its keys in
+/// order (empty for a slot with nothing to replay).
+pub(super) type Staged = Vec<(u64, Vec<KeyOnMedia>)>;
 
 /// Keys gathered before they are inserted into the index, in parallel by
 /// shard (64 Ki keys: 2.5 MiB of buffer).
@@ -141,19 +153,59 @@ impl Engine {
             .find_map(|s| probe(s, 0).map(|lsn| ((s, 0), lsn)))
     }
 
-    pub(super) fn replay(&self) -> Result<LogEnd> {
-        let mut uses = vec![Use::Free; self.n_segs as usize];
+    /// Validate a replayed key found at device offset `at` and, unless it
+    /// is stale, take its segment reference and queue it for the index.
+    /// Returns whether it was taken.
+    fn take_key(&self, key: &KeyOnMedia, at: u64, r: &mut Replay) -> Result<bool> {
+        key.validate(self.n_segs, self.backing_bytes, at)?;
+        if key.gen != self.segs.gen(key.seg) {
+            r.stale += 1;
+            return Ok(false);
+        }
+        match r.uses[key.seg as usize] {
+            Use::Log => {
+                return Err(format::Error::Corrupt {
+                    what: "kset key",
+                    offset: at,
+                    detail: format!("points into log segment {}", key.seg),
+                }
+                .into());
+            }
+            Use::Free => {
+                r.uses[key.seg as usize] = Use::Data;
+                self.segs.mark_used(key.seg);
+            }
+            Use::Data => {}
+        }
+        self.segs.get_ref(key.seg);
+        let region = region_of(key.off);
+        let start = (key.off & (REGION_BYTES - 1)) / SECTOR_BYTES;
+        r.batch.push((region, start, CacheExt::from_key(key)));
+        if r.batch.len() == REPLAY_BATCH {
+            self.insert_batch(&r.batch);
+            r.batch.clear();
+        }
+        r.keys += 1;
+        Ok(true)
+    }
+
+    /// Replay the log, then the kset slots. Returns where the log ends and
+    /// the slots' keys, which are in the index but not yet in the log.
+    pub(super) fn replay(&self) -> Result<(LogEnd, Staged)> {
         let key_tail = self.key_tail();
         let dirty_tail = self.dirty_tail();
         let mut pos = key_tail;
-        uses[pos.seg as usize] = Use::Log;
+        let mut r = Replay {
+            uses: vec![Use::Free; self.n_segs as usize],
+            batch: Vec::with_capacity(REPLAY_BATCH),
+            keys: 0,
+            stale: 0,
+        };
+        r.uses[pos.seg as usize] = Use::Log;
         let mut seen_dirty = false;
         let mut dirty_bytes = 0u64;
-        let mut keys = 0u64;
-        let mut stale = 0u64;
         let mut max_epoch = 0u64;
         let mut buf = [0u8; KSET_MAX_BYTES];
-        let mut batch = Vec::with_capacity(REPLAY_BATCH);
         let corrupt = |pos: PosOnMedia, detail: String| -> super::Error {
             format::Error::Corrupt {
                 what: "key log",
@@ -180,13 +232,13 @@ impl Engine {
             max_epoch = max_epoch.max(h.epoch);
             if h.is_last() {
                 let next = h.next_seg;
-                if uses[next as usize] != Use::Free {
+                if r.uses[next as usize] != Use::Free {
                     return Err(corrupt(
                         pos,
                         format!("LAST kset links to segment {next}, which the log already uses"),
                     ));
                 }
-                uses[next as usize] = Use::Log;
+                r.uses[next as usize] = Use::Log;
                 pos = PosOnMedia {
                     seg: next,
                     off: 0,
@@ -197,42 +249,17 @@ impl Engine {
             for (i, key) in view.iter().enumerate() {
                 let at = data_off(pos.seg, pos.off)
                     + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
-                key.validate(self.n_segs, self.backing_bytes, at)?;
-                if key.gen != self.segs.gen(key.seg) {
-                    stale += 1;
-                    continue;
-                }
-                match uses[key.seg as usize] {
-                    Use::Log => {
-                        return Err(corrupt(
-                            pos,
-                            format!("key {i} points into log segment {}", key.seg),
-                        ));
-                    }
-                    Use::Free => {
-                        uses[key.seg as usize] = Use::Data;
-                        self.segs.mark_used(key.seg);
-                    }
-                    Use::Data => {}
-                }
-                self.segs.get_ref(key.seg);
-                let region = region_of(key.off);
-                let start = (key.off & (REGION_BYTES - 1)) / SECTOR_BYTES;
-                batch.push((region, start, CacheExt::from_key(&key)));
-                if batch.len() == REPLAY_BATCH {
-                    self.insert_batch(&batch);
-                    batch.clear();
-                }
-                keys += 1;
-                if seen_dirty && key.flags & KEY_FLAG_CLEAN == 0 {
+                if self.take_key(&key, at, &mut r)?
+                    && seen_dirty
+                    && key.flags & KEY_FLAG_CLEAN == 0
+                {
                     dirty_bytes += key.len as u64;
                 }
             }
             pos.off += h.bytes() as u32;
             pos.lsn += 1;
         };
-        self.insert_batch(&batch);
-        if let Some((at, lsn)) = self.find_later_kset(pos, &uses) {
+        if let Some((at, lsn)) = self.find_later_kset(pos, &r.uses) {
             return Err(corrupt(
                 pos,
                 format!(
@@ -252,7 +279,13 @@ impl Engine {
             }
             .into());
         }
-        for (seg, u) in uses.iter().enumerate() {
+        // The slots' keys are newer than every logged key of their regions,
+        // so they go into the index after the whole log.
+        self.insert_batch(&r.batch);
+        r.batch.clear();
+        let staged = self.replay_slots(pos.lsn, &mut r)?;
+        self.insert_batch(&r.batch);
+        for (seg, u) in r.uses.iter().enumerate() {
             if *u == Use::Log {
                 self.segs.mark_used(seg as u32);
             }
@@ -264,8 +297,49 @@ impl Engine {
         log.epoch = max_epoch + 1;
         drop(log);
         self.stats.dirty_bytes.store(dirty_bytes, Ordering::Relaxed);
-        self.stats.replay_keys.store(keys, Ordering::Relaxed);
-        self.stats.replay_stale_keys.store(stale, Ordering::Relaxed);
-        Ok(LogEnd { head: pos, reason })
+        self.stats.replay_keys.store(r.keys, Ordering::Relaxed);
+        self.stats
+            .replay_stale_keys
+            .store(r.stale, Ordering::Relaxed);
+        Ok((LogEnd { head: pos, reason }, staged))
     }
+
+    /// Read every kset slot. A slot whose keys went into the log before
+    /// `log_end_lsn` is skipped; the others' keys are read up to the first
+    /// that fails its crc, validated and queued for the index like logged
+    /// keys (a key that passes its crc but is impossible fails the open).
+    fn replay_slots(&self, log_end_lsn: u64, r: &mut Replay) -> Result<Staged> {
+        let fid = self.sb.format_id();
+        let mut staged = Vec::with_capacity(KSET_SLOTS);
+        for slot in 0..KSET_SLOTS {
+            let mut hb = [0u8; SLOT_HEADER_BYTES];
+            self.region.read(slot_off(slot), &mut hb);
+            let h = SlotHeader::decode(&hb);
+            let mut keys = Vec::new();
+            if h.seq != 0 && !h.logged_before(log_end_lsn) {
+                for k in 0..SLOT_KEYS_MAX {
+                    let at = staged_key_off(slot, k);
+                    let mut kb = [0u8; KEY_BYTES];
+                    self.region.read(at, &mut kb);
+                    let Some(key) = decode_staged(&kb, fid, slot, h.seq) else {
+                        break;
+                    };
+                    // A stale key (its segment reclaimed since) is dropped.
+                    if self.take_key(&key, at, r)? {
+                        keys.push(key);
+                    }
+                }
+            }
+            staged.push((h.seq, keys));
+        }
+        Ok(staged)
+    }
+}
+
+/// State of one replay: segment uses, keys waiting for the index, counts.
+struct Replay {
+    uses: Vec<Use>,
+    batch: Vec<(u64, u64, CacheExt)>,
+    keys: u64,
+    stale: u64,
 }

@@ -181,7 +181,7 @@ impl Engine {
         if !clean {
             sh.write_version += 1;
         }
-        ks.push(key, !clean);
+        self.kset_push(&mut ks, key, !clean);
         if ks.is_full() {
             // Best effort: a failure leaves it full, and the next append,
             // the timer or a flush closes it.

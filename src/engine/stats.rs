@@ -37,6 +37,9 @@ pub struct Stats {
     pub replay_stale_keys: AtomicU64,
     /// Keys replayed into the index at open.
     pub replay_keys: AtomicU64,
+    /// Of those, keys found in the kset slots (writes completed but not yet
+    /// in the log when the last process stopped).
+    pub replay_staged_keys: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -74,6 +77,9 @@ pub struct StatsSnapshot {
     pub replay_stale_keys: u64,
     /// See [`Stats::replay_keys`].
     pub replay_keys: u64,
+    /// See [`Stats::replay_staged_keys`].
+    #[serde(default)]
+    pub replay_staged_keys: u64,
 }
 
 impl Stats {
@@ -97,6 +103,7 @@ impl Stats {
             data_crc_errors: g(&self.data_crc_errors),
             replay_stale_keys: g(&self.replay_stale_keys),
             replay_keys: g(&self.replay_keys),
+            replay_staged_keys: g(&self.replay_staged_keys),
         }
     }
 }

@@ -7,7 +7,8 @@
 //! 8 KiB  .. 12 KiB     cache_info replica 0
 //! 12 KiB .. 16 KiB     cache_info replica 1
 //! 16 KiB .. 20 KiB     cache_ctrl: key_tail r0 @+0, r1 @+32, dirty_tail r0 @+64, r1 @+96
-//! 20 KiB + i * 16 MiB  segment i
+//! 20 KiB .. 148 KiB    kset slots: 16 x 8 KiB (the open ksets, see slot.rs)
+//! 148 KiB + i * 16 MiB segment i
 //!
 //! segment offset       content
 //! 0      .. 4 KiB      segment_info replica 0
@@ -37,8 +38,10 @@ pub const CTRL_OFF: u64 = 16384;
 pub const KEY_TAIL_OFF: [u64; 2] = [CTRL_OFF, CTRL_OFF + 32];
 /// dirty_tail replica offsets.
 pub const DIRTY_TAIL_OFF: [u64; 2] = [CTRL_OFF + 64, CTRL_OFF + 96];
-/// Bytes of metadata before segment 0 (20 KiB, as dm-pcache).
-pub const SEGMENTS_OFF: u64 = 20480;
+/// Bytes of metadata before segment 0: dm-pcache's 20 KiB, then the kset
+/// slots (148 KiB).
+pub const SEGMENTS_OFF: u64 = super::slot::KSET_SLOTS_OFF
+    + super::slot::KSET_SLOTS as u64 * super::slot::KSET_SLOT_BYTES;
 
 /// Bytes of one segment (16 MiB, as dm-pcache).
 pub const SEG_BYTES: u64 = 16 << 20;
@@ -70,8 +73,9 @@ pub const KSET_MAGIC: u64 = 0x676894A64E164F1A;
 /// Superblock magic. Differs from dm-pcache's value on purpose: the layouts
 /// are not compatible, and neither implementation must mistake the other.
 pub const SB_MAGIC: u64 = 0x70636163_68655F31; // "pcache_1"
-/// On-media format version written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+/// On-media format version written by this build. Version 2 added the kset
+/// slots (and moved the segments after them); version 1 media are refused.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// gc_percent written at format when none is given (70, as dm-pcache).
 pub const GC_PERCENT_DEFAULT: u8 = 70;
@@ -88,8 +92,8 @@ pub const fn data_off(seg: u32, off: u32) -> u64 {
     seg_off(seg) + SEG_DATA_OFF + off as u64
 }
 
-/// Number of segments a medium of `cache_bytes` holds (as dm-pcache:
-/// floor((size - 20 KiB) / 16 MiB)), or why it cannot be used.
+/// Number of segments a medium of `cache_bytes` holds
+/// (floor((size - 148 KiB) / 16 MiB)), or why it cannot be used.
 pub fn segs_for_size(cache_bytes: u64) -> Result<u32> {
     if cache_bytes < MIN_CACHE_BYTES {
         return Err(Error::BadSize {
@@ -152,7 +156,7 @@ mod tests {
 
     #[test]
     fn medium_of_512_mib_holds_31_segments() {
-        // 20 KiB of metadata leave room for 31 whole segments, as dm-pcache.
+        // 148 KiB of metadata leave room for 31 whole segments, as dm-pcache's 20.
         assert_eq!(segs_for_size(512 * MIB), Ok(31));
         assert_eq!(check_new_cache_size(512 * MIB), Ok(31));
         assert!(size_for_segs(31) <= 512 * MIB && size_for_segs(32) > 512 * MIB);
@@ -177,16 +181,16 @@ mod tests {
         assert_eq!(segs_for_size(size_for_segs(MAX_SEGS)), Ok(MAX_SEGS));
         assert!(bad_size(segs_for_size(size_for_segs(MAX_SEGS + 1))).contains("at most"));
         assert!(segs_for_size(u64::MAX).is_err());
-        // 16 TiB is one segment short of MAX_SEGS (the 20 KiB header).
+        // 16 TiB is one segment short of MAX_SEGS (the 148 KiB header).
         assert_eq!(check_new_cache_size(16 << 40), Ok(MAX_SEGS - 1));
     }
 
     #[test]
     fn segment_and_data_offsets_follow_the_map() {
-        assert_eq!(seg_off(0), 20 * 1024);
-        assert_eq!(seg_off(3), 20 * 1024 + 48 * MIB);
-        assert_eq!(data_off(0, 0), 32 * 1024);
-        assert_eq!(data_off(2, 512), 20 * 1024 + 32 * MIB + 12 * 1024 + 512);
+        assert_eq!(seg_off(0), 148 * 1024);
+        assert_eq!(seg_off(3), 148 * 1024 + 48 * MIB);
+        assert_eq!(data_off(0, 0), 160 * 1024);
+        assert_eq!(data_off(2, 512), 148 * 1024 + 32 * MIB + 12 * 1024 + 512);
         assert_eq!(seg_off(MAX_SEGS), size_for_segs(MAX_SEGS));
         assert_eq!(SEG_DATA_BYTES, 16 * MIB - 12 * 1024);
     }
@@ -207,7 +211,7 @@ mod tests {
         for w in ctrl.windows(2) {
             assert!(w[0] + rec <= w[1]);
         }
-        assert!(ctrl[3] + rec <= SEGMENTS_OFF);
+        assert!(ctrl[3] + rec <= super::super::slot::KSET_SLOTS_OFF);
         // Segment header: segment_info x2, gen x2, data area.
         assert!(SEG_INFO_OFF[0] + rec <= SEG_INFO_OFF[1]);
         assert!(SEG_INFO_OFF[1] + rec <= SEG_GEN_OFF[0]);

@@ -24,6 +24,10 @@ pub const META_HEADER_BYTES: usize = 16;
 pub const CACHE_FLAG_DATA_CRC: u32 = 1 << 0;
 /// cache_info flag: the cache finished its first start.
 pub const CACHE_FLAG_INIT_DONE: u32 = 1 << 1;
+/// cache_info flag: the guest turned its volatile write cache off
+/// (virtio-blk CONFIG_WCE); kept so it holds across restarts, which the
+/// frontend does not repeat.
+pub const CACHE_FLAG_WRITETHROUGH: u32 = 1 << 2;
 /// segment_info type: a cache segment (data or log).
 pub const SEG_INFO_TYPE_DATA: u32 = 1;
 
@@ -270,7 +274,7 @@ impl MetaRecord for CacheInfo {
 }
 
 /// Every `CACHE_FLAG_*` bit this build knows.
-const CACHE_FLAGS_KNOWN: u32 = CACHE_FLAG_DATA_CRC | CACHE_FLAG_INIT_DONE;
+const CACHE_FLAGS_KNOWN: u32 = CACHE_FLAG_DATA_CRC | CACHE_FLAG_INIT_DONE | CACHE_FLAG_WRITETHROUGH;
 
 /// One struct serves key_tail and dirty_tail; errors tell them apart by offset
 /// ([`super::KEY_TAIL_OFF`], [`super::DIRTY_TAIL_OFF`]).
@@ -585,8 +589,8 @@ mod tests {
         let max = with_body(cache_info(), |b| b[24] = GC_PERCENT_MAX);
         assert_eq!(CacheInfo::decode(&max, 0).unwrap().0.gc_percent, 90);
 
-        let flags = with_body(cache_info(), |b| b[20] = 0b111);
-        assert!(detail(&CacheInfo::decode(&flags, 0).unwrap_err()).contains("unknown flags 0x4"));
+        let flags = with_body(cache_info(), |b| b[20] = 0b1111);
+        assert!(detail(&CacheInfo::decode(&flags, 0).unwrap_err()).contains("unknown flags 0x8"));
 
         let zero = with_body(cache_info(), |b| b[16..20].fill(0));
         assert!(detail(&CacheInfo::decode(&zero, 0).unwrap_err()).contains("n_segs 0"));

@@ -11,11 +11,13 @@
 //!
 //! Differs from dm-pcache: 64-bit sequence numbers on replicas, a 64-bit log
 //! sequence number (LSN) and the format id in every kset header, a format
-//! version and UUID in the superblock, and bounds checks on every field.
+//! version and UUID in the superblock, bounds checks on every field, and
+//! the open ksets mirrored on the medium (`slot.rs`).
 
 mod kset;
 mod layout;
 mod meta;
+mod slot;
 mod superblock;
 
 pub use kset::{encode_kset, encode_last};
@@ -23,8 +25,9 @@ pub use kset::{KeyOnMedia, KsetEnd, KsetHeader, KsetView, KEY_FLAG_CLEAN, KSET_F
 pub use layout::*;
 pub use meta::{
     pick_latest, CacheInfo, Latest, MetaRecord, PosOnMedia, SegGen, SegInfo, CACHE_FLAG_DATA_CRC,
-    CACHE_FLAG_INIT_DONE, SEG_INFO_TYPE_DATA,
+    CACHE_FLAG_INIT_DONE, CACHE_FLAG_WRITETHROUGH, SEG_INFO_TYPE_DATA,
 };
+pub use slot::*;
 pub use superblock::Superblock;
 
 /// What went wrong reading a record from the medium.
@@ -35,7 +38,8 @@ pub enum Error {
     NotPcache,
     /// The superblock names a format version this build cannot read.
     #[error(
-        "Unsupported pcache format version {found} (this build reads version {FORMAT_VERSION})"
+        "Unsupported pcache format version {found} (this build reads version {FORMAT_VERSION}); \
+         write the cache back with the pcache that made it (`pcache writeback`), then format it again"
     )]
     Version {
         /// Version found on the medium.

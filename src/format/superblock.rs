@@ -186,7 +186,7 @@ mod tests {
         assert_eq!(b[4..8], [0; 4]);
         assert_eq!(b[8..16], SB_MAGIC.to_le_bytes());
         assert_eq!(&b[8..16], b"1_ehcacp"); // "pcache_1" as a big-endian string
-        assert_eq!(b[16..20], 1u32.to_le_bytes());
+        assert_eq!(b[16..20], 2u32.to_le_bytes());
         assert_eq!(b[20..24], 63u32.to_le_bytes());
         assert_eq!(&b[24..40], b"0123456789abcdef");
         assert_eq!(b[40..48], MEDIUM.to_le_bytes());
@@ -237,10 +237,16 @@ mod tests {
 
     #[test]
     fn other_format_version_is_reported_as_version() {
-        let buf = Superblock { version: 2, ..sb() }.encode();
+        // Version 1 had no kset slots; its segments start elsewhere.
+        let buf = Superblock { version: 1, ..sb() }.encode();
         assert_eq!(
             Superblock::decode(&buf, MEDIUM),
-            Err(Error::Version { found: 2 })
+            Err(Error::Version { found: 1 })
+        );
+        let buf = Superblock { version: 3, ..sb() }.encode();
+        assert_eq!(
+            Superblock::decode(&buf, MEDIUM),
+            Err(Error::Version { found: 3 })
         );
         let buf = Superblock { version: 0, ..sb() }.encode();
         assert_eq!(

@@ -490,6 +490,22 @@ impl Region {
         })
     }
 
+    /// Simulate the death of the process (tests; needs `track_stores`):
+    /// stores after an armed crash are undone, every store before it stays.
+    /// Call only while no other thread uses the region.
+    pub fn simulate_process_death(&self) -> tracked::CrashReport {
+        let t = self
+            .tracker
+            .as_ref()
+            .expect("simulate_process_death needs track_stores");
+        t.crash_process(|word, old| {
+            // SAFETY: as in `track`: a whole word inside the mapping.
+            unsafe {
+                std::ptr::copy_nonoverlapping(old.to_ne_bytes().as_ptr(), self.ptr.add(word * 8), 8)
+            };
+        })
+    }
+
     fn msync_dirty(&self) -> io::Result<()> {
         let chunk = 1usize << DIRTY_CHUNK_SHIFT;
         let mut run: Option<(usize, usize)> = None;

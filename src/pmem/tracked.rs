@@ -11,6 +11,10 @@
 //! A crash can also be armed to happen silently after the Nth store, in the
 //! middle of an operation: from then on the program runs on, but nothing it
 //! stores or persists counts, as if the power had gone at that instant.
+//!
+//! The death of the process is the same cut without the reverts: every
+//! store made before it stays, persisted or not (the page cache, or the
+//! DAX medium, keeps it), and none made after it counts.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -84,6 +88,25 @@ impl Tracker {
     /// Has an armed crash happened?
     pub fn is_dead(&self) -> bool {
         self.state.lock().expect("tracker lock").dead
+    }
+
+    /// Apply the death of the process: restore every word stored after an
+    /// armed crash to its value at the crash; every word stored before it
+    /// stays. Resets the tracker.
+    pub fn crash_process(&self, mut restore: impl FnMut(usize, u64)) -> CrashReport {
+        let mut st = self.state.lock().expect("tracker lock");
+        let r = CrashReport {
+            pending_words: st.pending.len(),
+            reverted_words: 0,
+            discarded_words: st.post.len(),
+        };
+        for (w, v) in st.post.drain() {
+            restore(w, v);
+        }
+        st.pending.clear();
+        st.armed = None;
+        st.dead = false;
+        r
     }
 
     /// Apply the crash: restore every word stored after an armed crash to
