@@ -417,13 +417,7 @@ fn open_read_only(cache: &Path) -> AnyResult<Arc<Engine>> {
             ..Default::default()
         },
     )?);
-    Ok(Engine::open(
-        region,
-        &OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?)
+    Ok(Engine::open(region, &OpenOptions { read_only: true })?)
 }
 
 /// Create or size a cache file before formatting.

@@ -237,8 +237,8 @@ fn power_failures_and_process_deaths_at_random_points_lose_nothing_promised() {
                 let sec = s + i;
                 let got = sector_id(&b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize], sec)
                     .unwrap_or_else(|m| panic!("seed {seed} point {point}: {m}"));
-                let running = in_progress
-                    .is_some_and(|(s, n, id)| (s..s + n).contains(&sec) && got == id);
+                let running =
+                    in_progress.is_some_and(|(s, n, id)| (s..s + n).contains(&sec) && got == id);
                 let ok = match kind {
                     // Every flushed write, or something written after it.
                     Crash::Power => {
@@ -252,7 +252,11 @@ fn power_failures_and_process_deaths_at_random_points_lose_nothing_promised() {
                     ok,
                     "seed {seed} point {point}: after a {} sector {sec} holds {got}; \
                      flushed {}, completed {}, running {in_progress:?}, later {:?}",
-                    if kind == Crash::Power { "power failure" } else { "process death" },
+                    if kind == Crash::Power {
+                        "power failure"
+                    } else {
+                        "process death"
+                    },
                     durable[sec as usize],
                     cur[sec as usize],
                     since.get(&sec)

@@ -121,7 +121,8 @@ impl Engine {
     pub(super) fn slot_reset(&self, ks: &mut OpenKset, seq: u64) {
         let at = slot_off(ks.slot);
         self.region.write(at + SLOT_SEQ_OFF, &seq.to_le_bytes());
-        self.region.write(at + SLOT_CLOSING_OFF, &0u64.to_le_bytes());
+        self.region
+            .write(at + SLOT_CLOSING_OFF, &0u64.to_le_bytes());
         ks.seq = seq;
         ks.n = 0;
         ks.dirty = 0;

@@ -26,7 +26,7 @@ use super::key::CacheExt;
 use super::{region_of, Engine, Result};
 use crate::format::{
     self, data_off, decode_staged, slot_off, staged_key_off, KeyOnMedia, KsetEnd, KsetView,
-    PosOnMedia, SlotHeader, KEY_BYTES, KEY_FLAG_CLEAN, KSET_SLOTS, KSET_MAX_BYTES, REGION_BYTES,
+    PosOnMedia, SlotHeader, KEY_BYTES, KEY_FLAG_CLEAN, KSET_MAX_BYTES, KSET_SLOTS, REGION_BYTES,
     SECTOR_BYTES, SEG_DATA_BYTES, SLOT_HEADER_BYTES, SLOT_KEYS_MAX,
 };
 
@@ -249,9 +249,7 @@ impl Engine {
             for (i, key) in view.iter().enumerate() {
                 let at = data_off(pos.seg, pos.off)
                     + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
-                if self.take_key(&key, at, &mut r)?
-                    && seen_dirty
-                    && key.flags & KEY_FLAG_CLEAN == 0
+                if self.take_key(&key, at, &mut r)? && seen_dirty && key.flags & KEY_FLAG_CLEAN == 0
                 {
                     dirty_bytes += key.len as u64;
                 }

@@ -40,8 +40,8 @@ pub const KEY_TAIL_OFF: [u64; 2] = [CTRL_OFF, CTRL_OFF + 32];
 pub const DIRTY_TAIL_OFF: [u64; 2] = [CTRL_OFF + 64, CTRL_OFF + 96];
 /// Bytes of metadata before segment 0: dm-pcache's 20 KiB, then the kset
 /// slots (148 KiB).
-pub const SEGMENTS_OFF: u64 = super::slot::KSET_SLOTS_OFF
-    + super::slot::KSET_SLOTS as u64 * super::slot::KSET_SLOT_BYTES;
+pub const SEGMENTS_OFF: u64 =
+    super::slot::KSET_SLOTS_OFF + super::slot::KSET_SLOTS as u64 * super::slot::KSET_SLOT_BYTES;
 
 /// Bytes of one segment (16 MiB, as dm-pcache).
 pub const SEG_BYTES: u64 = 16 << 20;

@@ -170,7 +170,10 @@ mod tests {
 
     #[test]
     fn closing_marks_a_slot_logged_only_once_the_log_passed_it() {
-        let h = SlotHeader { seq: 5, closing: 10 };
+        let h = SlotHeader {
+            seq: 5,
+            closing: 10,
+        };
         assert!(!h.logged_before(10), "kset 10 not in the log");
         assert!(h.logged_before(11));
         assert!(!SlotHeader { seq: 5, closing: 0 }.logged_before(u64::MAX));
