@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::backing::{Backing, BackingQueue, FileBacking};
-use crate::engine::{Engine, FormatOptions, OpenOptions, WritebackPolicy};
-use crate::format::{self, check_new_cache_size};
-use crate::pmem::{Region, RegionOptions};
+use crate::backing::{Backing, BackingQueue};
+use crate::engine::{FormatOptions, WritebackPolicy};
+use crate::format;
+use crate::media::{self, Lock};
 use crate::util::parse_size;
 
 /// pcache: a persistent write-back cache for virtual disks (a userspace dm-pcache).
@@ -155,9 +155,18 @@ pub struct ServeArgs {
     /// sleeping (lower latency, more CPU; 0 = off).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     pub poll_us: u32,
-    /// Permissions of the vhost socket, octal.
-    #[arg(long, default_value = "600", value_parser = parse_mode)]
-    pub socket_mode: u32,
+    /// Permissions of the vhost socket, octal [default: 600, or 660 with
+    /// --socket-group].
+    #[arg(long, value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+    /// Give the vhost socket to this group (a name or a number), so a
+    /// frontend running as another user of the group can connect (libvirt
+    /// runs QEMU as libvirt-qemu: use --socket-group libvirt-qemu).
+    #[arg(long, value_parser = crate::sockets::parse_group)]
+    pub socket_group: Option<u32>,
+    /// Give the vhost socket to this user (a name or a number).
+    #[arg(long, value_parser = crate::sockets::parse_user)]
+    pub socket_user: Option<u32>,
     /// Write back at full speed once dirty data reaches this percent of the
     /// cache (0 = write back everything as soon as it is dirty).
     #[arg(long, default_value_t = WritebackPolicy::default().high_percent,
@@ -218,7 +227,15 @@ impl ServeArgs {
             },
             data_crc: self.data_crc,
             gc_percent: self.gc_percent,
-            socket_mode: self.socket_mode,
+            access: crate::sockets::Access {
+                mode: self.socket_mode.unwrap_or(if self.socket_group.is_some() {
+                    0o660
+                } else {
+                    0o600
+                }),
+                user: self.socket_user,
+                group: self.socket_group,
+            },
             writeback: WritebackPolicy {
                 high_percent: self.writeback_high,
                 low_percent: self
@@ -304,12 +321,12 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             gc_percent,
             force,
         } => {
-            let b = FileBacking::open(&backing, true)
-                .map_err(|e| format!("Cannot open backing store {}: {e}", backing.display()))?;
-            prepare_cache_file(&cache, cache_size, force)?;
-            let region = Region::open(&cache, RegionOptions::default())?;
-            let sb = Engine::format(
-                &region,
+            let b = media::open_backing(&backing, true)?;
+            media::prepare_cache_file(&cache, cache_size, force)?;
+            let _owner = media::lock(&cache, Lock::Exclusive, "Cache")?;
+            let sb = media::format_cache(
+                &cache,
+                None,
                 &FormatOptions {
                     backing_bytes: b.size(),
                     data_crc,
@@ -330,7 +347,8 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             Ok(0)
         }
         Command::Inspect { cache, json } => {
-            let engine = open_read_only(&cache)?;
+            let _owner = media::lock(&cache, Lock::Shared, "Cache")?;
+            let engine = media::open_cache_read_only(&cache)?;
             let report = crate::report::Report::of(&engine);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -339,7 +357,9 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             }
             Ok(0)
         }
-        Command::Check { cache } => match open_read_only(&cache) {
+        Command::Check { cache } => match media::lock(&cache, Lock::Shared, "Cache")
+            .and_then(|_owner| media::open_cache_read_only(&cache))
+        {
             Ok(engine) => {
                 let r = crate::report::Report::of(&engine);
                 println!(
@@ -359,11 +379,10 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             }
         },
         Command::Writeback { cache, backing } => {
-            let region = Arc::new(Region::open(&cache, RegionOptions::default())?);
-            let engine = Engine::open(region, &OpenOptions::default())?;
-            let b = FileBacking::open(&backing, false)
-                .map_err(|e| format!("Cannot open backing store {}: {e}", backing.display()))?;
-            check_backing_size(&engine, b.size(), &backing)?;
+            let _owner = media::lock(&cache, Lock::Exclusive, "Cache")?;
+            let engine = media::open_cache(&cache)?;
+            let b = media::open_backing(&backing, false)?;
+            media::check_backing_size(&engine, &b, &backing)?;
             let start = engine.stats().snapshot().dirty_bytes;
             let bar = indicatif::ProgressBar::new(start);
             bar.set_style(
@@ -392,71 +411,5 @@ fn control_ok(path: &Path, req: &crate::control::Request) -> AnyResult<()> {
         Ok(())
     } else {
         Err(r.error.unwrap_or_else(|| "request failed".into()).into())
-    }
-}
-
-/// Refuse a backing store whose size differs from the one formatted for.
-pub fn check_backing_size(engine: &Engine, size: u64, path: &Path) -> AnyResult<()> {
-    if size != engine.size() {
-        return Err(format!(
-            "Backing store {} is {} bytes but the cache was formatted for {} bytes; refusing to use it",
-            path.display(),
-            size,
-            engine.size()
-        )
-        .into());
-    }
-    Ok(())
-}
-
-fn open_read_only(cache: &Path) -> AnyResult<Arc<Engine>> {
-    let region = Arc::new(Region::open(
-        cache,
-        RegionOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?);
-    Ok(Engine::open(region, &OpenOptions { read_only: true })?)
-}
-
-/// Create or size a cache file before formatting.
-pub fn prepare_cache_file(cache: &Path, size: Option<u64>, force: bool) -> AnyResult<()> {
-    let meta = std::fs::metadata(cache).ok();
-    match (meta, size) {
-        (None, None) => Err(format!(
-            "Cache {} does not exist; give --cache-size to create it",
-            cache.display()
-        )
-        .into()),
-        (None, Some(sz)) => {
-            check_new_cache_size(sz)?;
-            let f = std::fs::File::create(cache)
-                .map_err(|e| format!("Cannot create cache file {}: {e}", cache.display()))?;
-            f.set_len(sz)?;
-            Ok(())
-        }
-        (Some(m), Some(sz)) if m.is_file() && m.len() != sz => {
-            check_new_cache_size(sz)?;
-            if !force && m.len() > 0 {
-                return Err(format!(
-                    "Cache file {} is {} bytes, not {sz}; resizing it needs --force",
-                    cache.display(),
-                    m.len()
-                )
-                .into());
-            }
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(cache)?
-                .set_len(sz)?;
-            Ok(())
-        }
-        (Some(m), _) => {
-            if m.is_file() {
-                format::segs_for_size(m.len())?;
-            }
-            Ok(())
-        }
     }
 }

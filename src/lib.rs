@@ -10,6 +10,9 @@
 //! - [`backing`]: the disk behind the cache, sync and async, plus test doubles.
 //! - [`vhost`]: the vhost-user-blk backend; the only code that knows virtio.
 //! - [`control`]: the runtime control socket (status, gc_percent, flush).
+//! - [`media`]: opening the cache and the backing store for a command, and
+//!   the lock that makes one process a cache's owner.
+//! - [`sockets`]: binding the vhost-user socket (never over a live one).
 //! - [`serve`]: `pcache serve`, tying the above together.
 //! - [`report`]: the view of an open cache shown by inspect and status.
 //! - [`cli`]: the command line.
@@ -21,8 +24,10 @@ pub mod cli;
 pub mod control;
 pub mod engine;
 pub mod format;
+pub mod media;
 pub mod pmem;
 pub mod report;
 pub mod serve;
+pub mod sockets;
 pub mod util;
 pub mod vhost;

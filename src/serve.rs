@@ -1,23 +1,31 @@
-//! `pcache serve`: open (or create) the cache and the backing store, start
-//! the engine's workers and the control socket, then serve one vhost-user
+//! `pcache serve`: own the cache, open the backing store, start the
+//! engine's workers and the control socket, then serve one vhost-user
 //! frontend after another until SIGTERM or SIGINT.
+//!
+//! The listening socket is bound here (never over a live one), or inherited
+//! from systemd (socket activation), in which case it stays open across
+//! restarts and a reconnecting frontend finds it at once. A clean stop
+//! finishes what the guest's queues have taken, persists the cache, and
+//! exits 0; requests it cannot finish stay in the frontend's inflight
+//! region for the next process.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+use sd_notify::NotifyState;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backing::{Backing, FileBacking};
-use crate::cli::{check_backing_size, prepare_cache_file};
 use crate::control::{self, ServeInfo};
-use crate::engine::{Engine, FormatOptions, OpenOptions, Workers, WritebackPolicy};
-use crate::format::{self, Superblock};
-use crate::pmem::{Region, RegionOptions};
-use crate::vhost::{PcacheBlk, ServeConfig};
+use crate::engine::{Engine, FormatOptions, Workers, WritebackPolicy};
+use crate::format;
+use crate::media::{self, Lock, Owner};
+use crate::vhost::{self, Active, ServeConfig};
 
 /// Directory used when `serve` runs with no paths at all.
 pub const DEFAULT_DIR: &str = "pcache-data";
@@ -25,6 +33,8 @@ pub const DEFAULT_DIR: &str = "pcache-data";
 pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
 /// Size of the sparse backing file created by default (8 GiB).
 pub const DEFAULT_BACKING_BYTES: u64 = 8 << 30;
+/// How long a stop waits for requests the guest's queues have taken.
+const STOP_BUDGET: Duration = Duration::from_secs(10);
 
 /// Everything `serve` was asked for, defaults resolved.
 #[derive(Debug, Clone)]
@@ -49,35 +59,13 @@ pub struct ServeOptions {
     pub gc_percent: Option<u8>,
     /// Control socket.
     pub control: PathBuf,
-    /// Mode of the vhost socket.
-    pub socket_mode: u32,
+    /// Who may connect to the vhost socket.
+    pub access: crate::sockets::Access,
     /// When to write back.
     pub writeback: WritebackPolicy,
 }
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-/// Does `path` hold a pcache superblock?
-fn holds_pcache(path: &Path) -> AnyResult<Option<Result<Superblock, format::Error>>> {
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("Cannot read {}: {e}", path.display()).into()),
-    };
-    if meta.is_file() && meta.len() < format::SB_OFF + format::SB_BYTES as u64 {
-        return Ok(Some(Err(format::Error::NotPcache)));
-    }
-    let region = Region::open(
-        path,
-        RegionOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?;
-    let mut sb = [0u8; format::SB_BYTES];
-    region.read(format::SB_OFF, &mut sb);
-    Ok(Some(Superblock::decode(&sb, region.len())))
-}
 
 /// Open or create the backing store.
 fn open_backing(o: &ServeOptions) -> AnyResult<FileBacking> {
@@ -97,18 +85,23 @@ fn open_backing(o: &ServeOptions) -> AnyResult<FileBacking> {
         f.set_len(size)?;
         println!("created {} ({size} bytes, sparse)", o.backing.display());
     }
-    FileBacking::open(&o.backing, o.cfg.read_only)
-        .map_err(|e| format!("Cannot open backing store {}: {e}", o.backing.display()).into())
+    media::open_backing(&o.backing, o.cfg.read_only)
 }
 
-/// Open the cache, formatting it when it is new or `--format` was given.
-fn open_cache(o: &ServeOptions, backing_bytes: u64) -> AnyResult<Arc<Engine>> {
-    let state = holds_pcache(&o.cache)?;
+/// Take the cache (creating the file if it is new), format it when it is
+/// new or `--format` was given, and open it.
+fn open_cache(o: &ServeOptions, backing_bytes: u64) -> AnyResult<(Owner, Arc<Engine>)> {
+    let is_new = !o.cache.exists();
+    if is_new {
+        media::prepare_cache_file(&o.cache, o.cache_size.or(Some(DEFAULT_CACHE_BYTES)), true)?;
+    }
+    let owner = media::lock(&o.cache, Lock::Exclusive, "Cache")?;
+    let state = media::holds_pcache(&o.cache)?;
     let must_format = match &state {
         None => true,
-        Some(Ok(_)) => o.format,
+        Some(Ok(_)) => is_new || o.format,
         Some(Err(e)) => {
-            if !o.format {
+            if !is_new && !o.format {
                 return Err(format!(
                     "{} is not a usable pcache cache ({e}); refusing to touch it. Pass --format to format it, erasing its contents",
                     o.cache.display()
@@ -119,13 +112,9 @@ fn open_cache(o: &ServeOptions, backing_bytes: u64) -> AnyResult<Arc<Engine>> {
         }
     };
     if must_format {
-        let size = o
-            .cache_size
-            .or(state.is_none().then_some(DEFAULT_CACHE_BYTES));
-        prepare_cache_file(&o.cache, size, true)?;
-        let region = Region::open(&o.cache, RegionOptions::default())?;
-        Engine::format(
-            &region,
+        media::format_cache(
+            &o.cache,
+            o.cache_size,
             &FormatOptions {
                 backing_bytes,
                 data_crc: o.data_crc,
@@ -139,31 +128,46 @@ fn open_cache(o: &ServeOptions, backing_bytes: u64) -> AnyResult<Arc<Engine>> {
             o.backing.display()
         );
     }
-    let region = Arc::new(Region::open(&o.cache, RegionOptions::default())?);
-    let engine = Engine::open(region, &OpenOptions::default())?;
+    let engine = media::open_cache(&o.cache)?;
     if !must_format {
         if let Some(p) = o.gc_percent {
             engine.set_gc_percent(p)?;
         }
     }
-    Ok(engine)
+    Ok((owner, engine))
 }
 
-fn bind(socket: &Path, mode: u32) -> AnyResult<Listener> {
-    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+/// The listening socket: inherited from systemd, or bound at `o.socket`.
+struct Listening {
+    listener: UnixListener,
+    /// Set when we bound it (and so remove it at a stop).
+    bound: Option<Owner>,
+}
+
+fn listen(o: &ServeOptions) -> AnyResult<Listening> {
+    if let Some(listener) = crate::sockets::inherited()? {
+        return Ok(Listening {
+            listener,
+            bound: None,
+        });
     }
-    // Create the socket with no group/other access, then widen if asked.
-    let old = crate::util::set_umask(0o177);
-    let l = Listener::new(socket, true);
-    crate::util::set_umask(old);
-    let l = l.map_err(|e| format!("Cannot listen on {}: {e}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))?;
-    Ok(l)
+    let (listener, owner) = crate::sockets::bind(&o.socket, &o.access)?;
+    Ok(Listening {
+        listener,
+        bound: Some(owner),
+    })
 }
 
-/// Run the server. Returns only on a startup error; a signal exits the
-/// process after persisting.
+/// What the signal thread and the accept loop share.
+#[derive(Default)]
+struct Stop {
+    /// Set by SIGTERM/SIGINT.
+    requested: AtomicBool,
+    /// The session being served, to quiesce.
+    active: Mutex<Option<Active>>,
+}
+
+/// Run the server. Returns on a startup error or after a clean stop.
 pub fn run(o: ServeOptions) -> AnyResult<i32> {
     crate::util::block_termination_signals();
     o.writeback.validate()?;
@@ -172,8 +176,9 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     }
     let backing = open_backing(&o)?;
     let backing_bytes = backing.size();
-    let engine = open_cache(&o, backing_bytes)?;
-    check_backing_size(&engine, backing_bytes, &o.backing)?;
+    let (_owner, engine) = open_cache(&o, backing_bytes)?;
+    media::check_backing_size(&engine, &backing, &o.backing)?;
+    let listening = listen(&o)?;
     let backing: Arc<dyn Backing> = Arc::new(backing);
     let workers = Workers::start(engine.clone(), backing.clone(), o.writeback);
     let info = ServeInfo {
@@ -188,89 +193,144 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
             o.control.display()
         )
     })?;
-    let mut listener = bind(&o.socket, o.socket_mode)?;
-
+    let stop = Arc::new(Stop::default());
+    let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
     {
-        let engine = engine.clone();
-        let paths = (o.socket.clone(), o.control.clone());
+        let (stop, wake) = (stop.clone(), wake.clone());
         std::thread::Builder::new()
             .name("pcache-signals".into())
             .spawn(move || {
                 let sig = crate::util::wait_for_termination();
-                tracing::info!(sig, "stopping: closing open ksets");
-                let code = match engine.flush() {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!(
-                            "pcache: flush at shutdown failed: {}",
-                            crate::cli::error_chain(&e)
+                tracing::info!(sig, "stopping");
+                let _ = sd_notify::notify(&[NotifyState::Stopping]);
+                stop.requested.store(true, Ordering::SeqCst);
+                let _ = wake.write(1);
+                let active = stop.active.lock().expect("stop lock").clone();
+                if let Some(a) = active {
+                    let left = a.quiesce(STOP_BUDGET);
+                    if left > 0 {
+                        tracing::warn!(
+                            left,
+                            "requests left for the next pcache (they stay in the frontend's inflight region)"
                         );
-                        1
                     }
-                };
-                drop(workers);
-                let _ = std::fs::remove_file(&paths.0);
-                let _ = std::fs::remove_file(&paths.1);
-                eprintln!("pcache: stopped (signal {sig}), cache persisted");
-                std::process::exit(code);
+                }
             })?;
     }
+    print_hint(&o, backing_bytes, listening.bound.is_some());
+    let status = format!(
+        "serving {} through {}",
+        o.backing.display(),
+        o.cache.display()
+    );
+    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 
+    while let Some(stream) = accept(&listening.listener, &wake, &stop)? {
+        tracing::info!("frontend connected");
+        let _ = sd_notify::notify(&[NotifyState::Status("a frontend is connected")]);
+        let slot = SessionSlot(&stop);
+        if let Err(e) = vhost::serve(
+            stream,
+            engine.clone(),
+            backing.clone(),
+            o.cfg.clone(),
+            &slot,
+        ) {
+            tracing::error!(error = %e, "serving a frontend failed");
+        }
+        let _ = sd_notify::notify(&[NotifyState::Status(&status)]);
+    }
+
+    // Stopping: every ring is quiesced; persist the cache and go.
+    let code = match engine.flush() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!(
+                "pcache: flush at shutdown failed: {}",
+                crate::cli::error_chain(&e)
+            );
+            1
+        }
+    };
+    workers.stop();
+    if listening.bound.is_some() {
+        let _ = std::fs::remove_file(&o.socket);
+    }
+    let _ = std::fs::remove_file(&o.control);
+    drop(listening);
+    eprintln!("pcache: stopped, cache persisted");
+    Ok(code)
+}
+
+/// Publishes the session being served to the signal thread (and refuses to
+/// start one once a stop was asked for).
+struct SessionSlot<'a>(&'a Stop);
+
+impl vhost::SessionHook for SessionSlot<'_> {
+    fn enter(&self, a: Active) -> bool {
+        let mut slot = self.0.active.lock().expect("stop lock");
+        if self.0.requested.load(Ordering::SeqCst) {
+            return false;
+        }
+        *slot = Some(a);
+        true
+    }
+
+    fn leave(&self) {
+        *self.0.active.lock().expect("stop lock") = None;
+    }
+}
+
+/// Wait for a frontend, or for a stop (None).
+fn accept(l: &UnixListener, wake: &EventFd, stop: &Stop) -> io::Result<Option<UnixStream>> {
+    loop {
+        if stop.requested.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if crate::util::poll(&mut fds, -1)? == 0 || fds[0].revents == 0 {
+            continue;
+        }
+        match l.accept() {
+            Ok((s, _)) => return Ok(Some(s)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::error!(error = %e, "accepting a frontend failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn print_hint(o: &ServeOptions, backing_bytes: u64, bound: bool) {
     let sock = std::fs::canonicalize(&o.socket).unwrap_or(o.socket.clone());
+    let queues = o.cfg.num_queues.min(4);
     println!(
-        "pcache: serving {} ({} bytes) through cache {} on {}\n\
+        "pcache: serving {} ({} bytes) through cache {} on {}{}\n\
          attach a QEMU guest with:\n  \
          -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
-         -chardev socket,id=pcache0,path={} \\\n  \
-         -device vhost-user-blk-pci,chardev=pcache0,num-queues=2\n\
-         (guest memory must be shared; num-queues at most {}; status: pcache status --control {})",
+         -chardev socket,id=pcache0,path={},reconnect=1 \\\n  \
+         -device vhost-user-blk-pci,chardev=pcache0,num-queues={queues}\n\
+         (guest memory must be shared; num-queues at most {}, and QEMU's default is one per vCPU; \
+         status: pcache status --control {})",
         o.backing.display(),
         backing_bytes,
         o.cache.display(),
         sock.display(),
+        if bound { "" } else { " (from systemd)" },
         sock.display(),
         o.cfg.num_queues,
         o.control.display()
     );
-
-    loop {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let blk = Arc::new(PcacheBlk::new(
-            engine.clone(),
-            backing.clone(),
-            o.cfg.clone(),
-            mem.clone(),
-        )?);
-        let mut daemon = VhostUserDaemon::new("pcache-vhost".into(), blk.clone(), mem)
-            .map_err(|e| format!("Cannot start the vhost-user daemon: {e}"))?;
-        let handlers = daemon.get_epoll_handlers();
-        for (h, fds) in handlers.iter().zip(blk.listeners()) {
-            for (fd, data) in fds {
-                h.register_listener(fd, EventSet::IN, data)?;
-            }
-        }
-        if let Err(e) = daemon.start(&mut listener) {
-            tracing::error!(error = %e, "accepting a frontend failed");
-            for h in &handlers {
-                h.send_exit_event();
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            continue;
-        }
-        tracing::info!("frontend connected");
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => tracing::info!("frontend disconnected"),
-            Err(e) => tracing::warn!(error = %e, "frontend connection ended with an error"),
-        }
-        for h in &handlers {
-            h.send_exit_event();
-        }
-        drop(handlers);
-        drop(daemon);
-        // Keys written by that frontend stay in open ksets until the timer
-        // or the next flush, as with any write not yet flushed.
-    }
 }

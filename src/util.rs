@@ -67,6 +67,21 @@ pub fn wait_for_termination() -> i32 {
     }
 }
 
+/// poll(2) on `fds` for up to `timeout_ms` (-1: forever); returns how many
+/// are ready (0 after an interrupting signal).
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> std::io::Result<usize> {
+    // SAFETY: the slice is a valid array of pollfd for the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(n as usize)
+}
+
 /// Set the process umask, returning the old one.
 pub fn set_umask(mask: u32) -> u32 {
     // SAFETY: umask only changes the process's file-creation mask.

@@ -1,4 +1,4 @@
-//! Driving one queue of a [`PcacheBlk`] with no vhost-user daemon, as a
+//! Driving one queue of a [`Device`] with no vhost-user connection, as a
 //! hostile driver would: the chain-level tests in `backend.rs` and the fuzz
 //! targets in `fuzz/` (feature `fuzzing`) share it, so they exercise the
 //! same path.
@@ -31,14 +31,15 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use vhost_user_backend::{VhostUserBackend, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::desc::split::{Descriptor as SplitDescriptor, VirtqUsedElem};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 
-use super::{notify, PcacheBlk, ServeConfig, Vring};
+use super::device::{Device, ServeConfig};
+use super::ring::Ring;
+use super::Vring;
 use crate::backing::{Backing, MemBacking};
 use crate::engine::{Engine, FormatOptions, OpenOptions, Workers, WritebackPolicy};
 use crate::pmem::{Region, RegionOptions};
@@ -182,11 +183,11 @@ pub struct CaseReport {
     pub kicked: bool,
 }
 
-/// One queue of a [`PcacheBlk`] over a fresh engine, with guest memory, a
+/// One queue of a [`Device`] over a fresh engine, with guest memory, a
 /// vring, and a shadow copy of the disk.
 pub struct Harness {
     // Dropped first: it releases its data heads into the engine.
-    blk: PcacheBlk,
+    blk: Device,
     _workers: Option<Workers>,
     vring: Vring,
     /// A second queue on the same rings, to see chains as the device will.
@@ -239,7 +240,7 @@ impl Harness {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), o.guest_bytes as usize)])
             .map_err(other)?;
         let gm = GuestMemoryAtomic::new(mem);
-        let blk = PcacheBlk::new(
+        let blk = Device::new(
             engine,
             backing,
             ServeConfig {
@@ -260,7 +261,7 @@ impl Harness {
         vring.set_queue_ready(true);
         vring.set_enabled(true);
         // What handle_event does on the first kick.
-        blk.queues[0].lock().expect("queue lock").vring = Some(vring.clone());
+        blk.queues[0].lock().expect("queue lock").ring = Some(Ring::new(vring.clone(), None));
         let mut oracle = Queue::new(QUEUE_SIZE).map_err(other)?;
         oracle.set_size(QUEUE_SIZE);
         oracle.set_ready(true);
@@ -433,11 +434,12 @@ impl Harness {
         let head = u32::from(chain.head_index());
         let mut qs = self.blk.queues[0].lock().expect("queue lock");
         let (r0, d0) = (qs.reads.len(), qs.deferred.len());
-        let done = self.blk.run_chain(&mut qs, &self.vring, chain);
+        let ring = qs.ring.clone().expect("ring started");
+        let done = self.blk.run_chain(&mut qs, &ring, chain);
         self.last_pending = (qs.reads.len() - r0, qs.deferred.len() - d0);
         let pending = self.last_pending != (0, 0);
-        if end && self.blk.end_batch(&mut qs, &self.vring) {
-            let _ = notify(&self.vring);
+        if end && self.blk.end_batch(&mut qs, &ring) {
+            let _ = ring.notify();
         }
         drop(qs);
         if done {
@@ -453,16 +455,18 @@ impl Harness {
         }
     }
 
-    /// Kick the queue: `handle_event` for the vring, the whole worker path.
+    /// Kick the queue: what its worker does on a kick.
     pub fn kick(&self) -> io::Result<()> {
-        self.blk
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
+        self.blk.on_kick(0)
     }
 
-    /// Finish everything pending (`stop_vring`) and return the used
+    /// Finish everything pending (`stop_queue`) and return the used
     /// entries not yet seen.
     pub fn settle(&mut self) -> io::Result<Vec<(u32, u32)>> {
-        self.blk.stop_vring(0)?;
+        self.blk.stop_queue(0)?;
+        // The harness goes on using the queue.
+        self.blk.queues[0].lock().expect("queue lock").ring =
+            Some(Ring::new(self.vring.clone(), None));
         Ok(self.take_used())
     }
 
@@ -489,7 +493,9 @@ impl Harness {
 
     /// Negotiate VIRTIO_RING_F_EVENT_IDX or not.
     pub fn set_event_idx(&self, on: bool) {
-        self.blk.set_event_idx(on);
+        self.blk
+            .event_idx
+            .store(on, std::sync::atomic::Ordering::Relaxed);
         self.vring.set_queue_event_idx(on);
     }
 

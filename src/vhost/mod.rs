@@ -1,24 +1,58 @@
 //! The only code that knows virtio: the vhost-user-blk backend.
 //!
 //! - `config.rs`: feature bits and the virtio-blk config space.
-//! - `request.rs`: a descriptor chain -> [`RequestKind`], parsed by
-//!   byte offsets (any descriptor layout) with every length checked.
-//! - `backend.rs`: the `VhostUserBackend` impl; one worker thread per queue,
-//!   each with its own data head, backing queue (io_uring) and deferred list.
+//! - `request.rs`: a request header and lengths -> [`RequestKind`], every
+//!   length and sector checked.
+//! - `chain.rs`: a descriptor chain's layout, and writing answers into it.
+//! - `ring.rs`: a started ring: taking and returning requests.
+//! - `inflight.rs`: the frontend's inflight region (requests taken and not
+//!   returned, run again by the next process).
+//! - `device.rs`: the device one connection sees: features, config space,
+//!   the guest's cache mode, per-queue state.
+//! - `queue.rs`: one queue's pipeline: requests against the engine, writes
+//!   deferred while the cache is full, stopping.
+//! - `read.rs`: read misses: backing reads, completion, cache fills.
+//! - `worker.rs`: one thread per queue, an epoll loop.
+//! - `handler.rs`: the frontend's messages (memory, features, rings,
+//!   inflight), on the vhost crate's request-handler trait.
+//! - `session.rs`: one connection, from accept to close.
 //! - `harness.rs` (tests and feature `fuzzing` only): one queue driven by a
-//!   hostile driver without a vhost-user daemon, for the chain-level tests
-//!   and the fuzz targets in `fuzz/`.
+//!   hostile driver without a vhost-user connection, for the chain-level
+//!   tests and the fuzz targets in `fuzz/`.
 //!
 //! It must not know the on-media format: it talks to [`crate::engine`] in
 //! byte offsets and buffers.
 #![allow(unsafe_code)]
 
-mod backend;
+mod chain;
 mod config;
+mod device;
+mod handler;
+mod inflight;
+mod queue;
+mod read;
 mod request;
+mod ring;
+mod session;
+mod worker;
 
 #[cfg(any(test, feature = "fuzzing"))]
-pub use backend::harness;
-pub use backend::{PcacheBlk, ServeConfig};
+pub mod harness;
+#[cfg(test)]
+mod tests;
+
 pub use config::{BlkConfig, PROTOCOL_FEATURES, VIRTIO_FEATURES};
+pub use device::{Device, ServeConfig};
+pub use inflight::{InflightQueue, InflightRegion, Recovered};
 pub use request::{parse, Reject, RequestKind};
+pub use session::{serve, Active, SessionHook};
+
+use vhost_user_backend::VringRwLock;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Guest memory as the frontend's memory table maps it.
+type Mem = GuestMemoryMmap<()>;
+/// Guest memory, replaceable as the frontend changes its table.
+type Gm = GuestMemoryAtomic<Mem>;
+/// A ring's state, shared by the message handler and the queue's worker.
+type Vring = VringRwLock<Gm>;

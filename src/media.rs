@@ -1,0 +1,226 @@
+//! Opening the cache medium and the backing store for a command: creating
+//! and sizing files, formatting a new cache, and the lock that makes one
+//! process the owner of a cache.
+//!
+//! A cache medium has one owner at a time: `serve` and every command that
+//! writes it hold an exclusive open-file-description lock (OFD, `fcntl`
+//! F_OFD_SETLK) for as long as they run, read-only commands a shared one.
+//! The loser is refused with the holder's pid. The lock goes with the
+//! process, however it ends. The backing store is not locked: an incoming
+//! live migration opens it from a second pcache while the first still runs.
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backing::{Backing, FileBacking};
+use crate::engine::{Engine, FormatOptions, OpenOptions as EngineOpen};
+use crate::format::{self, check_new_cache_size, Superblock};
+use crate::pmem::{Region, RegionOptions};
+
+type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// How a lock is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// The only one (serve, format, writeback).
+    Exclusive,
+    /// With other readers (inspect, check).
+    Shared,
+}
+
+/// A held lock on a file; released when dropped (or when the process ends).
+#[derive(Debug)]
+pub struct Owner {
+    _file: File,
+}
+
+/// Lock `path` (`what` names it in the error), without waiting.
+pub fn lock(path: &Path, how: Lock, what: &str) -> AnyResult<Owner> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(how == Lock::Exclusive)
+        .open(path)
+        .map_err(|e| format!("Cannot open {what} {}: {e}", path.display()))?;
+    let fl = libc::flock {
+        l_type: match how {
+            Lock::Exclusive => libc::F_WRLCK,
+            Lock::Shared => libc::F_RDLCK,
+        } as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: fcntl with a flock that lives across the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
+        return Ok(Owner { _file: file });
+    }
+    let err = std::io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+        return Err(format!("Cannot lock {what} {}: {err}", path.display()).into());
+    }
+    let holder = match holder_pid(&file) {
+        Some(pid) => format!("process {pid}"),
+        None => "another process".into(),
+    };
+    Err(format!(
+        "{what} {} is in use by {holder} ({}); refusing to open it",
+        path.display(),
+        match how {
+            Lock::Exclusive => "a running pcache serve, or a command writing to it",
+            Lock::Shared => "a running pcache serve or a command writing to it",
+        }
+    )
+    .into())
+}
+
+/// The pid of a process holding a lock on `file`'s inode: OFD locks show
+/// no pid in /proc/locks, but each holder's fdinfo names the lock.
+fn holder_pid(file: &File) -> Option<u32> {
+    let meta = file.metadata().ok()?;
+    let needle = format!(
+        "{:02x}:{:02x}:{} ",
+        libc::major(meta.dev()),
+        libc::minor(meta.dev()),
+        meta.ino()
+    );
+    let me = std::process::id();
+    for p in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            if info
+                .lines()
+                .any(|l| l.starts_with("lock:") && l.contains(&needle))
+            {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+/// Does `path` hold a pcache superblock? None when the path does not exist.
+pub fn holds_pcache(path: &Path) -> AnyResult<Option<Result<Superblock, format::Error>>> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("Cannot read {}: {e}", path.display()).into()),
+    };
+    if meta.is_file() && meta.len() < format::SB_OFF + format::SB_BYTES as u64 {
+        return Ok(Some(Err(format::Error::NotPcache)));
+    }
+    let region = Region::open(
+        path,
+        RegionOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
+    let mut sb = [0u8; format::SB_BYTES];
+    region.read(format::SB_OFF, &mut sb);
+    Ok(Some(Superblock::decode(&sb, region.len())))
+}
+
+/// Create or size a cache file before formatting.
+pub fn prepare_cache_file(cache: &Path, size: Option<u64>, force: bool) -> AnyResult<()> {
+    let meta = std::fs::metadata(cache).ok();
+    match (meta, size) {
+        (None, None) => Err(format!(
+            "Cache {} does not exist; give --cache-size to create it",
+            cache.display()
+        )
+        .into()),
+        (None, Some(sz)) => {
+            check_new_cache_size(sz)?;
+            let f = File::create(cache)
+                .map_err(|e| format!("Cannot create cache file {}: {e}", cache.display()))?;
+            f.set_len(sz)?;
+            Ok(())
+        }
+        (Some(m), Some(sz)) if m.is_file() && m.len() != sz => {
+            check_new_cache_size(sz)?;
+            if !force && m.len() > 0 {
+                return Err(format!(
+                    "Cache file {} is {} bytes, not {sz}; resizing it needs --force",
+                    cache.display(),
+                    m.len()
+                )
+                .into());
+            }
+            OpenOptions::new().write(true).open(cache)?.set_len(sz)?;
+            Ok(())
+        }
+        (Some(m), _) => {
+            if m.is_file() {
+                format::segs_for_size(m.len())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Format the cache at `cache` (created or sized first) for a backing
+/// store of `opts.backing_bytes`. The caller holds the cache's lock.
+pub fn format_cache(
+    cache: &Path,
+    size: Option<u64>,
+    opts: &FormatOptions,
+) -> AnyResult<Superblock> {
+    prepare_cache_file(cache, size, opts.force)?;
+    let region = Region::open(cache, RegionOptions::default())?;
+    Ok(Engine::format(&region, opts)?)
+}
+
+/// Open the cache at `cache` for writing (the caller holds its lock).
+pub fn open_cache(cache: &Path) -> AnyResult<Arc<Engine>> {
+    let region = Arc::new(Region::open(cache, RegionOptions::default())?);
+    Ok(Engine::open(region, &EngineOpen::default())?)
+}
+
+/// Open the cache at `cache` without writing anything to it.
+pub fn open_cache_read_only(cache: &Path) -> AnyResult<Arc<Engine>> {
+    let region = Arc::new(Region::open(
+        cache,
+        RegionOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?);
+    Ok(Engine::open(region, &EngineOpen { read_only: true })?)
+}
+
+/// Open the backing store at `path`.
+pub fn open_backing(path: &Path, read_only: bool) -> AnyResult<FileBacking> {
+    FileBacking::open(path, read_only)
+        .map_err(|e| format!("Cannot open backing store {}: {e}", path.display()).into())
+}
+
+/// Refuse a backing store whose size differs from the one formatted for.
+pub fn check_backing_size(engine: &Engine, backing: &dyn Backing, path: &Path) -> AnyResult<()> {
+    let size = backing.size();
+    if size != engine.size() {
+        return Err(format!(
+            "Backing store {} is {} bytes but the cache was formatted for {} bytes; refusing to use it",
+            path.display(),
+            size,
+            engine.size()
+        )
+        .into());
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! The virtio-blk device one frontend connection sees: its features, its
+//! config space, the guest's cache mode, and one [`QueueState`] per queue.
+//!
+//! The engine and the backing store outlive it: a new device is built for
+//! each connection.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::config::{bits, BlkConfig, PROTOCOL_FEATURES, PROTOCOL_FEATURES_BIT, VIRTIO_FEATURES};
+use super::queue::QueueState;
+use super::Gm;
+use crate::backing::Backing;
+use crate::engine::Engine;
+
+/// What the backend serves.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Request queues offered.
+    pub num_queues: u16,
+    /// Largest queue size accepted.
+    pub queue_size: u16,
+    /// Logical block size advertised (512 or 4096).
+    pub blk_size: u32,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Serial returned by GET_ID (at most 20 bytes are sent).
+    pub serial: String,
+    /// After the ring runs dry, keep polling it this long before going back
+    /// to sleep on the kick eventfd (0: never poll). Saves a wake-up per
+    /// request when requests arrive close together, at the cost of CPU.
+    pub poll_us: u32,
+}
+
+/// The device of one frontend connection.
+pub struct Device {
+    pub(super) engine: Arc<Engine>,
+    pub(super) cfg: ServeConfig,
+    pub(super) mem: Gm,
+    pub(super) event_idx: AtomicBool,
+    /// Cache mode the guest sees: writeback (FLUSH needed) or writethrough.
+    pub(super) writeback: AtomicBool,
+    acked: AtomicU64,
+    pub(super) queues: Vec<Mutex<QueueState>>,
+    /// Written by the engine when it frees space (one per queue).
+    pub(super) space_fds: Vec<EventFd>,
+    /// Set when the process is stopping: no new request is taken.
+    pub(super) stopping: AtomicBool,
+}
+
+impl Device {
+    /// A device serving `engine` (reads that miss go to `backing`), with
+    /// guest memory `mem` (filled in by the frontend's memory table).
+    pub fn new(
+        engine: Arc<Engine>,
+        backing: Arc<dyn Backing>,
+        cfg: ServeConfig,
+        mem: Gm,
+    ) -> io::Result<Device> {
+        let mut queues = Vec::new();
+        let mut space_fds = Vec::new();
+        for _ in 0..cfg.num_queues {
+            queues.push(Mutex::new(QueueState::new(backing.clone())));
+            let fd = EventFd::new(EFD_NONBLOCK)?;
+            engine.add_space_fd(fd.as_raw_fd());
+            space_fds.push(fd);
+        }
+        Ok(Device {
+            writeback: AtomicBool::new(!engine.guest_writethrough()),
+            engine,
+            cfg,
+            mem,
+            event_idx: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
+            queues,
+            space_fds,
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    /// Size of the disk in bytes.
+    pub(super) fn capacity(&self) -> u64 {
+        self.engine.size()
+    }
+
+    /// Queues offered.
+    pub fn num_queues(&self) -> usize {
+        self.cfg.num_queues as usize
+    }
+
+    /// Largest ring accepted.
+    pub fn max_queue_size(&self) -> u16 {
+        self.cfg.queue_size
+    }
+
+    /// Guest memory, as the frontend's memory table maps it.
+    pub fn memory(&self) -> &Gm {
+        &self.mem
+    }
+
+    /// The fds a queue's worker watches besides its kick: backing
+    /// completions and freed space.
+    pub fn worker_fds(&self, q: usize) -> [RawFd; 2] {
+        let bq = self.queues[q].lock().expect("queue lock").bq.notifier();
+        [bq, self.space_fds[q].as_raw_fd()]
+    }
+
+    /// Virtio features offered (RO added for a read-only disk).
+    pub fn features(&self) -> u64 {
+        let ro = if self.cfg.read_only { bits::RO } else { 0 };
+        VIRTIO_FEATURES | ro | PROTOCOL_FEATURES_BIT
+    }
+
+    /// vhost-user protocol features offered.
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        PROTOCOL_FEATURES
+    }
+
+    /// The driver accepted `features`.
+    pub fn set_acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
+        // Without FLUSH the driver cannot ask for durability: writethrough.
+        // With it, what the guest chose last (CONFIG_WCE), kept in the cache
+        // because a reconnecting frontend does not say it again.
+        let wb = features & bits::FLUSH != 0 && !self.engine.guest_writethrough();
+        self.writeback.store(wb, Ordering::Relaxed);
+        self.event_idx.store(
+            features & bits::EVENT_IDX != 0,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Bytes `offset..offset+size` of the config space.
+    pub fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        BlkConfig {
+            capacity: self.capacity() / 512,
+            blk_size: self.cfg.blk_size,
+            num_queues: self.cfg.num_queues,
+            writeback: u8::from(self.writeback.load(Ordering::Relaxed)),
+        }
+        .read(offset, size)
+    }
+
+    /// The driver wrote the config space: only the writeback byte (offset
+    /// 32) is writable, with CONFIG_WCE. The choice is persisted.
+    pub fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let wb = 32u32;
+        if self.acked.load(Ordering::Relaxed) & bits::CONFIG_WCE == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "config space is read-only without CONFIG_WCE",
+            ));
+        }
+        let Some(v) = wb.checked_sub(offset).and_then(|i| buf.get(i as usize)) else {
+            return Ok(());
+        };
+        let writeback = *v != 0;
+        if !writeback {
+            // Switching to writethrough: make what is cached durable first.
+            self.engine.flush().map_err(io::Error::other)?;
+        }
+        if !self.cfg.read_only {
+            self.engine
+                .set_guest_writethrough(!writeback)
+                .map_err(io::Error::other)?;
+        }
+        self.writeback.store(writeback, Ordering::Relaxed);
+        tracing::info!(writeback, "guest set the write cache mode");
+        Ok(())
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        for fd in &self.space_fds {
+            self.engine.remove_space_fd(fd.as_raw_fd());
+        }
+        for q in &self.queues {
+            let mut qs = q.lock().expect("queue lock");
+            let mut head = std::mem::take(&mut qs.head);
+            self.engine.head_release(&mut head);
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! One frontend connection, from accept to close.
+//!
+//! A session builds a fresh [`Device`] and [`Handler`] (with a worker per
+//! queue), answers the frontend's messages until it disconnects, then
+//! finishes what its queues had taken. The engine and the backing store
+//! outlive it.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::device::{Device, ServeConfig};
+use super::handler::Handler;
+use crate::backing::Backing;
+use crate::engine::Engine;
+
+/// How long a closing connection waits for deferred writes to find space.
+const CLOSE_SETTLE: Duration = Duration::from_secs(10);
+
+/// A handle on the connection being served, to stop it from another thread.
+#[derive(Clone)]
+pub struct Active {
+    dev: Arc<Device>,
+    conn: Arc<UnixStream>,
+}
+
+impl Active {
+    /// Stop taking requests, finish those taken within `budget` (reads
+    /// complete; deferred writes that find no space stay taken, recorded in
+    /// the frontend's inflight region for the next backend), then close the
+    /// connection. Returns how many were left taken.
+    pub fn quiesce(&self, budget: Duration) -> usize {
+        self.dev
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let deadline = Instant::now() + budget;
+        let mut left = 0;
+        for q in 0..self.dev.num_queues() {
+            match self.dev.settle_queue(q, deadline) {
+                Ok(n) => left += n,
+                Err(e) => tracing::warn!(queue = q, error = %e, "settling a queue"),
+            }
+        }
+        let _ = self.conn.shutdown(Shutdown::Both);
+        left
+    }
+}
+
+/// Where a session announces itself while it runs, so another thread can
+/// quiesce it.
+pub trait SessionHook {
+    /// The session starts; false refuses it (the process is stopping).
+    fn enter(&self, a: Active) -> bool;
+    /// The session is over.
+    fn leave(&self);
+}
+
+/// Serve the frontend connected on `stream` until it disconnects (or
+/// [`Active::quiesce`] closes it).
+pub fn serve(
+    stream: UnixStream,
+    engine: Arc<Engine>,
+    backing: Arc<dyn Backing>,
+    cfg: ServeConfig,
+    hook: &dyn SessionHook,
+) -> io::Result<()> {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let dev = Arc::new(Device::new(engine, backing, cfg, mem)?);
+    let handler = Arc::new(Mutex::new(Handler::new(dev.clone())?));
+    let conn = Arc::new(stream.try_clone()?);
+    if !hook.enter(Active {
+        dev: dev.clone(),
+        conn,
+    }) {
+        handler.lock().expect("handler lock").stop_all();
+        return Ok(());
+    }
+    let mut req = BackendReqHandler::from_stream(stream, handler.clone());
+    let result = loop {
+        match req.handle_request() {
+            Ok(()) => {}
+            Err(VuError::Disconnected | VuError::PartialMessage) => {
+                tracing::info!("frontend disconnected");
+                break Ok(());
+            }
+            Err(e) if dev.is_stopping() => {
+                tracing::info!(error = %e, "connection closed for the stop");
+                break Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "frontend connection ended with an error");
+                break Ok(());
+            }
+        }
+    };
+    hook.leave();
+    // Nothing more comes from this frontend: finish what was taken (reads
+    // land in guest memory still mapped here), then stop the workers.
+    if !dev.is_stopping() {
+        for q in 0..dev.num_queues() {
+            let _ = dev.settle_queue(q, Instant::now() + CLOSE_SETTLE);
+        }
+    }
+    handler.lock().expect("handler lock").stop_all();
+    drop(req);
+    drop(handler);
+    result
+}
