@@ -20,6 +20,9 @@
 #   PCACHE_GUEST_BIOS        firmware for -bios (default: QEMU's, SeaBIOS, which
 #                            drives the disk itself before Linux does;
 #                            /usr/share/qemu/qboot.rom does not touch it)
+#   PCACHE_GUEST_RECONNECT   seconds between QEMU's attempts to reconnect to a
+#                            restarted backend (QEMU 7.2 `reconnect=N`; default
+#                            unset: no reconnect)
 #   PCACHE_GUEST_QEMU_ARGS   extra QEMU arguments (split on whitespace)
 set -uo pipefail
 
@@ -67,7 +70,7 @@ qemu=(qemu-system-x86_64
     -nographic -no-reboot -nic none
     -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initramfs.cpio.gz"
     -append "$append"
-    -chardev "socket,id=vub0,path=$SOCK"
+    -chardev "socket,id=vub0,path=$SOCK${PCACHE_GUEST_RECONNECT:+,reconnect=$PCACHE_GUEST_RECONNECT}"
     -device "vhost-user-blk-pci,chardev=vub0,num-queues=$QUEUES,queue-size=$QSIZE")
 [[ -n ${PCACHE_GUEST_BIOS:-} ]] && qemu+=(-bios "$PCACHE_GUEST_BIOS")
 # shellcheck disable=SC2206

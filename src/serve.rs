@@ -187,22 +187,52 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         socket: o.socket.display().to_string(),
         writeback: o.writeback,
     };
-    control::spawn_server(&o.control, engine.clone(), info).map_err(|e| {
+    let stop = Arc::new(Stop::default());
+    let probe: control::FrontendProbe = {
+        let stop = stop.clone();
+        Arc::new(move || {
+            let active = stop.active.lock().expect("stop lock").clone();
+            match active {
+                Some(a) => {
+                    let (reads_waiting, writes_waiting) = a.waiting();
+                    control::Frontend {
+                        connected: true,
+                        queues_started: a.started() as u64,
+                        reads_waiting,
+                        writes_waiting,
+                    }
+                }
+                None => control::Frontend::default(),
+            }
+        })
+    };
+    let srv = control::Server {
+        engine: engine.clone(),
+        info,
+        frontend: probe,
+    };
+    control::spawn_server(&o.control, srv).map_err(|e| {
         format!(
             "Cannot listen on control socket {}: {e}",
             o.control.display()
         )
     })?;
-    let stop = Arc::new(Stop::default());
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
     {
         let (stop, wake) = (stop.clone(), wake.clone());
+        let unlink = listening.bound.is_some().then(|| o.socket.clone());
         std::thread::Builder::new()
             .name("pcache-signals".into())
             .spawn(move || {
                 let sig = crate::util::wait_for_termination();
                 tracing::info!(sig, "stopping");
                 let _ = sd_notify::notify(&[NotifyState::Stopping]);
+                // A frontend reconnecting from now on must find the next
+                // process, not this one (with socket activation the socket
+                // stays, and new connections wait in it for the next one).
+                if let Some(p) = unlink {
+                    let _ = std::fs::remove_file(p);
+                }
                 stop.requested.store(true, Ordering::SeqCst);
                 let _ = wake.write(1);
                 let active = stop.active.lock().expect("stop lock").clone();
@@ -241,6 +271,12 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         let _ = sd_notify::notify(&[NotifyState::Status(&status)]);
     }
 
+    // Frontends that connected before the socket went away are served
+    // until they have started, then closed like the rest. (A socket from
+    // systemd keeps them waiting for the next process instead.)
+    if listening.bound.is_some() {
+        serve_pending(&listening.listener, &engine, &backing, &o.cfg, &stop);
+    }
     // Stopping: every ring is quiesced; persist the cache and go.
     let code = match engine.flush() {
         Ok(()) => 0,
@@ -253,9 +289,6 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         }
     };
     workers.stop();
-    if listening.bound.is_some() {
-        let _ = std::fs::remove_file(&o.socket);
-    }
     let _ = std::fs::remove_file(&o.control);
     drop(listening);
     eprintln!("pcache: stopped, cache persisted");
@@ -267,17 +300,42 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
 struct SessionSlot<'a>(&'a Stop);
 
 impl vhost::SessionHook for SessionSlot<'_> {
-    fn enter(&self, a: Active) -> bool {
+    fn enter(&self, a: Active) {
         let mut slot = self.0.active.lock().expect("stop lock");
         if self.0.requested.load(Ordering::SeqCst) {
-            return false;
+            // A frontend that connected as the stop began: let it finish
+            // its handshake, then close it like the others.
+            let _ = std::thread::Builder::new()
+                .name("pcache-quiesce".into())
+                .spawn(move || {
+                    a.quiesce(STOP_BUDGET);
+                });
+            return;
         }
         *slot = Some(a);
-        true
     }
 
     fn leave(&self) {
         *self.0.active.lock().expect("stop lock") = None;
+    }
+}
+
+/// Serve, and close once started, every connection already waiting.
+fn serve_pending(
+    l: &UnixListener,
+    engine: &Arc<Engine>,
+    backing: &Arc<dyn Backing>,
+    cfg: &ServeConfig,
+    stop: &Stop,
+) {
+    if l.set_nonblocking(true).is_err() {
+        return;
+    }
+    while let Ok((stream, _)) = l.accept() {
+        let _ = stream.set_nonblocking(false);
+        tracing::info!("serving a frontend that connected as the stop began");
+        let slot = SessionSlot(stop);
+        let _ = vhost::serve(stream, engine.clone(), backing.clone(), cfg.clone(), &slot);
     }
 }
 

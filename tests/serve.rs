@@ -296,7 +296,7 @@ fn status_gc_percent_and_flush_through_the_control_socket() {
     assert!(v["durability"]
         .as_str()
         .unwrap()
-        .contains("process-crash safe"));
+        .contains("completed writes survive a crash of pcache"));
     let o = pcache(&["status", "--control", &ctl]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("gc_percent   42"));
     drop(c);

@@ -37,6 +37,22 @@ pub struct ServeInfo {
     pub writeback: crate::engine::WritebackPolicy,
 }
 
+/// What the frontend connection is doing right now.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Frontend {
+    /// Is a frontend connected?
+    pub connected: bool,
+    /// Queues it has started.
+    pub queues_started: u64,
+    /// Reads waiting on the backing store.
+    pub reads_waiting: u64,
+    /// Writes and flushes waiting for space in the cache.
+    pub writes_waiting: u64,
+}
+
+/// Reads the frontend's state when status is asked for.
+pub type FrontendProbe = Arc<dyn Fn() -> Frontend + Send + Sync>;
+
 /// Everything `pcache status` shows: what `pcache inspect` shows, plus the
 /// live counters and the server's own facts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +69,9 @@ pub struct Status {
     /// The server's own facts.
     #[serde(flatten)]
     pub serve: ServeInfo,
+    /// The frontend connection, now.
+    #[serde(default)]
+    pub frontend: Frontend,
     /// All engine counters.
     pub stats: StatsSnapshot,
 }
@@ -86,7 +105,7 @@ pub struct Reply {
 }
 
 /// Build a status report.
-pub fn status(engine: &Engine, info: &ServeInfo) -> Status {
+pub fn status(engine: &Engine, info: &ServeInfo, frontend: Frontend) -> Status {
     let stats = engine.stats().snapshot();
     Status {
         cache: Report::of(engine),
@@ -94,11 +113,24 @@ pub fn status(engine: &Engine, info: &ServeInfo) -> Status {
         read_misses: stats.read_misses,
         failed: engine.has_failed(),
         serve: info.clone(),
+        frontend,
         stats,
     }
 }
 
-fn handle(engine: &Engine, info: &ServeInfo, line: &str) -> Reply {
+/// What a control connection answers from.
+#[derive(Clone)]
+pub struct Server {
+    /// The cache.
+    pub engine: Arc<Engine>,
+    /// Facts about the server.
+    pub info: ServeInfo,
+    /// The frontend's state, read at each status.
+    pub frontend: FrontendProbe,
+}
+
+fn handle(srv: &Server, line: &str) -> Reply {
+    let (engine, info) = (&srv.engine, &srv.info);
     let err = |e: String| Reply {
         ok: false,
         error: Some(e),
@@ -112,7 +144,7 @@ fn handle(engine: &Engine, info: &ServeInfo, line: &str) -> Reply {
     match serde_json::from_str::<Request>(line) {
         Err(e) => err(format!("bad request: {e}")),
         Ok(Request::Status) => Reply {
-            status: Some(status(engine, info)),
+            status: Some(status(engine, info, (srv.frontend)())),
             ..ok
         },
         Ok(Request::GcPercent { value }) => match engine.set_gc_percent(value) {
@@ -127,7 +159,7 @@ fn handle(engine: &Engine, info: &ServeInfo, line: &str) -> Reply {
 }
 
 /// Listen on `path` (mode 0600) and answer requests on a thread.
-pub fn spawn_server(path: &Path, engine: Arc<Engine>, info: ServeInfo) -> io::Result<()> {
+pub fn spawn_server(path: &Path, srv: Server) -> io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -137,17 +169,17 @@ pub fn spawn_server(path: &Path, engine: Arc<Engine>, info: ServeInfo) -> io::Re
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-                let (engine, info) = (engine.clone(), info.clone());
+                let srv = srv.clone();
                 // A slow client must not hold up the next one.
                 let _ = std::thread::Builder::new()
                     .name("pcache-control-conn".into())
-                    .spawn(move || serve_conn(conn, &engine, &info));
+                    .spawn(move || serve_conn(conn, &srv));
             }
         })?;
     Ok(())
 }
 
-fn serve_conn(conn: UnixStream, engine: &Engine, info: &ServeInfo) {
+fn serve_conn(conn: UnixStream, srv: &Server) {
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
@@ -156,7 +188,7 @@ fn serve_conn(conn: UnixStream, engine: &Engine, info: &ServeInfo) {
         if line.trim().is_empty() {
             continue;
         }
-        let reply = handle(engine, info, &line);
+        let reply = handle(srv, &line);
         let Ok(mut s) = serde_json::to_string(&reply) else {
             return;
         };
@@ -215,6 +247,7 @@ impl Status {
              key_tail     {}\n\
              dirty        {} bytes\n\
              reads        {} hits, {} misses\n\
+             frontend     {}\n\
              writeback    {} bytes written, {} errors; runs {}\n\
              durability   {}\n\
              state        {}\n",
@@ -235,6 +268,16 @@ impl Status {
             self.cache.dirty_bytes,
             self.read_hits,
             self.read_misses,
+            if self.frontend.connected {
+                format!(
+                    "connected, {} queues started; {} reads waiting on the backing store, {} writes waiting for space",
+                    self.frontend.queues_started,
+                    self.frontend.reads_waiting,
+                    self.frontend.writes_waiting
+                )
+            } else {
+                "none connected".into()
+            },
             self.stats.writeback_bytes,
             self.stats.writeback_errors,
             self.serve.writeback,

@@ -105,6 +105,10 @@ pub enum Error {
     /// The cache was opened read-only.
     #[error("The cache is open read-only")]
     ReadOnly,
+    /// A background pass was cut short because the process is stopping;
+    /// nothing moved (the dirty data stays cached).
+    #[error("Stopped before the pass finished")]
+    Stopping,
     /// The medium already holds pcache metadata and `force` was not given,
     /// or an option conflicts with what the medium records.
     #[error("{0}")]
@@ -193,6 +197,9 @@ pub struct Engine {
     dirty_tail: Mutex<Tail>,
     /// Sticky failure: set when a persist fails.
     failed: AtomicBool,
+    /// The background workers are stopping: a writeback pass submits no
+    /// more backing writes.
+    halting: AtomicBool,
     /// A writer found the cache full: GC runs regardless of gc_percent.
     space_wanted: AtomicBool,
     /// The same for the writeback worker (each worker clears its own).

@@ -268,6 +268,7 @@ impl Engine {
                 seq: dirty_tail.seq,
             }),
             failed: AtomicBool::new(false),
+            halting: AtomicBool::new(false),
             space_wanted: AtomicBool::new(false),
             writeback_wanted: AtomicBool::new(false),
             stats: Stats::default(),

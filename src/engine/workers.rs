@@ -61,11 +61,16 @@ impl Workers {
 
     fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // A writeback pass on a slow backing store could run for a long
+        // while: cut it short (nothing it did moves dirty_tail).
+        self.engine.halting.store(true, Ordering::Relaxed);
         self.engine.writeback_kick.kick();
         self.engine.gc_kick.kick();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // The engine may be driven on by hand (drain, tests).
+        self.engine.halting.store(false, Ordering::Relaxed);
     }
 }
 
@@ -114,6 +119,7 @@ fn writeback_loop(
             Ok(Progress::Clean) => {
                 e.writeback_kick.wait(IDLE_POLL);
             }
+            Err(super::Error::Stopping) => break,
             Err(err) => {
                 tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "writeback failed; dirty data stays cached and will be retried");
                 e.writeback_kick.wait(backoff);

@@ -187,7 +187,12 @@ impl Engine {
                 }
             }
         };
+        let mut halted = false;
         for (start, e) in map.iter() {
+            if self.halting.load(std::sync::atomic::Ordering::Relaxed) {
+                halted = true;
+                break;
+            }
             let len = e.sectors as u64 * SECTOR_BYTES;
             while inflight > 0 && inflight + len > INFLIGHT_BYTES {
                 q.wait(1, &mut done);
@@ -212,6 +217,9 @@ impl Engine {
         if let Some(e) = first_err {
             stats::add(&self.stats.writeback_errors, 1);
             return Err(Error::Backing(e));
+        }
+        if halted {
+            return Err(Error::Stopping);
         }
         Ok(total)
     }

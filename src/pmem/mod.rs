@@ -74,23 +74,28 @@ pub enum Error {
     },
 }
 
-/// How durable a persisted store is on this medium.
+/// What a persisted store survives on this medium. On either, every store
+/// survives the death of the process: the mapping is shared, so the stores
+/// are in the medium (or the page cache) the moment they are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Durability {
     /// DAX: a persisted store survives power loss.
-    PowerFailSafe,
-    /// Plain file: every store survives a crash of the process; a persisted
-    /// store (msync done) survives power loss only if the file system is on
-    /// durable storage (not tmpfs).
-    ProcessCrashSafe,
+    Dax,
+    /// Plain file: a persisted store (msync done) survives power loss only
+    /// if the file system is on durable storage (not tmpfs).
+    File,
 }
 
 impl std::fmt::Display for Durability {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Durability::PowerFailSafe => "power-fail safe (DAX, cache-line flush)",
-            Durability::ProcessCrashSafe => "process-crash safe (page cache, msync at flush)",
+            Durability::Dax => {
+                "completed writes survive a crash of pcache; flushed writes survive power loss (DAX, cache-line flush)"
+            }
+            Durability::File => {
+                "completed writes survive a crash of pcache; flushed writes survive power loss only if the file system is on durable storage (page cache, msync at flush)"
+            }
         })
     }
 }
@@ -238,17 +243,14 @@ impl Region {
             return Err(map_err(io::Error::last_os_error()));
         }
         let (mode, durability) = if dax {
-            (
-                PersistMode::CacheLine(FlushInsn::detect()),
-                Durability::PowerFailSafe,
-            )
+            (PersistMode::CacheLine(FlushInsn::detect()), Durability::Dax)
         } else if opts.force_cache_line_flush {
             (
                 PersistMode::CacheLine(FlushInsn::detect()),
-                Durability::ProcessCrashSafe,
+                Durability::File,
             )
         } else {
-            (PersistMode::Msync, Durability::ProcessCrashSafe)
+            (PersistMode::Msync, Durability::File)
         };
         if !opts.read_only && is_tmpfs(&file) {
             // Fault every page in now: on tmpfs the first store to a page
@@ -667,7 +669,7 @@ mod tests {
         let (_d, p) = file(4 << 20);
         let r = Region::open(&p, RegionOptions::default()).unwrap();
         assert_eq!(r.mode(), PersistMode::Msync);
-        assert_eq!(r.durability(), Durability::ProcessCrashSafe);
+        assert_eq!(r.durability(), Durability::File);
         r.write(4096 + 3, b"hello");
         r.persist().unwrap();
         let mut b = [0u8; 5];

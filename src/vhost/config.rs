@@ -44,11 +44,13 @@ pub const VIRTIO_FEATURES: u64 = bits::SIZE_MAX
 pub const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// vhost-user protocol features: CONFIG (config space), MQ, REPLY_ACK and
-/// CONFIGURE_MEM_SLOTS (libblkio requires the last three).
+/// CONFIGURE_MEM_SLOTS (libblkio requires the last three), and
+/// INFLIGHT_SHMFD (requests in flight survive a restart of pcache).
 pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
     .union(VhostUserProtocolFeatures::MQ)
     .union(VhostUserProtocolFeatures::REPLY_ACK)
-    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
 
 /// Largest data segment we advertise (128 KiB). SeaBIOS computes
 /// `(u16)(size_max * seg_max / 512)` blocks per request: at 1 MiB x 128 that

@@ -326,8 +326,14 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn set_vring_call(&mut self, index: u8, file: Option<File>) -> Result<()> {
         let q = index as usize;
-        self.vring(q as u32)?.set_call(file);
-        self.maybe_start(q)
+        let vring = self.vring(q as u32)?.clone();
+        vring.set_call(file);
+        self.maybe_start(q)?;
+        // Requests returned while the ring had no call fd (QEMU sets it
+        // after the kick, so this happens after every restart) were never
+        // signalled: signal once now, or the driver may wait forever.
+        let _ = vring.signal_used_queue();
+        Ok(())
     }
 
     fn set_vring_err(&mut self, index: u8, file: Option<File>) -> Result<()> {
@@ -407,6 +413,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
             tracing::error!(error = %e, "the frontend's inflight region is unusable");
             Error::ReqHandlerError(e)
         })?;
+        tracing::info!(
+            queues = msg.num_queues,
+            queue_size = msg.queue_size,
+            "the frontend keeps an inflight region"
+        );
         self.inflight = Some(Arc::new(region));
         Ok(())
     }

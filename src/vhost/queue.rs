@@ -101,6 +101,11 @@ impl Device {
                     .map_err(io::Error::other)?;
             }
             self.drain_avail(qs, ring)?;
+            if self.is_stopping() {
+                // Nothing more is taken: what the driver adds now is left
+                // in the ring for the next process.
+                break;
+            }
             if self.poll_for_more(qs, ring) {
                 continue;
             }

@@ -21,20 +21,51 @@ use crate::engine::Engine;
 
 /// How long a closing connection waits for deferred writes to find space.
 const CLOSE_SETTLE: Duration = Duration::from_secs(10);
+/// How long a stop waits for a frontend that just connected to start its
+/// rings before closing the connection. QEMU 7.2 does not recover from a
+/// backend that closes the connection in the middle of its handshake: it
+/// reconnects but never starts the device again.
+const HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
 
 /// A handle on the connection being served, to stop it from another thread.
 #[derive(Clone)]
 pub struct Active {
     dev: Arc<Device>,
     conn: Arc<UnixStream>,
+    since: Instant,
 }
 
 impl Active {
+    /// Rings the frontend has started.
+    pub fn started(&self) -> usize {
+        self.dev
+            .queues
+            .iter()
+            .filter(|q| q.lock().expect("queue lock").ring.is_some())
+            .count()
+    }
+
+    /// (reads waiting on the backing store, writes waiting for space), over
+    /// every queue.
+    pub fn waiting(&self) -> (u64, u64) {
+        let (mut r, mut w) = (0, 0);
+        for q in &self.dev.queues {
+            let qs = q.lock().expect("queue lock");
+            r += qs.reads.len() as u64;
+            w += qs.deferred.len() as u64;
+        }
+        (r, w)
+    }
+
     /// Stop taking requests, finish those taken within `budget` (reads
     /// complete; deferred writes that find no space stay taken, recorded in
     /// the frontend's inflight region for the next backend), then close the
     /// connection. Returns how many were left taken.
     pub fn quiesce(&self, budget: Duration) -> usize {
+        // Let a frontend in the middle of its handshake finish it first.
+        while self.started() == 0 && self.since.elapsed() < HANDSHAKE_GRACE {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.dev
             .stopping
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -54,8 +85,8 @@ impl Active {
 /// Where a session announces itself while it runs, so another thread can
 /// quiesce it.
 pub trait SessionHook {
-    /// The session starts; false refuses it (the process is stopping).
-    fn enter(&self, a: Active) -> bool;
+    /// The session starts.
+    fn enter(&self, a: Active);
     /// The session is over.
     fn leave(&self);
 }
@@ -73,13 +104,11 @@ pub fn serve(
     let dev = Arc::new(Device::new(engine, backing, cfg, mem)?);
     let handler = Arc::new(Mutex::new(Handler::new(dev.clone())?));
     let conn = Arc::new(stream.try_clone()?);
-    if !hook.enter(Active {
+    hook.enter(Active {
         dev: dev.clone(),
         conn,
-    }) {
-        handler.lock().expect("handler lock").stop_all();
-        return Ok(());
-    }
+        since: Instant::now(),
+    });
     let mut req = BackendReqHandler::from_stream(stream, handler.clone());
     let result = loop {
         match req.handle_request() {
