@@ -1,9 +1,9 @@
 //! SIGKILL loop through the real client: QD32 random writes with periodic
 //! FLUSH through libblkio, pcache killed at random moments, restarted on the
-//! same cache, and every block checked: it must hold the version written
-//! before the last completed FLUSH, or a version submitted after it. Guards
-//! against losing a flushed write, or returning data never written, when
-//! the process dies mid-request.
+//! same cache, and every block checked: it must hold the last version whose
+//! write completed, flushed or not, or one still in flight at the kill.
+//! Guards against losing a completed write, or returning data never
+//! written, when the process dies mid-request.
 //!
 //! `PCACHE_KILLS` sets the number of kills (default 50), `PCACHE_KILL_SEED`
 //! the seed.
@@ -24,14 +24,14 @@ const QD: usize = 32;
 
 /// Versions a block may hold.
 struct BlockModel {
-    /// Version as of the last completed flush.
-    durable: Vec<u64>,
-    /// Versions submitted since (completed or not).
-    since: HashMap<u64, Vec<u64>>,
+    /// Version of the last completed write.
+    done: Vec<u64>,
+    /// Versions in flight at the kill.
+    running: HashMap<u64, Vec<u64>>,
 }
 
 #[test]
-fn sigkill_at_random_moments_never_loses_a_flushed_write() {
+fn sigkill_at_random_moments_never_loses_a_completed_write() {
     let kills: usize = std::env::var("PCACHE_KILLS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -44,8 +44,8 @@ fn sigkill_at_random_moments_never_loses_a_flushed_write() {
     let disk = Disk::new(DISK, None);
     let blocks = DISK / BLOCK as u64;
     let mut m = BlockModel {
-        durable: vec![0; blocks as usize],
-        since: HashMap::new(),
+        done: vec![0; blocks as usize],
+        running: HashMap::new(),
     };
     let mut version = 0u64;
     let mut total_writes = 0u64;
@@ -69,13 +69,13 @@ fn sigkill_at_random_moments_never_loses_a_flushed_write() {
                 fill_block(&mut c.mem()[slot * BLOCK..(slot + 1) * BLOCK], b, version);
                 let p = c.ptr(slot * BLOCK);
                 c.queues[0].write(b * BLOCK as u64, p, BLOCK, slot, ReqFlags::empty());
-                m.since.entry(b).or_default().push(version);
                 inflight.insert(slot, (b, version));
                 total_writes += 1;
             }
             for (slot, ret) in c.reap(0, 1) {
                 assert_eq!(ret, 0, "seed {seed} round {round}: write failed");
-                inflight.remove(&slot);
+                let (b, v) = inflight.remove(&slot).expect("in flight");
+                m.done[b as usize] = m.done[b as usize].max(v);
                 free.push(slot);
                 since_flush += 1;
             }
@@ -85,7 +85,8 @@ fn sigkill_at_random_moments_never_loses_a_flushed_write() {
                 while !inflight.is_empty() {
                     for (slot, ret) in c.reap(0, 1) {
                         assert_eq!(ret, 0);
-                        inflight.remove(&slot);
+                        let (b, v) = inflight.remove(&slot).expect("in flight");
+                        m.done[b as usize] = m.done[b as usize].max(v);
                         free.push(slot);
                     }
                 }
@@ -94,14 +95,14 @@ fn sigkill_at_random_moments_never_loses_a_flushed_write() {
                     0,
                     "seed {seed} round {round}: flush failed"
                 );
-                for (b, vs) in m.since.drain() {
-                    m.durable[b as usize] = *vs.last().expect("a version");
-                }
                 total_flushes += 1;
                 since_flush = 0;
             }
         }
         server.kill();
+        for (_, (b, v)) in inflight.drain() {
+            m.running.entry(b).or_default().push(v);
+        }
         drop(c);
     }
     let server = disk.serve(&[]);
@@ -117,7 +118,8 @@ fn sigkill_at_random_moments_never_loses_a_flushed_write() {
     );
 }
 
-/// Every block holds its durable version or one submitted since; adopt it.
+/// Every block holds its last completed version or one in flight at the
+/// kill; adopt it.
 fn verify(c: &mut Client, m: &mut BlockModel, blocks: u64, seed: u64, round: usize) {
     let per = QD as u64;
     let mut b = 0;
@@ -129,17 +131,17 @@ fn verify(c: &mut Client, m: &mut BlockModel, blocks: u64, seed: u64, round: usi
             let buf = &c.mem()[i as usize * BLOCK..(i as usize + 1) * BLOCK];
             let got =
                 check_block(buf, blk).unwrap_or_else(|e| panic!("seed {seed} round {round}: {e}"));
-            let ok = got == m.durable[blk as usize]
-                || m.since.get(&blk).is_some_and(|v| v.contains(&got));
+            let ok = got == m.done[blk as usize]
+                || m.running.get(&blk).is_some_and(|v| v.contains(&got));
             assert!(
                 ok,
-                "seed {seed} round {round}: block {blk} holds version {got}; flushed {} or later {:?}",
-                m.durable[blk as usize],
-                m.since.get(&blk)
+                "seed {seed} round {round}: block {blk} holds version {got}; completed {}, in flight {:?}",
+                m.done[blk as usize],
+                m.running.get(&blk)
             );
-            m.durable[blk as usize] = got;
+            m.done[blk as usize] = got;
         }
         b += n;
     }
-    m.since.clear();
+    m.running.clear();
 }

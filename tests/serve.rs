@@ -240,6 +240,29 @@ fn sigkill_after_a_completed_flush_loses_nothing_written_before_it() {
 }
 
 #[test]
+fn ten_thousand_completed_writes_without_a_flush_survive_sigkill() {
+    // 10,000 distinct 4 KiB blocks (40 MiB, more than 78 ksets of keys),
+    // each written once at QD32; no FLUSH, then the process dies.
+    let disk = Disk::new(48 * MIB, None);
+    let server = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    let blocks = 10_000;
+    write_all_blocks(&mut c, 0, blocks, 11);
+    server.kill();
+    drop(c);
+    let server = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    verify_all_blocks(&mut c, 0, blocks, |_| 11);
+    drop(c);
+    let st = status_json(&server.control.display().to_string());
+    assert!(
+        st["stats"]["replay_staged_keys"].as_u64().unwrap() > 0,
+        "the kill left keys in open ksets, and they were replayed: {st}"
+    );
+    server.stop();
+}
+
+#[test]
 fn out_of_range_requests_fail_and_the_next_client_is_served() {
     let disk = Disk::new(16 * MIB, None);
     let server = disk.serve(&[]);

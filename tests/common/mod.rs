@@ -68,9 +68,9 @@ impl Disk {
 }
 
 impl Server {
-    /// Start the binary with `args` and wait for `socket` to appear.
+    /// Start the binary with `args` and wait until it listens on `socket`
+    /// (a socket file left by a server that died is pcache's to replace).
     pub fn start(args: &[String], socket: &Path) -> Server {
-        let _ = std::fs::remove_file(socket);
         let child = Command::new(env!("CARGO_BIN_EXE_pcache"))
             .args(args)
             .env(
@@ -85,8 +85,10 @@ impl Server {
             socket: socket.to_owned(),
             control: socket.with_extension("ctl"),
         };
+        // A socket file is bound before it listens: wait for a connection
+        // to be accepted, not for the file.
         let t = Instant::now();
-        while !socket.exists() {
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
             if let Ok(Some(st)) = s.child.try_wait() {
                 panic!("pcache serve exited before listening: {st}");
             }

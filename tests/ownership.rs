@@ -1,0 +1,148 @@
+//! One owner per cache, and no socket taken over: while a `pcache serve`
+//! runs, a second serve of its cache, a serve of another cache on its
+//! socket path, `format --force`, `writeback`, `inspect` and `check` of its
+//! cache are all refused with the holder's pid, and the live server keeps
+//! serving and verifying.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{check_block, fill_block, Client, Disk};
+
+const BLOCK: usize = 4096;
+const MIB: u64 = 1 << 20;
+
+fn pcache(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pcache"))
+        .args(args)
+        .output()
+        .expect("run pcache")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Write blocks `0..n` with `version`, then read them all back.
+fn write_and_verify(c: &mut Client, n: u64, version: u64) {
+    for b in 0..n {
+        fill_block(&mut c.mem()[..BLOCK], b, version);
+        assert_eq!(c.write_sync(0, b * BLOCK as u64, 0, BLOCK), 0);
+    }
+    for b in 0..n {
+        assert_eq!(c.read_sync(0, b * BLOCK as u64, 0, BLOCK), 0);
+        assert_eq!(check_block(&c.mem()[..BLOCK], b), Ok(version));
+    }
+}
+
+#[test]
+fn a_live_cache_and_its_socket_are_refused_to_everyone_else() {
+    let disk = Disk::new(32 * MIB, None);
+    let server = disk.serve(&["--num-queues", "1"]);
+    let pid = server.child.id().to_string();
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    write_and_verify(&mut c, 64, 1);
+
+    let cache = disk.cache.to_str().unwrap();
+    let backing = disk.backing.to_str().unwrap();
+    let other_sock = disk.dir.path().join("other.sock");
+    let other_sock = other_sock.to_str().unwrap();
+    let in_use = |o: &Output, what: &str| {
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", text(o));
+        assert!(
+            text(o).contains(&format!("in use by process {pid}")),
+            "{what} must name the holder {pid}: {}",
+            text(o)
+        );
+    };
+
+    // A second server on the same cache.
+    let o = pcache(&[
+        "serve",
+        "--socket",
+        other_sock,
+        "--cache",
+        cache,
+        "--backing",
+        backing,
+    ]);
+    in_use(&o, "second serve");
+    assert!(!std::path::Path::new(other_sock).exists());
+
+    // Another cache on the same socket path.
+    let other_cache = disk.dir.path().join("other-cache.img");
+    let o = pcache(&[
+        "serve",
+        "--socket",
+        disk.socket.to_str().unwrap(),
+        "--cache",
+        other_cache.to_str().unwrap(),
+        "--cache-size",
+        "512M",
+        "--backing",
+        backing,
+    ]);
+    in_use(&o, "serve on the live socket");
+
+    // Offline commands that write, and those that read.
+    let o = pcache(&["format", "--cache", cache, "--backing", backing, "--force"]);
+    in_use(&o, "format --force");
+    let o = pcache(&["writeback", "--cache", cache, "--backing", backing]);
+    in_use(&o, "writeback");
+    let o = pcache(&["inspect", "--cache", cache]);
+    in_use(&o, "inspect");
+    let o = pcache(&["check", "--cache", cache]);
+    assert_eq!(o.status.code(), Some(1), "check: {}", text(&o));
+    assert!(text(&o).contains(&format!("in use by process {pid}")));
+
+    // The live server never noticed.
+    write_and_verify(&mut c, 64, 2);
+    drop(c);
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    write_and_verify(&mut c, 64, 3);
+    drop(c);
+    server.stop();
+
+    // Once it has stopped, the cache is anyone's.
+    let o = pcache(&["check", "--cache", cache]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = pcache(&["inspect", "--cache", cache]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn a_dead_socket_is_replaced_but_a_live_listener_is_not() {
+    let disk = Disk::new(16 * MIB, None);
+    // Something else listens on the path.
+    let _other = std::os::unix::net::UnixListener::bind(&disk.socket).unwrap();
+    let o = pcache(&[
+        "serve",
+        "--socket",
+        disk.socket.to_str().unwrap(),
+        "--cache",
+        disk.cache.to_str().unwrap(),
+        "--cache-size",
+        "512M",
+        "--backing",
+        disk.backing.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("refusing to take the socket over"),
+        "{}",
+        text(&o)
+    );
+    drop(_other);
+    // The listener is gone, its socket file stays: a dead socket.
+    assert!(disk.socket.exists());
+    let server = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    write_and_verify(&mut c, 8, 1);
+    drop(c);
+    server.stop();
+}
