@@ -90,6 +90,9 @@ need_cmd /usr/sbin/mke2fs e2fsprogs
 need_cmd /usr/sbin/e2fsck e2fsprogs
 need_cmd gzip gzip
 need_cmd dpkg-deb dpkg
+# For the tests of pcache under systemd (units, socket activation).
+need_cmd systemd-analyze systemd
+need_cmd systemd-socket-activate systemd
 if ((${#missing[@]})); then
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     apt_install "${missing[@]}"
