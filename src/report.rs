@@ -39,6 +39,14 @@ pub struct Report {
     pub keys_replayed: u64,
     /// Stale keys skipped at replay.
     pub stale_keys: u64,
+    /// Of those, keys found in the kset slots (completed writes not yet in
+    /// the log when the last process stopped).
+    #[serde(default)]
+    pub staged_keys: u64,
+    /// The guest's volatile write cache: "on" (write-back, FLUSH makes
+    /// writes power-safe) or "off" (the guest chose write-through).
+    #[serde(default)]
+    pub guest_write_cache: String,
     /// What the medium's persistence survives.
     pub durability: String,
 }
@@ -69,6 +77,8 @@ impl Report {
             keys: e.extent_count(),
             keys_replayed: s.replay_keys,
             stale_keys: s.replay_stale_keys,
+            staged_keys: s.replay_staged_keys,
+            guest_write_cache: if e.guest_writethrough() { "off" } else { "on" }.into(),
             durability: e.region().durability().to_string(),
         }
     }
@@ -80,12 +90,12 @@ impl Report {
              format         version {}, uuid {}\n\
              size           {} bytes, {} segments of 16 MiB, {} used\n\
              backing        {} bytes\n\
-             settings       gc_percent {}, data_crc {}\n\
+             settings       gc_percent {}, data_crc {}, guest write cache {}\n\
              key_head       {}\n\
              dirty_tail     {}\n\
              key_tail       {}\n\
              dirty          {} bytes\n\
-             keys           {} extents ({} keys replayed, {} stale skipped)\n\
+             keys           {} extents ({} keys replayed, {} from kset slots, {} stale skipped)\n\
              durability     {}\n",
             self.cache,
             self.version,
@@ -96,12 +106,14 @@ impl Report {
             self.backing_bytes,
             self.gc_percent,
             if self.data_crc { "on" } else { "off" },
+            self.guest_write_cache,
             self.key_head,
             self.dirty_tail,
             self.key_tail,
             self.dirty_bytes,
             self.keys,
             self.keys_replayed,
+            self.staged_keys,
             self.stale_keys,
             self.durability
         )

@@ -31,6 +31,16 @@ fn run_guest(sock: &Path, cmd: &str, name: &str) -> (std::process::ExitStatus, V
     Guest::boot(sock, cmd, name, &[("PCACHE_GUEST_QUEUES", QUEUES)]).finish()
 }
 
+/// The guest write cache as pcache's status reports it ("on" or "off").
+fn write_cache(sock: &Path) -> String {
+    let r = pcache::control::request(
+        &sock.with_extension("ctl"),
+        &pcache::control::Request::Status,
+    )
+    .expect("status");
+    r.status.expect("a status").cache.guest_write_cache
+}
+
 fn start(dir: &Path, sock: &Path, name: &str, extra: &[&str]) -> Server {
     Server::start(serve_cmd(dir, sock, QUEUES, extra), dir, sock, name)
 }
@@ -59,7 +69,10 @@ fn write_cmd() -> String {
     }
     c += "sync\nup md5\n";
     c += &md5_cmd();
-    c += "umount /mnt\nsync\nup done\n";
+    c += "umount /mnt\nsync\n";
+    // The guest turns its write cache off (virtio CONFIG_WCE).
+    c += "echo 'write through' >/sys/block/vda/cache_type\n\
+          echo \"CACHE_TYPE $(cat /sys/block/vda/cache_type)\"\nup done\n";
     c
 }
 
@@ -81,7 +94,7 @@ fn read_cmd() -> String {
          up md5\n",
     );
     c += &md5_cmd();
-    c += "umount /mnt\nup done\n";
+    c += "umount /mnt\necho \"CACHE_TYPE $(cat /sys/block/vda/cache_type)\"\nup done\n";
     c
 }
 
@@ -110,12 +123,27 @@ fn guest_fio_and_ext4_survive_a_server_restart() {
         FILES.len(),
         "guest 1 printed {written:?}, expected an MD5 line for each of {FILES:?}"
     );
+    assert!(
+        lines.iter().any(|l| l.contains("CACHE_TYPE write through")),
+        "guest 1 could not turn its write cache off"
+    );
+    assert_eq!(
+        write_cache(&sock),
+        "off",
+        "pcache did not take the guest's choice"
+    );
     // c: SIGTERM persists and exits 0.
     server.stop();
 
-    // d: replay the same cache, read the files back.
+    // d: replay the same cache, read the files back. The guest's write
+    // cache choice held across the restart (QEMU does not repeat it).
     let server = start(dir.path(), &sock, "serve-2", &[]);
+    assert_eq!(write_cache(&sock), "off", "the choice was lost at restart");
     let (st, lines) = run_guest(&sock, &read_cmd(), "guest-2 (fsck + read)");
+    assert!(
+        lines.iter().any(|l| l.contains("CACHE_TYPE write through")),
+        "a new guest sees the write cache as its owner left it"
+    );
     assert!(
         st.success(),
         "guest 2 failed ({st}): see its console above and the server log below"

@@ -242,6 +242,7 @@ impl Status {
              socket       {} ({} queues)\n\
              gc_percent   {}\n\
              data_crc     {}\n\
+             write cache  {} (the guest's choice)\n\
              key_head     {}\n\
              dirty_tail   {}\n\
              key_tail     {}\n\
@@ -262,6 +263,7 @@ impl Status {
             self.serve.num_queues,
             self.cache.gc_percent,
             if self.cache.data_crc { "on" } else { "off" },
+            self.cache.guest_write_cache,
             self.cache.key_head,
             self.cache.dirty_tail,
             self.cache.key_tail,
