@@ -93,6 +93,10 @@ need_cmd dpkg-deb dpkg
 # For the tests of pcache under systemd (units, socket activation).
 need_cmd systemd-analyze systemd
 need_cmd systemd-socket-activate systemd
+# For the test of a guest run by libvirt (tests/libvirt.rs).
+need_cmd virsh libvirt-clients
+need_cmd libvirtd libvirt-daemon-system
+need_cmd virtlogd libvirt-daemon-system
 if ((${#missing[@]})); then
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     apt_install "${missing[@]}"
