@@ -353,7 +353,7 @@ mod tests {
     fn superblock_matches_the_golden_bytes_in_format_md() {
         let sb = Superblock {
             flags: 0,
-            version: 1,
+            version: 2,
             seg_num: 63,
             uuid: [
                 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x00, 0x11, 0x22, 0x33, 0x44, 0x55,
@@ -363,8 +363,8 @@ mod tests {
             backing_bytes: 10 << 30,
         };
         let golden = unhex(
-            "0000: f5 ca 30 e1 00 00 00 00 31 5f 65 68 63 61 63 70
-             0010: 01 00 00 00 3f 00 00 00 01 23 45 67 89 ab cd ef
+            "0000: f9 ed 4b c5 00 00 00 00 31 5f 65 68 63 61 63 70
+             0010: 02 00 00 00 3f 00 00 00 01 23 45 67 89 ab cd ef
              0020: 00 11 22 33 44 55 66 77 00 00 00 40 00 00 00 00
              0030: 00 00 00 80 02 00 00 00 00 00 00 00 00 00 00 00",
         );

@@ -25,7 +25,9 @@ use vhost::vhost_user::{Backend, Error, GpuBackend, Result, VhostUserBackendReqH
 use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+};
 
 use super::device::Device;
 use super::inflight::InflightRegion;
@@ -171,6 +173,7 @@ impl Handler {
     }
 
     fn replace_memory(&mut self, mem: GuestMemoryMmap<()>) {
+        tracing::debug!(regions = mem.iter().count(), "guest memory table");
         self.dev.memory().lock().expect("memory lock").replace(mem);
     }
 

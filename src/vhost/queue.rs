@@ -146,6 +146,7 @@ impl Device {
     }
 
     fn drain_avail(&self, qs: &mut QueueState, ring: &Ring) -> io::Result<()> {
+        let mem = self.mem.memory();
         let mut pending = 0;
         // What a previous backend left taken runs first, in its order.
         while let Some(chain) = qs.resubmit.pop_front() {
@@ -154,7 +155,7 @@ impl Device {
             }
         }
         while !self.is_stopping() {
-            let Some(chain) = ring.pop(&self.mem) else {
+            let Some(chain) = ring.pop(&mem) else {
                 break;
             };
             if self.run_chain(qs, ring, chain) {

@@ -9,7 +9,7 @@ use vhost_user_backend::VringT;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryRegion, GuestRegionMmap,
+    GuestMemoryLoadGuard, GuestMemoryRegion, GuestRegionMmap,
 };
 
 use super::chain::Chain;
@@ -37,12 +37,13 @@ impl Ring {
     }
 
     /// Take the next request the driver made available, marking it taken.
-    pub fn pop(&self, mem: &Gm) -> Option<Chain> {
+    /// `mem` is the memory table loaded once for the batch.
+    pub fn pop(&self, mem: &GuestMemoryLoadGuard<Mem>) -> Option<Chain> {
         let chain = self
             .vring
             .get_mut()
             .get_queue_mut()
-            .pop_descriptor_chain(mem.memory())?;
+            .pop_descriptor_chain(mem.clone())?;
         if let Some(i) = &self.inflight {
             i.take(chain.head_index());
         }
@@ -55,22 +56,23 @@ impl Ring {
     /// request dropped: returning an error would end the queue's worker and
     /// strand every request after it.
     pub fn put_used(&self, head: u16, len: u32) -> bool {
-        if let Some(i) = &self.inflight {
-            i.returning(head);
-        }
-        let mut st = self.vring.get_mut();
-        match st.add_used(head, len) {
-            Ok(()) => {
-                if let Some(i) = &self.inflight {
+        let r = match &self.inflight {
+            None => self.vring.add_used(head, len),
+            Some(i) => {
+                i.returning(head);
+                let mut st = self.vring.get_mut();
+                let r = st.add_used(head, len);
+                if r.is_ok() {
                     i.returned(head, st.get_queue().next_used());
                 }
-                true
+                r
             }
-            Err(e) => {
-                tracing::warn!(head, len, error = %e, "cannot return a request to the used ring; dropped");
-                false
-            }
+        };
+        if let Err(e) = r {
+            tracing::warn!(head, len, error = %e, "cannot return a request to the used ring; dropped");
+            return false;
         }
+        true
     }
 
     /// Signal the driver if it wants to be (always without EVENT_IDX).
