@@ -22,6 +22,7 @@
 pub mod backing;
 pub mod cli;
 pub mod control;
+pub mod crc;
 pub mod engine;
 pub mod format;
 pub mod media;

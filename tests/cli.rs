@@ -1,27 +1,15 @@
 //! The `pcache` command as a user runs it: format, inspect, check and
 //! offline writeback, with their messages and exit codes.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 use pcache::engine::{DataHead, Engine, OpenOptions};
 use pcache::pmem::{Region, RegionOptions};
 
-fn pcache(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pcache"))
-        .args(args)
-        .output()
-        .expect("run pcache")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{pcache, text};
 
 fn backing_file(dir: &Path, bytes: u64) -> String {
     let p = dir.join("disk.img");

@@ -3,28 +3,16 @@
 //! record; a damaged kset in the middle of the log is refused rather than
 //! silently truncating the log; pcache never re-formats on its own.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use pcache::engine::{DataHead, Engine, OpenOptions};
 use pcache::format::{self, seg_off};
 use pcache::pmem::{Region, RegionOptions};
 
-fn pcache(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pcache"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{pcache, text};
 
 /// A formatted cache with some history: writes, flushes, settings changes.
 fn cache_with_history(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {

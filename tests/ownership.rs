@@ -6,27 +6,12 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{check_block, fill_block, Client, Disk};
+use common::{check_block, fill_block, pcache, text, Client, Disk};
 
 const BLOCK: usize = 4096;
 const MIB: u64 = 1 << 20;
-
-fn pcache(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pcache"))
-        .args(args)
-        .output()
-        .expect("run pcache")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Write blocks `0..n` with `version`, then read them all back.
 fn write_and_verify(c: &mut Client, n: u64, version: u64) {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::segment::SegKind;
 use super::{stats, Engine, Error, Result};
 use crate::format::{
-    data_off, encode_kset, encode_last, encode_staged, slot_off, staged_key_off, KeyOnMedia,
+    data_off, encode_kset, encode_last, seal_staged, slot_off, staged_key_off, KeyOnMedia,
     PosOnMedia, KEY_BYTES, KSET_HEADER_BYTES, KSET_KEYS_MAX, KSET_MAX_BYTES, SEG_DATA_BYTES,
     SLOT_CLOSING_OFF, SLOT_SEQ_OFF,
 };
@@ -77,16 +77,21 @@ impl OpenKset {
         self.n == KSET_KEYS_MAX
     }
 
-    /// Add a key in DRAM only (the caller stores it in the slot).
-    fn push(&mut self, key: &KeyOnMedia, dirty: bool) {
+    /// Add a key in DRAM only (the caller stores it in the slot), and
+    /// return its encoding.
+    fn push(&mut self, key: &KeyOnMedia, dirty: bool) -> &[u8; KEY_BYTES] {
         debug_assert!(!self.is_full());
         let at = self.n * KEY_BYTES;
-        key.encode(&mut self.keys[at..at + KEY_BYTES]);
+        let bytes: &mut [u8; KEY_BYTES] = (&mut self.keys[at..at + KEY_BYTES])
+            .try_into()
+            .expect("KEY_BYTES");
+        key.encode(bytes);
         self.n += 1;
         if dirty {
             self.dirty += key.len as u64;
         }
         self.opened.get_or_insert_with(Instant::now);
+        bytes
     }
 
     /// Has the oldest key waited longer than `age`?
@@ -110,9 +115,11 @@ impl Engine {
     /// death of the process (a plain store into the shared mapping); it
     /// survives power loss once the kset is closed.
     pub(super) fn kset_push(&self, ks: &mut OpenKset, key: &KeyOnMedia, dirty: bool) {
-        let staged = encode_staged(key, self.sb.format_id(), ks.slot, ks.seq);
-        self.region.write(staged_key_off(ks.slot, ks.n), &staged);
-        ks.push(key, dirty);
+        let at = ks.n;
+        let bytes = ks.push(key, dirty);
+        let mut staged = *bytes;
+        seal_staged(&mut staged, self.sb.format_id(), ks.slot, ks.seq);
+        self.region.write(staged_key_off(ks.slot, at), &staged);
     }
 
     /// Start a new era in `ks`'s slot, holding no keys: store the new `seq`

@@ -85,26 +85,31 @@ impl SlotHeader {
 /// crc32c binding a staged key to its medium, slot and era: over
 /// format_id (8 bytes), slot index (4), seq (8) and the key's bytes 0..36.
 pub fn staged_key_crc(format_id: u64, slot: usize, seq: u64, key: &[u8]) -> u32 {
-    // One call over an 8-byte aligned buffer of whole words: the crc32c
-    // crate handles unaligned heads and tails a byte at a time, which
-    // cost more than the rest of a staged write.
-    #[repr(C, align(8))]
-    struct Words([u8; 56]);
-    let mut b = Words([0u8; 56]);
-    b.0[..8].copy_from_slice(&format_id.to_le_bytes());
-    b.0[8..12].copy_from_slice(&(slot as u32).to_le_bytes());
-    b.0[12..20].copy_from_slice(&seq.to_le_bytes());
-    b.0[20..].copy_from_slice(&key[..KEY_BYTES - 4]);
-    crc32c::crc32c(&b.0)
+    let mut b = [0u8; 56];
+    b[..8].copy_from_slice(&format_id.to_le_bytes());
+    b[8..12].copy_from_slice(&(slot as u32).to_le_bytes());
+    b[12..20].copy_from_slice(&seq.to_le_bytes());
+    b[20..].copy_from_slice(&key[..KEY_BYTES - 4]);
+    let mut words = [0u64; 7];
+    for (w, c) in words.iter_mut().zip(b.chunks_exact(8)) {
+        *w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+    }
+    crate::crc::crc32c_words(&words)
 }
 
 /// A key as staged in slot `slot` of era `seq`.
 pub fn encode_staged(key: &KeyOnMedia, format_id: u64, slot: usize, seq: u64) -> [u8; KEY_BYTES] {
     let mut b = [0u8; KEY_BYTES];
     key.encode(&mut b);
-    let crc = staged_key_crc(format_id, slot, seq, &b);
-    put_u32(&mut b, KEY_BYTES - 4, crc);
+    seal_staged(&mut b, format_id, slot, seq);
     b
+}
+
+/// Store the crc of the encoded key `b` (bytes 36..40) for slot `slot` of
+/// era `seq`.
+pub fn seal_staged(b: &mut [u8; KEY_BYTES], format_id: u64, slot: usize, seq: u64) {
+    let crc = staged_key_crc(format_id, slot, seq, b);
+    put_u32(b, KEY_BYTES - 4, crc);
 }
 
 /// The staged key in `buf` if its crc holds for this medium, slot and era

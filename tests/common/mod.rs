@@ -4,7 +4,7 @@
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
@@ -262,4 +262,21 @@ pub fn check_block(buf: &[u8], block: u64) -> Result<u64, String> {
         return Err(format!("block {block} version {v} fails its checksum"));
     }
     Ok(v)
+}
+
+/// Run the `pcache` binary under test with `args` and collect its output.
+pub fn pcache(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pcache"))
+        .args(args)
+        .output()
+        .expect("run pcache")
+}
+
+/// A command's stdout followed by its stderr.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
