@@ -15,7 +15,9 @@
 //! writes wait until the N in flight complete, then the FLUSH, then the next
 //! N. With `--qd 1 --flush-every 1` that is the write+flush pattern of a
 //! synchronous journal. `--total BYTES` stops after that many bytes (split
-//! evenly over the queues) instead of, or before, `--runtime`.
+//! evenly over the queues) instead of, or before, `--runtime`. The JSON
+//! report's `iops_per_s` counts the reads and writes completed in each
+//! second of the measured phase, for plotting a sustained run over time.
 
 use std::io::Write as _;
 use std::mem::MaybeUninit;
@@ -380,6 +382,8 @@ struct QueueResult {
     flush: Hist,
     first_submit: Option<Instant>,
     last_complete: Option<Instant>,
+    /// Reads and writes completed in each second of the measured phase.
+    per_sec: Vec<u64>,
 }
 
 struct Slot {
@@ -403,6 +407,7 @@ fn run_queue(
         flush: Hist::new(),
         first_submit: None,
         last_complete: None,
+        per_sec: Vec::new(),
     };
     let mut rng = Rng::new(job.seed);
     let perm = Perm::new(job.seq_blocks, job.seed ^ 0xa5a5);
@@ -556,6 +561,13 @@ fn run_queue(
                     Op::Read => res.read.record(ns),
                     Op::Write => res.write.record(ns),
                     Op::Flush => res.flush.record(ns),
+                }
+                if slot.op != Op::Flush {
+                    let sec = done.saturating_duration_since(timing.ramp_end).as_secs() as usize;
+                    if res.per_sec.len() <= sec {
+                        res.per_sec.resize(sec + 1, 0);
+                    }
+                    res.per_sec[sec] += 1;
                 }
                 res.last_complete = Some(done);
             }
@@ -820,8 +832,15 @@ fn run(a: &Args) -> Result<(), String> {
     let mut flush = Hist::new();
     let mut first: Option<Instant> = None;
     let mut last: Option<Instant> = None;
+    let mut per_sec: Vec<u64> = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
         let r = r.map_err(|e| format!("queue {i}: {e}"))?;
+        if per_sec.len() < r.per_sec.len() {
+            per_sec.resize(r.per_sec.len(), 0);
+        }
+        for (t, n) in per_sec.iter_mut().zip(&r.per_sec) {
+            *t += n;
+        }
         read.merge(&r.read);
         write.merge(&r.write);
         flush.merge(&r.flush);
@@ -866,6 +885,8 @@ fn run(a: &Args) -> Result<(), String> {
         "size": blocks * a.bs,
         "capacity": capacity,
         "elapsed_s": (elapsed * 1e4).round() / 1e4,
+        // The last entry covers a partial second.
+        "iops_per_s": per_sec,
     });
     let total = class(&data, a.bs);
     let (rd, wr, fl) = (class(&read, a.bs), class(&write, a.bs), class(&flush, 0));

@@ -182,6 +182,14 @@ pub struct ServeArgs {
     /// Also write back dirty data older than this many seconds.
     #[arg(long, default_value_t = WritebackPolicy::default().max_age.as_secs())]
     pub writeback_max_age: u64,
+    /// How writeback orders what reaches the backing store, kept in the
+    /// cache: `batch` coalesces many flush epochs per backing flush (the
+    /// backing store alone is consistent after each batch); `strict` writes
+    /// back one flush epoch at a time (the backing store alone is always a
+    /// flush boundary plus part of the next epoch) [default: the cache's,
+    /// batch for a new one].
+    #[arg(long, value_enum)]
+    pub writeback_order: Option<crate::engine::WritebackOrder>,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -227,6 +235,7 @@ impl ServeArgs {
             },
             data_crc: self.data_crc,
             gc_percent: self.gc_percent,
+            writeback_order: self.writeback_order,
             access: crate::sockets::Access {
                 mode: self.socket_mode.unwrap_or(if self.socket_group.is_some() {
                     0o660

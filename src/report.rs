@@ -23,6 +23,8 @@ pub struct Report {
     pub segments_used: u32,
     /// gc_percent.
     pub gc_percent: u8,
+    /// How writeback orders what reaches the backing store.
+    pub writeback_order: String,
     /// data_crc on?
     pub data_crc: bool,
     /// key_head as seg:off (lsn).
@@ -69,6 +71,7 @@ impl Report {
             segments: e.n_segs(),
             segments_used: e.segs_used(),
             gc_percent: e.gc_percent(),
+            writeback_order: e.writeback_order().to_string(),
             data_crc: e.data_crc(),
             key_head: pos(e.key_head()),
             dirty_tail: pos(e.dirty_tail()),
@@ -90,7 +93,7 @@ impl Report {
              format         version {}, uuid {}\n\
              size           {} bytes, {} segments of 16 MiB, {} used\n\
              backing        {} bytes\n\
-             settings       gc_percent {}, data_crc {}, guest write cache {}\n\
+             settings       gc_percent {}, writeback order {}, data_crc {}, guest write cache {}\n\
              key_head       {}\n\
              dirty_tail     {}\n\
              key_tail       {}\n\
@@ -105,6 +108,7 @@ impl Report {
             self.segments_used,
             self.backing_bytes,
             self.gc_percent,
+            self.writeback_order,
             if self.data_crc { "on" } else { "off" },
             self.guest_write_cache,
             self.key_head,

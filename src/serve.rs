@@ -57,6 +57,8 @@ pub struct ServeOptions {
     pub data_crc: bool,
     /// gc_percent for a new cache (or to set on an existing one).
     pub gc_percent: Option<u8>,
+    /// Writeback order to set and persist (None keeps the cache's).
+    pub writeback_order: Option<crate::engine::WritebackOrder>,
     /// Control socket.
     pub control: PathBuf,
     /// Who may connect to the vhost socket.
@@ -129,6 +131,9 @@ fn open_cache(o: &ServeOptions, backing_bytes: u64) -> AnyResult<(Owner, Arc<Eng
         );
     }
     let engine = media::open_cache(&o.cache)?;
+    if let Some(order) = o.writeback_order {
+        engine.set_writeback_order(order)?;
+    }
     if !must_format {
         if let Some(p) = o.gc_percent {
             engine.set_gc_percent(p)?;

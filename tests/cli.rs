@@ -111,9 +111,10 @@ fn format_inspect_check_and_refusal_to_reformat() {
     assert_eq!(v["backing_bytes"], 64 << 20);
     assert_eq!(v["dirty_bytes"], 0);
     assert_eq!(v["key_head"], "0:0 (lsn 1)");
+    assert_eq!(v["writeback_order"], "batch");
     let o = pcache(&["inspect", "--cache", cache]);
     assert!(
-        text(&o).contains("gc_percent 60, data_crc on"),
+        text(&o).contains("gc_percent 60, writeback order batch, data_crc on"),
         "{}",
         text(&o)
     );

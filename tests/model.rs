@@ -101,13 +101,16 @@ impl Harness {
     }
 
     /// Make a little room, as the workers would for a waiting writer: one
-    /// writeback batch, then GC regardless of gc_percent, until a segment
-    /// is freed. Keeps the cache near full so deferral happens often.
+    /// small writeback batch, then GC regardless of gc_percent, until a
+    /// segment is freed. Keeps the cache near full so deferral happens
+    /// often.
     fn reclaim(&mut self) {
         let e = self.engine.as_ref().unwrap().clone();
         e.flush().expect("flush while reclaiming");
         loop {
-            let wb = e.writeback_once(&mut self.queue).expect("writeback");
+            let wb = e
+                .writeback_with_budget(&mut self.queue, 64 << 10)
+                .expect("writeback");
             if e.gc_once(true).expect("gc") > 0 || wb == pcache::engine::Progress::Clean {
                 return;
             }
@@ -259,9 +262,13 @@ fn run_model(seed: u64, ops: u64, data_crc: bool) {
                 flushes += 1;
             }
             990..=994 => {
-                // Background work at random points, as the workers would.
+                // Background work at random points, as the workers would,
+                // with batches from 4 KiB to 8 MiB.
                 let e = h.e().clone();
-                let _ = e.writeback_once(&mut h.queue).expect("writeback");
+                let budget = 4096u64 << (op % 12);
+                let _ = e
+                    .writeback_with_budget(&mut h.queue, budget)
+                    .expect("writeback");
                 e.gc_once(false).expect("gc");
             }
             _ => {}

@@ -12,8 +12,10 @@
 //! to, a torn record taken for a valid one, a tail written into the replica
 //! that held the newest copy, a kset from an earlier lap replayed, a key of
 //! an open kset lost with the process (or replayed from an earlier era of
-//! its slot), and writeback exposing a later flush epoch before an earlier
-//! one is complete.
+//! its slot), writeback leaving the backing store between two flush
+//! boundaries after a batch (a batch cut off by a failure and retried
+//! shorter), and, in strict order, a later flush epoch reaching the backing
+//! store before an earlier one is complete.
 //!
 //! `PCACHE_CRASH_POINTS` sets the number of crash points (default 3000),
 //! `PCACHE_CRASH_SEED` the seed.
@@ -24,7 +26,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use pcache::backing::{Backing, BackingQueue, MemBacking};
-use pcache::engine::{DataHead, Engine, Error, FormatOptions, OpenOptions, Progress};
+use pcache::engine::{
+    DataHead, Engine, Error, FormatOptions, OpenOptions, Progress, WritebackOrder,
+};
 use pcache::pmem::{Region, RegionOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -285,8 +289,8 @@ fn power_failures_and_process_deaths_at_random_points_lose_nothing_promised() {
     );
 }
 
-/// A backing store that dies (losing everything not flushed) after a
-/// countdown of writes, and fails every write until revived.
+/// A backing store that fails every write and flush once a countdown of
+/// writes runs out, until revived (the test then crashes its contents).
 struct DyingBacking {
     mem: MemBacking,
     countdown: AtomicI64,
@@ -301,9 +305,6 @@ impl Backing for DyingBacking {
     }
     fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
         let left = self.countdown.fetch_sub(1, Ordering::SeqCst);
-        if left == 1 {
-            self.mem.crash();
-        }
         if left <= 1 {
             return Err(std::io::Error::other("power failure"));
         }
@@ -320,99 +321,147 @@ impl Backing for DyingBacking {
     }
 }
 
-#[test]
-fn backing_store_alone_is_always_a_flush_boundary_plus_part_of_the_next_epoch() {
-    let seed: u64 = std::env::var("PCACHE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(78);
+/// The flush boundaries E the backing store's durable image allows: each
+/// sector's version v allows E in [epoch(v) - 1, epoch(next version) - 1],
+/// and the image is a flush boundary plus part of the next epoch when all
+/// sectors share one. Panics on a sector id never written.
+fn boundaries(image: &[u8], hist: &[Vec<(u64, u64)>]) -> (u64, u64) {
+    let (mut lo, mut hi) = (0u64, u64::MAX);
+    for s in 0..SECTORS {
+        let v = sector_id(
+            &image[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize],
+            s,
+        )
+        .unwrap();
+        let h = &hist[s as usize];
+        let i = h
+            .iter()
+            .position(|(_, id)| *id == v)
+            .unwrap_or_else(|| panic!("sector {s}: id {v} never written"));
+        let a = h[i].0.saturating_sub(1);
+        let b = h.get(i + 1).map_or(u64::MAX, |(ep, _)| ep - 1);
+        lo = lo.max(a);
+        hi = hi.min(b);
+    }
+    (lo, hi)
+}
+
+/// Writes with random flushes, then writeback in passes of random budgets
+/// while both media fail at random points. Checks the backing store's
+/// durable image after every completed pass, and in strict order also at
+/// every failure. Returns (failures, completed passes, epochs).
+fn writeback_under_failures(order: WritebackOrder, seed: u64) -> (u64, u64, u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let region = new_cache(dir.path());
     let mut e = open(&region);
-    let mut head = DataHead::default();
+    e.set_writeback_order(order).unwrap();
     // History per sector: (epoch written, id). Epoch k = writes between
     // flush k-1 and flush k.
     let mut hist: Vec<Vec<(u64, u64)>> = vec![vec![(0, 0)]; SECTORS as usize];
     let mut epoch = 1u64;
     let mut buf = vec![0u8; 64 * SECTOR as usize];
-    for next_id in 1..=3000u64 {
-        let n = rng.gen_range(1..=64u64);
-        let s = rng.gen_range(0..=SECTORS - n);
-        let b = &mut buf[..(n * SECTOR) as usize];
-        for i in 0..n {
-            fill_sector(
-                &mut b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
-                next_id,
-                s + i,
-            );
-        }
-        e.write(&mut head, s * SECTOR, b).unwrap();
-        for i in s..s + n {
-            hist[i as usize].push((epoch, next_id));
-        }
-        if rng.gen_bool(0.05) {
-            e.flush().unwrap();
-            epoch += 1;
-        }
-    }
-    e.flush().unwrap();
     let backing = Arc::new(DyingBacking {
         mem: MemBacking::new(DISK),
         countdown: AtomicI64::new(i64::MAX),
     });
-    let mut crashes = 0;
-    loop {
-        backing
-            .countdown
-            .store(rng.gen_range(1..200), Ordering::SeqCst);
-        let mut q = BackingQueue::new(backing.clone(), 8);
-        let mut finished = false;
-        loop {
-            match e.writeback_once(&mut q) {
-                Ok(Progress::Clean) => {
-                    finished = true;
-                    break;
-                }
-                Ok(Progress::Advanced { .. }) => {}
-                Err(_) => break,
+    let (mut failures, mut passes) = (0u64, 0u64);
+    // Backing writes before a failure: merged batches need few writes, a
+    // strict batch (one epoch) needs more to finish at all.
+    let countdown_max = match order {
+        WritebackOrder::Batch => 8,
+        WritebackOrder::Strict => 64,
+    };
+    // Phases of writes, each ending with a flush, then some writeback
+    // passes; the last phase drains.
+    const PHASES: u64 = 30;
+    let mut next_id = 1u64;
+    let mut head = DataHead::default();
+    for phase in 1..=PHASES {
+        for _ in 0..100 {
+            let n = rng.gen_range(1..=64u64);
+            let s = rng.gen_range(0..=SECTORS - n);
+            let b = &mut buf[..(n * SECTOR) as usize];
+            for i in 0..n {
+                fill_sector(
+                    &mut b[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize],
+                    next_id,
+                    s + i,
+                );
+            }
+            e.write(&mut head, s * SECTOR, b).unwrap();
+            for i in s..s + n {
+                hist[i as usize].push((epoch, next_id));
+            }
+            next_id += 1;
+            if rng.gen_bool(0.05) {
+                e.flush().unwrap();
+                epoch += 1;
             }
         }
-        if finished {
-            break;
+        // Nothing the power failures below may lose.
+        e.flush().unwrap();
+        epoch += 1;
+        let mut left = if phase == PHASES {
+            u64::MAX
+        } else {
+            rng.gen_range(1..6)
+        };
+        // Failures in a row: each allows more writes before the next, so a
+        // batch that needs many writes still finishes in the end.
+        let mut streak = 0u32;
+        while left > 0 {
+            let most = countdown_max << streak.min(12);
+            backing
+                .countdown
+                .store(rng.gen_range(1..most), Ordering::SeqCst);
+            let mut q = BackingQueue::new(backing.clone(), 8);
+            let mut failed = false;
+            while left > 0 {
+                // Budgets from one 4 KiB key to half the disk: a batch cut
+                // off by a failure is often retried with a smaller budget.
+                let budget = 4096u64 << rng.gen_range(0..10);
+                match e.writeback_with_budget(&mut q, budget) {
+                    Ok(Progress::Clean) => left = 0,
+                    Ok(Progress::Advanced { .. }) => {
+                        passes += 1;
+                        left -= 1;
+                        streak = 0;
+                        let (lo, hi) = boundaries(&backing.mem.durable_image(), &hist);
+                        assert!(
+                            lo <= hi,
+                            "{order} order, seed {seed}, after pass {passes}: the backing store is not a flush boundary plus part of the next epoch (needs a boundary in {lo}..={hi})"
+                        );
+                    }
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            drop(q);
+            backing.countdown.store(i64::MAX, Ordering::SeqCst);
+            if !failed {
+                break;
+            }
+            // Both media fail at this point.
+            streak += 1;
+            drop(e);
+            // The disk's own cache had written some of the batch.
+            backing.mem.crash_partial(|| rng.gen_bool(0.5));
+            region.simulate_power_failure(seed ^ failures);
+            failures += 1;
+            e = open(&region);
+            head = DataHead::default();
+            let (lo, hi) = boundaries(&backing.mem.durable_image(), &hist);
+            if order == WritebackOrder::Strict {
+                assert!(
+                    lo <= hi,
+                    "strict order, seed {seed}, failure {failures}: the backing store mixes flush epochs (needs a boundary in {lo}..={hi})"
+                );
+            }
         }
-        // Both media fail at this point.
-        drop(q);
-        drop(e);
-        region.simulate_power_failure(seed ^ crashes);
-        crashes += 1;
-        e = open(&region);
-        head = DataHead::default();
-        let image = backing.mem.durable_image();
-        // Each sector allows the boundaries E in [epoch(v) - 1, epoch(next) - 1];
-        // all sectors must share one.
-        let (mut lo, mut hi) = (0u64, u64::MAX);
-        for s in 0..SECTORS {
-            let v = sector_id(
-                &image[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize],
-                s,
-            )
-            .unwrap();
-            let h = &hist[s as usize];
-            let i = h
-                .iter()
-                .position(|(_, id)| *id == v)
-                .unwrap_or_else(|| panic!("sector {s}: id {v} never written"));
-            let a = h[i].0.saturating_sub(1);
-            let b = h.get(i + 1).map_or(u64::MAX, |(ep, _)| ep - 1);
-            lo = lo.max(a);
-            hi = hi.min(b);
-        }
-        assert!(
-            lo <= hi,
-            "seed {seed} crash {crashes}: the backing store mixes flush epochs (needs a boundary in {lo}..={hi})"
-        );
-        backing.countdown.store(i64::MAX, Ordering::SeqCst);
+        e.gc_once(false).unwrap();
     }
     let _ = head;
     // Fully drained: the backing store alone is the whole disk.
@@ -429,6 +478,30 @@ fn backing_store_alone_is_always_a_flush_boundary_plus_part_of_the_next_epoch() 
             "sector {s} after the drain"
         );
     }
-    println!("backing crash consistency (seed {seed}): {crashes} crashes during writeback, {epoch} epochs");
-    assert!(crashes >= 3, "too few crash points ({crashes})");
+    assert!(failures >= 3, "too few failure points ({failures})");
+    (failures, passes, epoch)
+}
+
+#[test]
+fn backing_store_alone_is_a_flush_boundary_after_every_writeback_batch() {
+    let seed: u64 = std::env::var("PCACHE_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(78);
+    let (failures, passes, epochs) = writeback_under_failures(WritebackOrder::Batch, seed);
+    println!(
+        "backing crash consistency, batch order (seed {seed}): {failures} failures of both media during writeback, {passes} batches checked, {epochs} epochs"
+    );
+}
+
+#[test]
+fn strict_order_keeps_the_backing_store_a_flush_boundary_at_every_instant() {
+    let seed: u64 = std::env::var("PCACHE_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(79);
+    let (failures, passes, epochs) = writeback_under_failures(WritebackOrder::Strict, seed);
+    println!(
+        "backing crash consistency, strict order (seed {seed}): {failures} failures of both media during writeback, each checked, {passes} batches checked, {epochs} epochs"
+    );
 }

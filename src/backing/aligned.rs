@@ -21,8 +21,10 @@ use super::IO_ALIGN;
 pub struct AlignedBuf {
     /// Start of the allocation (dangling but aligned when `len == 0`).
     ptr: NonNull<u8>,
-    /// Length in bytes; also the size of the allocation.
+    /// Length in bytes (what I/O transfers).
     len: usize,
+    /// Size of the allocation (`len <= cap`).
+    cap: usize,
 }
 
 // SAFETY: `AlignedBuf` owns its allocation exclusively (like `Vec<u8>`), so
@@ -61,13 +63,14 @@ impl AlignedBuf {
             return AlignedBuf {
                 ptr: Self::dangling(),
                 len: 0,
+                cap: 0,
             };
         }
         let layout = Self::layout(len);
         // SAFETY: `layout` has a non-zero size (len > 0 was checked above).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         match NonNull::new(raw) {
-            Some(ptr) => AlignedBuf { ptr, len },
+            Some(ptr) => AlignedBuf { ptr, len, cap: len },
             None => alloc::handle_alloc_error(layout),
         }
     }
@@ -82,6 +85,25 @@ impl AlignedBuf {
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Size of the allocation: the most [`AlignedBuf::set_len`] allows.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Shorten or lengthen the buffer within its allocation (the bytes
+    /// beyond the old length hold whatever they held before).
+    ///
+    /// Panics if `len` exceeds [`AlignedBuf::capacity`]: callers size
+    /// their own buffers, so that is a bug, never a data-driven failure.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(
+            len <= self.cap,
+            "AlignedBuf::set_len({len}) beyond its {} bytes",
+            self.cap
+        );
+        self.len = len;
     }
 
     /// Whether the buffer holds no bytes.
@@ -118,10 +140,10 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len != 0 {
-            // SAFETY: a non-empty buffer was allocated in `new` with exactly
-            // this layout (same `len`, same alignment) and is freed once.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
+        if self.cap != 0 {
+            // SAFETY: a non-empty allocation was made in `new` with exactly
+            // this layout (`cap` is its size, same alignment) and is freed once.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) };
         }
     }
 }
@@ -150,12 +172,13 @@ impl fmt::Debug for AlignedBuf {
         // The contents are usually megabytes of sector data: print the shape.
         f.debug_struct("AlignedBuf")
             .field("len", &self.len)
+            .field("cap", &self.cap)
             .field("ptr", &self.ptr)
             .finish()
     }
 }
 
-/// Aligned buffers kept for reuse, by exact length.
+/// Aligned buffers kept for reuse, by exact allocation size.
 ///
 /// The data paths allocate the same few sizes over and over; a fresh
 /// zeroed allocation of a large buffer costs a memset and page faults each
@@ -177,8 +200,8 @@ impl BufPool {
         }
     }
 
-    /// A buffer of `len` bytes: a returned one (holding old data, which the
-    /// caller overwrites) or a new zeroed one.
+    /// A buffer of `len` bytes (and as much capacity): a returned one
+    /// (holding old data, which the caller overwrites) or a new zeroed one.
     pub fn take(&mut self, len: usize) -> AlignedBuf {
         match self.free.get_mut(&len).and_then(Vec::pop) {
             Some(buf) => {
@@ -190,11 +213,12 @@ impl BufPool {
     }
 
     /// Give a buffer back; it is freed if the pool is full.
-    pub fn give(&mut self, buf: AlignedBuf) {
-        let len = buf.len();
+    pub fn give(&mut self, mut buf: AlignedBuf) {
+        let len = buf.capacity();
         if len == 0 || self.held + len > self.max_held {
             return;
         }
+        buf.set_len(len);
         self.held += len;
         self.free.entry(len).or_default().push(buf);
     }
@@ -208,6 +232,27 @@ impl BufPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shortened_buffer_goes_back_to_the_pool_whole() {
+        let mut pool = BufPool::new(1 << 20);
+        let mut a = pool.take(65536);
+        a.set_len(4096);
+        assert_eq!((a.len(), a.capacity()), (4096, 65536));
+        assert_eq!(a.as_slice().len(), 4096);
+        let pa = a.as_ptr();
+        pool.give(a);
+        assert_eq!(pool.held(), 65536, "held by capacity");
+        let b = pool.take(65536);
+        assert_eq!(b.as_ptr(), pa);
+        assert_eq!(b.len(), 65536, "full length again");
+    }
+
+    #[test]
+    #[should_panic(expected = "beyond its")]
+    fn set_len_past_the_allocation_panics() {
+        AlignedBuf::new(512).set_len(1024);
+    }
 
     #[test]
     fn pool_reuses_buffers_of_the_same_length_up_to_its_limit() {

@@ -112,6 +112,24 @@ impl MemBacking {
         }
     }
 
+    /// Simulate a power loss on a disk whose volatile cache had already
+    /// written some pages: each page written since the last flush survives
+    /// if `survives()` says so, the others are lost.
+    pub fn crash_partial(&self, mut survives: impl FnMut() -> bool) {
+        let mut guard = self.write_images();
+        let im = &mut *guard;
+        for page in std::mem::take(&mut im.dirty_list) {
+            let range = im.page_range(page);
+            if survives() {
+                let (cur, dur) = (&im.current, &mut im.durable);
+                dur[range.clone()].copy_from_slice(&cur[range]);
+            } else {
+                im.current[range.clone()].copy_from_slice(&im.durable[range]);
+            }
+            im.dirty[page] = false;
+        }
+    }
+
     /// A copy of what would survive a crash now.
     pub fn durable_image(&self) -> Vec<u8> {
         self.read_images().durable.clone()

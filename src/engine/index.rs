@@ -56,15 +56,18 @@ impl Start for u64 {}
 /// # Invariants
 /// - Extents never overlap and all have `len > 0`.
 /// - `start + len` never overflows the sector range of the map.
+/// - `covered` is the sum of the extents' lengths.
 #[derive(Debug, Clone)]
 pub struct ExtentMap<S: Start, E: Extent> {
     map: BTreeMap<S, E>,
+    covered: u64,
 }
 
 impl<S: Start, E: Extent> Default for ExtentMap<S, E> {
     fn default() -> Self {
         ExtentMap {
             map: BTreeMap::new(),
+            covered: 0,
         }
     }
 }
@@ -84,6 +87,11 @@ impl<S: Start, E: Extent> ExtentMap<S, E> {
     /// No extents?
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+
+    /// Sectors covered by the extents.
+    pub fn covered(&self) -> u64 {
+        self.covered
     }
 
     /// Iterate `(start, extent)` in order.
@@ -109,6 +117,7 @@ impl<S: Start, E: Extent> ExtentMap<S, E> {
             Some((s, e)) if (*s).into() + e.len() as u64 > start => {}
             _ => {
                 self.map.insert(start_of(start), ext);
+                self.covered += ext.len() as u64;
                 return;
             }
         }
@@ -127,6 +136,7 @@ impl<S: Start, E: Extent> ExtentMap<S, E> {
                     back.skip_front((end - ts) as u32);
                     self.map.insert(start_of(end), back);
                 }
+                self.covered -= te.min(end) - start;
                 // overlap_head (or the front of contained): cut T's back.
                 let front = self.map.get_mut(&start_of(ts)).expect("predecessor exists");
                 front.set_len((start - ts) as u32);
@@ -145,6 +155,7 @@ impl<S: Start, E: Extent> ExtentMap<S, E> {
             }
             self.map.remove(&start_of(ts));
             let te = ts + t.len() as u64;
+            self.covered -= te.min(end) - ts;
             if te > end {
                 let mut rest = t;
                 rest.skip_front((end - ts) as u32);
@@ -153,19 +164,30 @@ impl<S: Start, E: Extent> ExtentMap<S, E> {
             }
         }
         self.map.insert(start_of(start), ext);
+        self.covered += ext.len() as u64;
         #[cfg(debug_assertions)]
         self.assert_invariants();
     }
 
     /// Remove the extent starting exactly at `start`.
     pub fn remove(&mut self, start: u64) -> Option<E> {
-        self.map.remove(&start_of(start))
+        let e = self.map.remove(&start_of(start))?;
+        self.covered -= e.len() as u64;
+        Some(e)
     }
 
     /// Remove every extent for which `stale` is true; returns how many.
     pub fn retain(&mut self, mut keep: impl FnMut(&E) -> bool) -> usize {
         let before = self.map.len();
-        self.map.retain(|_, e| keep(e));
+        let mut dropped = 0u64;
+        self.map.retain(|_, e| {
+            let k = keep(e);
+            if !k {
+                dropped += e.len() as u64;
+            }
+            k
+        });
+        self.covered -= dropped;
         before - self.map.len()
     }
 
@@ -230,6 +252,8 @@ impl<S: Start, E: Extent> ExtentMap<S, E> {
             );
             prev_end = s + e.len() as u64;
         }
+        let sum: u64 = self.map.values().map(|e| e.len() as u64).sum();
+        assert_eq!(self.covered, sum, "covered count drifted");
     }
 }
 

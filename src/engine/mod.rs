@@ -38,7 +38,7 @@ pub use req::{DataHead, Miss};
 pub use segment::LOG_RESERVE_SEGS;
 pub use stats::{Stats, StatsSnapshot};
 pub use workers::Workers;
-pub use writeback::Progress;
+pub use writeback::{Progress, WritebackOrder};
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -207,9 +207,9 @@ pub struct Engine {
     stats: Stats,
     writeback_kick: Kick,
     gc_kick: Kick,
-    /// Serialises whole writeback passes (online worker vs. `drain`).
-    /// Holds the pass's reusable buffers.
-    writeback_lock: Mutex<crate::backing::BufPool>,
+    /// Serialises whole writeback passes (online worker vs. `drain`);
+    /// holds the writeback target, buffers and measured rate.
+    writeback: Mutex<writeback::WbState>,
     /// Serialises GC passes.
     gc_lock: Mutex<()>,
 }

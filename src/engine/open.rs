@@ -12,7 +12,7 @@ use crate::format::{
     self, pick_latest, seg_off, segs_for_size, CacheInfo, MetaRecord, PosOnMedia, SegGen, SegInfo,
     Superblock, CACHE_FLAG_DATA_CRC, CACHE_FLAG_INIT_DONE, CACHE_INFO_OFF, DIRTY_TAIL_OFF,
     FORMAT_VERSION, KEY_TAIL_OFF, KSET_HEADER_BYTES, REGION_BYTES, SB_OFF, SEGMENTS_OFF,
-    SEG_DATA_OFF, SEG_GEN_OFF, SEG_INFO_OFF, SEG_INFO_TYPE_DATA,
+    SEG_DATA_OFF, SEG_GEN_OFF, SEG_INFO_OFF, SEG_INFO_TYPE_DATA, WB_TARGET_OFF,
 };
 use crate::format::{KEY_FLAG_CLEAN, KSET_SLOTS};
 use crate::pmem::Region;
@@ -147,6 +147,7 @@ impl Engine {
             region.write(CACHE_INFO_OFF[slot], &info.encode(1));
             region.write(KEY_TAIL_OFF[slot], &start.encode(1));
             region.write(DIRTY_TAIL_OFF[slot], &start.encode(1));
+            region.write(WB_TARGET_OFF[slot], &start.encode(1));
         }
         region.persist().map_err(Error::Persist)?; // everything before the superblock
         let sb = Superblock {
@@ -209,6 +210,7 @@ impl Engine {
         ] {
             check_pos(name, &t.rec, n_segs, offs[t.slot])?;
         }
+        let wb_target = read_wb_target(&region, n_segs, dirty_tail.rec)?;
 
         let mut gens = Vec::with_capacity(n_segs as usize);
         for seg in 0..n_segs {
@@ -274,9 +276,7 @@ impl Engine {
             stats: Stats::default(),
             writeback_kick: Kick::default(),
             gc_kick: Kick::default(),
-            writeback_lock: Mutex::new(crate::backing::BufPool::new(
-                super::writeback::INFLIGHT_BYTES as usize,
-            )),
+            writeback: Mutex::new(super::writeback::WbState::new(wb_target)),
             gc_lock: Mutex::new(()),
             region,
         };
@@ -364,6 +364,31 @@ impl Engine {
         *tail = Tail { pos, slot, seq };
         Ok(())
     }
+}
+
+/// The writeback target record. Caches formatted before it existed hold
+/// zeros there: no batch is pending, which reads as dirty_tail.
+fn read_wb_target(region: &Region, n_segs: u32, dirty_tail: PosOnMedia) -> Result<Tail> {
+    let r = [
+        read_vec(region, WB_TARGET_OFF[0], PosOnMedia::BYTES),
+        read_vec(region, WB_TARGET_OFF[1], PosOnMedia::BYTES),
+    ];
+    if r.iter().all(|b| b.iter().all(|&x| x == 0)) {
+        return Ok(Tail {
+            pos: dirty_tail,
+            slot: 1,
+            seq: 0,
+        });
+    }
+    let t = pick_latest::<PosOnMedia>([&r[0], &r[1]], WB_TARGET_OFF)
+        .map_err(|e| rename(e, "writeback target"))?;
+    warn_replica("writeback target", &t.other_error);
+    check_pos("writeback target", &t.rec, n_segs, WB_TARGET_OFF[t.slot])?;
+    Ok(Tail {
+        pos: t.rec,
+        slot: t.slot,
+        seq: t.seq,
+    })
 }
 
 fn warn_replica(what: &str, err: &Option<format::Error>) {

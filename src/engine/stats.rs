@@ -29,6 +29,8 @@ pub struct Stats {
     pub writeback_bytes: AtomicU64,
     /// Backing-store errors seen by writeback (each retried).
     pub writeback_errors: AtomicU64,
+    /// Writeback batches completed (one backing flush each).
+    pub writeback_batches: AtomicU64,
     /// Segments freed by GC.
     pub gc_segs_freed: AtomicU64,
     /// Data CRC mismatches found.
@@ -69,6 +71,9 @@ pub struct StatsSnapshot {
     pub writeback_bytes: u64,
     /// See [`Stats::writeback_errors`].
     pub writeback_errors: u64,
+    /// See [`Stats::writeback_batches`].
+    #[serde(default)]
+    pub writeback_batches: u64,
     /// See [`Stats::gc_segs_freed`].
     pub gc_segs_freed: u64,
     /// See [`Stats::data_crc_errors`].
@@ -99,6 +104,7 @@ impl Stats {
             dirty_bytes: g(&self.dirty_bytes),
             writeback_bytes: g(&self.writeback_bytes),
             writeback_errors: g(&self.writeback_errors),
+            writeback_batches: g(&self.writeback_batches),
             gc_segs_freed: g(&self.gc_segs_freed),
             data_crc_errors: g(&self.data_crc_errors),
             replay_stale_keys: g(&self.replay_stale_keys),

@@ -1,26 +1,78 @@
 //! Writing dirty keys back to the backing store.
 //!
-//! From dirty_tail, in log order, the worker gathers a batch of ksets of one
-//! flush epoch, writes their dirty keys to the backing store (only the
-//! newest data for each sector in the batch), flushes the backing store, and
-//! only then persists the new dirty_tail. Batching several ksets per
-//! backing flush differs from dm-pcache (one kset per flush); keeping a
-//! batch inside one flush epoch keeps what dm-pcache guarantees: after a
-//! crash the backing store holds everything up to some guest flush plus part
-//! of the next epoch, never writes of a later epoch without all of an
-//! earlier one.
+//! A pass gathers a batch of ksets from dirty_tail, keeps only the newest
+//! version of each sector in it, writes those sorted by offset and merged
+//! into large backing writes, flushes the backing store once, and only then
+//! persists the new dirty_tail. A sector overwritten ten times between two
+//! passes is written back once: sustained writes run at the cache's speed,
+//! not the backing store's random-write rate.
+//!
+//! A batch spans as many flush epochs as its budget allows. The budget, in
+//! distinct bytes, is the backing store's measured write rate times the
+//! time the cache's free space lasts at the guest's measured write rate
+//! (within bounds): space comes back only when a pass ends, and the longer
+//! the stretch of log a batch covers, the more overwrites it absorbs.
+//!
+//! What the backing store alone holds (if the cache were lost):
+//! - [`WritebackOrder::Batch`] (the default): after each pass, exactly the
+//!   guest's writes up to a kset boundary of the log, which is every flush
+//!   epoch up to some E plus part of E+1; while a pass runs, that plus some
+//!   of the newest versions in its batch.
+//! - [`WritebackOrder::Strict`]: a batch never spans two flush epochs, so at
+//!   every instant the backing store holds every epoch up to some E plus
+//!   part of E+1 (dm-pcache's guarantee), at one backing flush per epoch.
+//!
+//! The end of the batch being written is persisted (the writeback target)
+//! before its first backing write, and a pass never stops short of it: a
+//! batch cut off by a crash or an error is finished by the next pass, even
+//! in another process, so later passes never leave a sector of the cut-off
+//! batch newer than the rest of the backing store.
+
+use std::time::{Duration, Instant};
 
 use super::index::{Extent, ExtentMap};
-use super::{stats, Engine, Error, Result};
-use crate::backing::{BackingQueue, BufPool, Completion, IoOp};
+use super::{stats, Engine, Error, Result, Tail};
+use crate::backing::{AlignedBuf, BackingQueue, BufPool, Completion, IoOp};
 use crate::format::{self, data_off, PosOnMedia, KEY_FLAG_CLEAN, KSET_MAX_BYTES, SECTOR_BYTES};
 
-/// Most ksets in one writeback batch.
-const BATCH_KSETS: usize = 64;
-/// Stop adding ksets to a batch once it holds this much dirty data.
-const BATCH_BYTES: u64 = 64 << 20;
 /// Most bytes of backing writes in flight at once.
 pub(super) const INFLIGHT_BYTES: u64 = 32 << 20;
+/// Largest merged backing write.
+const MERGE_BYTES: usize = 1 << 20;
+/// Bounds of the time a pass is sized to take.
+const PASS_MIN: f64 = 0.5;
+const PASS_MAX: f64 = 2.0;
+/// Batch budget bounds, in distinct bytes.
+const BUDGET_MIN: u64 = 4 << 20;
+const BUDGET_MAX: u64 = 1 << 30;
+/// A batch covers at most this many times its budget of logged bytes, so
+/// one pass over a huge cache stays bounded.
+const LOGGED_PER_BUDGET: u64 = 16;
+/// Backing write rate assumed before the first pass is measured.
+const RATE_START: f64 = 64e6;
+
+/// How writeback orders what reaches the backing store; see the module
+/// documentation. Persisted in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WritebackOrder {
+    /// Coalesce many flush epochs per batch; the backing store alone is
+    /// consistent at batch boundaries.
+    #[default]
+    Batch,
+    /// One flush epoch per batch; the backing store alone is always a flush
+    /// boundary plus part of the next epoch.
+    Strict,
+}
+
+impl std::fmt::Display for WritebackOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WritebackOrder::Batch => "batch",
+            WritebackOrder::Strict => "strict",
+        })
+    }
+}
 
 /// What one writeback pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +88,66 @@ pub enum Progress {
     },
 }
 
-/// A dirty extent in a batch: where its newest data lives in pmem.
+/// The writeback worker's state, behind the engine's writeback lock (which
+/// also serialises passes: the online worker against `drain`).
+#[derive(Debug)]
+pub(super) struct WbState {
+    /// Reusable write buffers.
+    pool: BufPool,
+    /// The writeback target record: where the batch being written ends.
+    target: Tail,
+    /// Backing write rate of recent passes, bytes per second.
+    rate: f64,
+    /// The guest's write rate between recent passes, bytes per second.
+    guest_rate: f64,
+    /// When the last pass started, and the guest's write_bytes then.
+    last: Option<(Instant, u64)>,
+}
+
+impl WbState {
+    /// State for an engine whose target record is `target`.
+    pub(super) fn new(target: Tail) -> WbState {
+        WbState {
+            pool: BufPool::new(INFLIGHT_BYTES as usize),
+            target,
+            rate: RATE_START,
+            guest_rate: 0.0,
+            last: None,
+        }
+    }
+
+    /// Distinct bytes the next batch may hold, given the guest's
+    /// `write_bytes` counter now and the cache's `free` bytes.
+    fn budget(&mut self, now: Instant, written: u64, free: u64) -> u64 {
+        if let Some((t, w)) = self.last {
+            let secs = now.duration_since(t).as_secs_f64();
+            if secs > 0.0 {
+                let r = written.saturating_sub(w) as f64 / secs;
+                self.guest_rate = 0.5 * self.guest_rate + 0.5 * r;
+            }
+        }
+        self.last = Some((now, written));
+        // How long the free space lasts at the guest's pace.
+        let lasts = if self.guest_rate > 0.0 {
+            free as f64 / self.guest_rate
+        } else {
+            PASS_MAX
+        };
+        let t = lasts.clamp(PASS_MIN, PASS_MAX);
+        ((self.rate * t) as u64).clamp(BUDGET_MIN, BUDGET_MAX)
+    }
+
+    /// Fold a finished pass into the rate (passes too small to time are
+    /// dominated by the flush and say little about bandwidth).
+    fn measured(&mut self, bytes: u64, took: Duration) {
+        let secs = took.as_secs_f64();
+        if bytes >= BUDGET_MIN && secs > 0.0 {
+            self.rate = 0.5 * self.rate + 0.5 * (bytes as f64 / secs);
+        }
+    }
+}
+
+/// A dirty extent in a batch: where its newest data lives in the cache.
 #[derive(Debug, Clone, Copy)]
 struct WbExt {
     sectors: u32,
@@ -62,26 +173,129 @@ impl Extent for WbExt {
     }
 }
 
+/// A gathered batch.
+struct Batch {
+    map: ExtentMap<u64, WbExt>,
+    /// Where dirty_tail goes once the batch is on the backing store.
+    end: PosOnMedia,
+    ksets: usize,
+    /// Dirty bytes the batch's keys held when logged (superseded included).
+    logged_dirty: u64,
+}
+
 impl Engine {
+    /// How writeback orders what reaches the backing store.
+    pub fn writeback_order(&self) -> WritebackOrder {
+        let s = self.settings.lock().expect("settings lock");
+        if s.info.flags & format::CACHE_FLAG_WB_STRICT != 0 {
+            WritebackOrder::Strict
+        } else {
+            WritebackOrder::Batch
+        }
+    }
+
+    /// Choose the writeback order and persist it (nothing is written when
+    /// it does not change). Takes effect at the next batch.
+    pub fn set_writeback_order(&self, order: WritebackOrder) -> Result<()> {
+        self.check_writable()?;
+        let mut s = self.settings.lock().expect("settings lock");
+        let mut info = s.info;
+        match order {
+            WritebackOrder::Strict => info.flags |= format::CACHE_FLAG_WB_STRICT,
+            WritebackOrder::Batch => info.flags &= !format::CACHE_FLAG_WB_STRICT,
+        }
+        if info == s.info {
+            return Ok(());
+        }
+        self.write_settings(&mut s, info)
+    }
+
     /// One writeback pass: write back a batch from dirty_tail and persist
-    /// the new dirty_tail. On a backing error nothing moves; the caller
-    /// retries later (with backoff) and the dirty data stays in the cache.
+    /// the new dirty_tail. The batch is sized from the backing store's
+    /// measured rate and how long the free space lasts. On a backing
+    /// error dirty_tail does not move; the caller retries later (with
+    /// backoff) and the dirty data stays in the cache.
     pub fn writeback_once(&self, q: &mut BackingQueue) -> Result<Progress> {
-        let mut pool = self.writeback_lock.lock().expect("writeback lock");
+        let mut st = self.writeback.lock().expect("writeback lock");
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        // Everything not dirty can be reclaimed without a backing write.
+        let capacity = self.n_segs as u64 * format::SEG_DATA_BYTES;
+        let free = capacity.saturating_sub(load(&self.stats.dirty_bytes));
+        let budget = st.budget(Instant::now(), load(&self.stats.write_bytes), free);
+        self.pass(&mut st, q, budget)
+    }
+
+    /// One writeback pass whose batch holds at most about `budget` distinct
+    /// bytes (more only to finish a batch a crash or an error cut off).
+    pub fn writeback_with_budget(&self, q: &mut BackingQueue, budget: u64) -> Result<Progress> {
+        let mut st = self.writeback.lock().expect("writeback lock");
+        self.pass(&mut st, q, budget)
+    }
+
+    fn pass(&self, st: &mut WbState, q: &mut BackingQueue, budget: u64) -> Result<Progress> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        let started = Instant::now();
+        let Some(batch) = self.gather(st.target.pos, budget)? else {
+            // Nothing to do for a while, probably: give the buffers back.
+            st.pool = BufPool::new(INFLIGHT_BYTES as usize);
+            return Ok(Progress::Clean);
+        };
+        if batch.end.lsn > st.target.pos.lsn {
+            // Whoever writes back next must finish this batch before
+            // dirty_tail moves; see the module documentation.
+            self.write_tail(&mut st.target, format::WB_TARGET_OFF, batch.end)?;
+        }
+        let bytes = self.write_batch(q, &batch.map, &mut st.pool)?;
+        // dirty_tail may only pass these keys once they are durable on the
+        // backing store.
+        flush_backing(q)?;
+        {
+            let mut t = self.dirty_tail.lock().expect("dirty_tail lock");
+            self.write_tail(&mut t, format::DIRTY_TAIL_OFF, batch.end)?;
+        }
+        stats::sub(&self.stats.dirty_bytes, batch.logged_dirty);
+        stats::add(&self.stats.writeback_bytes, bytes);
+        stats::add(&self.stats.writeback_batches, 1);
+        st.measured(bytes, started.elapsed());
+        self.gc_kick.kick();
+        tracing::debug!(
+            ksets = batch.ksets,
+            logged = batch.logged_dirty,
+            written = bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "writeback batch"
+        );
+        Ok(Progress::Advanced {
+            ksets: batch.ksets,
+            bytes,
+        })
+    }
+
+    /// Gather the next batch from dirty_tail: up to `budget` distinct bytes,
+    /// never short of `target`, and within one flush epoch in strict order.
+    /// None when nothing is dirty.
+    fn gather(&self, target: PosOnMedia, budget: u64) -> Result<Option<Batch>> {
+        let strict = self.writeback_order() == WritebackOrder::Strict;
+        // Only ksets before key_head are complete; key_head moves only
+        // after a kset is persisted.
         let head = self.key_head();
-        let start = self.dirty_tail();
-        let mut pos = start;
+        let mut pos = self.dirty_tail();
+        let budget_sectors = budget / SECTOR_BYTES;
+        // A hot set coalesces best over a long stretch of log; bound the
+        // stretch so one pass stays bounded too.
+        let max_logged = budget.saturating_mul(LOGGED_PER_BUDGET);
         let mut map: ExtentMap<u64, WbExt> = ExtentMap::default();
         let mut epoch = None;
         let mut ksets = 0usize;
         let mut logged_dirty = 0u64;
         let mut buf = [0u8; KSET_MAX_BYTES];
-        // Only ksets before key_head are complete; key_head moves only
-        // after a kset is persisted.
-        while pos.lsn < head.lsn && ksets < BATCH_KSETS && logged_dirty < BATCH_BYTES {
+        while pos.lsn < head.lsn {
+            let must = pos.lsn < target.lsn;
+            if !must && (map.covered() >= budget_sectors || logged_dirty >= max_logged) {
+                break;
+            }
             let view = self.read_kset(pos, &mut buf).map_err(|end| {
                 Error::Format(format::Error::Corrupt {
                     what: "key log",
@@ -102,7 +316,7 @@ impl Engine {
                 ksets += 1;
                 continue;
             }
-            if epoch.is_some_and(|e| e != h.epoch) {
+            if strict && !must && epoch.is_some_and(|e| e != h.epoch) {
                 break;
             }
             epoch = Some(h.epoch);
@@ -131,6 +345,8 @@ impl Engine {
                     );
                     continue;
                 }
+                // A later key for the same sectors replaces this one: only
+                // the newest version in the batch is written.
                 map.insert(
                     key.off / SECTOR_BYTES,
                     WbExt {
@@ -144,84 +360,84 @@ impl Engine {
             pos.lsn += 1;
             ksets += 1;
         }
-        if ksets == 0 {
-            // Nothing to do for a while, probably: give the buffers back.
-            *pool = BufPool::new(INFLIGHT_BYTES as usize);
-            return Ok(Progress::Clean);
-        }
-        let bytes = self.write_batch(q, &map, &mut pool)?;
-        // dirty_tail may only pass these keys once they are durable on the
-        // backing store.
-        flush_backing(q)?;
-        {
-            let mut t = self.dirty_tail.lock().expect("dirty_tail lock");
-            self.write_tail(&mut t, format::DIRTY_TAIL_OFF, pos)?;
-        }
-        stats::sub(&self.stats.dirty_bytes, logged_dirty);
-        stats::add(&self.stats.writeback_bytes, bytes);
-        self.gc_kick.kick();
-        Ok(Progress::Advanced { ksets, bytes })
+        Ok((ksets > 0).then_some(Batch {
+            map,
+            end: pos,
+            ksets,
+            logged_dirty,
+        }))
     }
 
+    /// Write a batch's extents, sorted by offset, merging neighbours into
+    /// writes of up to [`MERGE_BYTES`]. Returns the bytes written.
     fn write_batch(
         &self,
         q: &mut BackingQueue,
         map: &ExtentMap<u64, WbExt>,
         pool: &mut BufPool,
     ) -> Result<u64> {
-        let mut done = Vec::new();
-        let mut inflight = 0u64;
-        let mut total = 0u64;
-        let mut first_err: Option<std::io::Error> = None;
-        let reap = |done: &mut Vec<Completion>,
-                    inflight: &mut u64,
-                    first_err: &mut Option<std::io::Error>,
-                    pool: &mut BufPool| {
-            for c in done.drain(..) {
-                if let IoOp::Write { buf, .. } = c.op {
-                    *inflight -= buf.len() as u64;
-                    pool.give(buf);
-                }
-                if let Err(e) = c.result {
-                    first_err.get_or_insert(e);
-                }
-            }
+        let mut w = Writer {
+            q,
+            done: Vec::new(),
+            inflight: 0,
+            total: 0,
+            first_err: None,
         };
+        // The run being merged: its backing offset, length, and where each
+        // piece lives in the cache.
+        let mut run_off = 0u64;
+        let mut run_len = 0usize;
+        let mut pieces: Vec<(u64, usize)> = Vec::new();
         let mut halted = false;
         for (start, e) in map.iter() {
             if self.halting.load(std::sync::atomic::Ordering::Relaxed) {
                 halted = true;
                 break;
             }
-            let len = e.sectors as u64 * SECTOR_BYTES;
-            while inflight > 0 && inflight + len > INFLIGHT_BYTES {
-                q.wait(1, &mut done);
-                reap(&mut done, &mut inflight, &mut first_err, pool);
+            let off = start * SECTOR_BYTES;
+            let len = e.sectors as usize * SECTOR_BYTES as usize;
+            if run_len > 0 && (run_off + run_len as u64 != off || run_len + len > MERGE_BYTES) {
+                self.submit_run(&mut w, pool, run_off, run_len, &mut pieces);
+                run_len = 0;
             }
-            let mut buf = pool.take(len as usize);
-            self.region.read(data_off(e.seg, e.seg_off), &mut buf);
-            q.submit(
-                0,
-                IoOp::Write {
-                    off: start * SECTOR_BYTES,
-                    buf,
-                },
-            );
-            inflight += len;
-            total += len;
+            if run_len == 0 {
+                run_off = off;
+            }
+            pieces.push((data_off(e.seg, e.seg_off), len));
+            run_len += len;
         }
-        while q.in_flight() > 0 {
-            q.wait(1, &mut done);
-            reap(&mut done, &mut inflight, &mut first_err, pool);
+        if run_len > 0 && !halted {
+            self.submit_run(&mut w, pool, run_off, run_len, &mut pieces);
         }
-        if let Some(e) = first_err {
+        w.finish(pool);
+        if let Some(e) = w.first_err {
             stats::add(&self.stats.writeback_errors, 1);
             return Err(Error::Backing(e));
         }
         if halted {
             return Err(Error::Stopping);
         }
-        Ok(total)
+        Ok(w.total)
+    }
+
+    /// Copy a run's pieces into one buffer and submit it as one write.
+    fn submit_run(
+        &self,
+        w: &mut Writer<'_>,
+        pool: &mut BufPool,
+        off: u64,
+        len: usize,
+        pieces: &mut Vec<(u64, usize)>,
+    ) {
+        // Buffers come in power-of-two sizes so the pool can reuse them.
+        let mut buf = pool.take(len.next_power_of_two());
+        buf.set_len(len);
+        let mut at = 0;
+        for (src, n) in pieces.drain(..) {
+            self.region.read(src, &mut buf[at..at + n]);
+            at += n;
+        }
+        w.submit(off, buf, pool);
     }
 
     /// Write back everything dirty now (the offline `pcache writeback`, and
@@ -261,6 +477,47 @@ impl Engine {
     /// Is there logged dirty data not yet written back?
     pub fn is_dirty(&self) -> bool {
         self.dirty_tail().lsn < self.key_head().lsn
+    }
+}
+
+/// Backing writes of one batch in flight, bounded by [`INFLIGHT_BYTES`].
+struct Writer<'q> {
+    q: &'q mut BackingQueue,
+    done: Vec<Completion>,
+    inflight: u64,
+    total: u64,
+    first_err: Option<std::io::Error>,
+}
+
+impl Writer<'_> {
+    fn submit(&mut self, off: u64, buf: AlignedBuf, pool: &mut BufPool) {
+        let held = buf.capacity() as u64;
+        while self.inflight > 0 && self.inflight + held > INFLIGHT_BYTES {
+            self.q.wait(1, &mut self.done);
+            self.reap(pool);
+        }
+        self.total += buf.len() as u64;
+        self.q.submit(0, IoOp::Write { off, buf });
+        self.inflight += held;
+    }
+
+    fn reap(&mut self, pool: &mut BufPool) {
+        for c in self.done.drain(..) {
+            if let IoOp::Write { buf, .. } = c.op {
+                self.inflight -= buf.capacity() as u64;
+                pool.give(buf);
+            }
+            if let Err(e) = c.result {
+                self.first_err.get_or_insert(e);
+            }
+        }
+    }
+
+    fn finish(&mut self, pool: &mut BufPool) {
+        while self.q.in_flight() > 0 {
+            self.q.wait(1, &mut self.done);
+            self.reap(pool);
+        }
     }
 }
 

@@ -38,6 +38,9 @@ pub const CTRL_OFF: u64 = 16384;
 pub const KEY_TAIL_OFF: [u64; 2] = [CTRL_OFF, CTRL_OFF + 32];
 /// dirty_tail replica offsets.
 pub const DIRTY_TAIL_OFF: [u64; 2] = [CTRL_OFF + 64, CTRL_OFF + 96];
+/// writeback target replica offsets: where the batch being written back
+/// ends. All zero on a cache formatted before the record existed.
+pub const WB_TARGET_OFF: [u64; 2] = [CTRL_OFF + 128, CTRL_OFF + 160];
 /// Bytes of metadata before segment 0: dm-pcache's 20 KiB, then the kset
 /// slots (148 KiB).
 pub const SEGMENTS_OFF: u64 =
@@ -207,11 +210,13 @@ mod tests {
             KEY_TAIL_OFF[1],
             DIRTY_TAIL_OFF[0],
             DIRTY_TAIL_OFF[1],
+            WB_TARGET_OFF[0],
+            WB_TARGET_OFF[1],
         ];
         for w in ctrl.windows(2) {
             assert!(w[0] + rec <= w[1]);
         }
-        assert!(ctrl[3] + rec <= super::super::slot::KSET_SLOTS_OFF);
+        assert!(ctrl[5] + rec <= super::super::slot::KSET_SLOTS_OFF);
         // Segment header: segment_info x2, gen x2, data area.
         assert!(SEG_INFO_OFF[0] + rec <= SEG_INFO_OFF[1]);
         assert!(SEG_INFO_OFF[1] + rec <= SEG_GEN_OFF[0]);

@@ -28,6 +28,9 @@ pub const CACHE_FLAG_INIT_DONE: u32 = 1 << 1;
 /// (virtio-blk CONFIG_WCE); kept so it holds across restarts, which the
 /// frontend does not repeat.
 pub const CACHE_FLAG_WRITETHROUGH: u32 = 1 << 2;
+/// cache_info flag: write back one flush epoch per batch
+/// (`--writeback-order strict`).
+pub const CACHE_FLAG_WB_STRICT: u32 = 1 << 3;
 /// segment_info type: a cache segment (data or log).
 pub const SEG_INFO_TYPE_DATA: u32 = 1;
 
@@ -274,10 +277,12 @@ impl MetaRecord for CacheInfo {
 }
 
 /// Every `CACHE_FLAG_*` bit this build knows.
-const CACHE_FLAGS_KNOWN: u32 = CACHE_FLAG_DATA_CRC | CACHE_FLAG_INIT_DONE | CACHE_FLAG_WRITETHROUGH;
+const CACHE_FLAGS_KNOWN: u32 =
+    CACHE_FLAG_DATA_CRC | CACHE_FLAG_INIT_DONE | CACHE_FLAG_WRITETHROUGH | CACHE_FLAG_WB_STRICT;
 
-/// One struct serves key_tail and dirty_tail; errors tell them apart by offset
-/// ([`super::KEY_TAIL_OFF`], [`super::DIRTY_TAIL_OFF`]).
+/// One struct serves key_tail, dirty_tail and the writeback target; errors
+/// tell them apart by offset ([`super::KEY_TAIL_OFF`],
+/// [`super::DIRTY_TAIL_OFF`], [`super::WB_TARGET_OFF`]).
 impl MetaRecord for PosOnMedia {
     const NAME: &'static str = "log position";
     const KIND: u32 = 2;
@@ -589,8 +594,8 @@ mod tests {
         let max = with_body(cache_info(), |b| b[24] = GC_PERCENT_MAX);
         assert_eq!(CacheInfo::decode(&max, 0).unwrap().0.gc_percent, 90);
 
-        let flags = with_body(cache_info(), |b| b[20] = 0b1111);
-        assert!(detail(&CacheInfo::decode(&flags, 0).unwrap_err()).contains("unknown flags 0x8"));
+        let flags = with_body(cache_info(), |b| b[20] = 0b11111);
+        assert!(detail(&CacheInfo::decode(&flags, 0).unwrap_err()).contains("unknown flags 0x10"));
 
         let zero = with_body(cache_info(), |b| b[16..20].fill(0));
         assert!(detail(&CacheInfo::decode(&zero, 0).unwrap_err()).contains("n_segs 0"));

@@ -25,7 +25,7 @@ pub use kset::{KeyOnMedia, KsetEnd, KsetHeader, KsetView, KEY_FLAG_CLEAN, KSET_F
 pub use layout::*;
 pub use meta::{
     pick_latest, CacheInfo, Latest, MetaRecord, PosOnMedia, SegGen, SegInfo, CACHE_FLAG_DATA_CRC,
-    CACHE_FLAG_INIT_DONE, CACHE_FLAG_WRITETHROUGH, SEG_INFO_TYPE_DATA,
+    CACHE_FLAG_INIT_DONE, CACHE_FLAG_WB_STRICT, CACHE_FLAG_WRITETHROUGH, SEG_INFO_TYPE_DATA,
 };
 pub use slot::*;
 pub use superblock::Superblock;
