@@ -7,9 +7,19 @@
 # Peers, each exporting a 4 GiB disk over vhost-user-blk, server pinned to
 # core 0 and client to core 1 (taskset):
 #   null     QSD driver=null-co (no data at all: the ceiling of the transport)
+#   nulliot  the same on an iothread, which polls adaptively (QSD's own
+#            polling mode, against pcache's adaptive polling)
 #   direct   QSD raw file on ext4, cache.direct=on,aio=native
 #   pagec    QSD raw file on ext4, cache.direct=off (host page cache)
-#   pcache   pcache serve, 2 GiB cache on a tmpfs file, the same raw file behind it
+#   pcache   pcache serve with its defaults, 2 GiB cache on a tmpfs file, the
+#            same raw file behind it
+#
+# Then the sustained section: 60 s points with IOPS every second, pcache
+# (a fresh cache each) against QSD raw O_DIRECT, interleaved: a hot set of a
+# quarter of the cache without FLUSH and with a FLUSH every 64 writes, a
+# working set of twice the cache with a FLUSH every 64, each followed by 10 s
+# of 4 KiB random reads QD32 of the same region while writeback still runs;
+# and 10 s of writes overrunning the cache, then reads, against QSD null-co.
 #
 # Environment (all optional):
 #   ROUNDS=3 RUNTIME=10 RAMP=2        rounds, measured and ramp seconds per point
@@ -22,7 +32,8 @@
 #   PCACHE_REV="..."                  how to describe that build in the report (default: git HEAD)
 #   QUIET_WAIT=300                    seconds to wait at start for load < 1.0 and no qemu-system
 #   ENGINE_CACHE=4G                   cache size for the engine-alone bench at the end (0: skip)
-#   OUT_MD=docs/benchmarks.md OUT_SVG=docs/benchmarks-latency.svg
+#   SUS_ROUNDS=1 SUS_RUNTIME=60       sustained section rounds (0: skip) and seconds per point
+#   OUT_MD=docs/benchmarks.md OUT_SVG=docs/benchmarks-latency.svg OUT_SUS_SVG=docs/benchmarks-sustained.svg
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -37,13 +48,14 @@ SEQ_BS=${SEQ_BS:-128k}
 BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench}
 CACHE_DIR=${CACHE_DIR:-/dev/shm}
 QUIET_WAIT=${QUIET_WAIT:-300}
-# Extra flags for pcache serve. The default turns on pcache's adaptive
-# busy-poll window; the qemu-storage-daemon exports here run in its main
-# loop, which does not poll (iothreads would, with poll-max-ns). Set
-# PCACHE_SERVE_ARGS= to compare without polling.
-export PCACHE_SERVE_ARGS=${PCACHE_SERVE_ARGS---poll-us 50}
+# Extra flags for pcache serve: none, pcache runs with its defaults (which
+# poll adaptively, as QSD's iothread does; its main loop does not poll).
+export PCACHE_SERVE_ARGS=${PCACHE_SERVE_ARGS-}
+SUS_ROUNDS=${SUS_ROUNDS:-1}
+SUS_RUNTIME=${SUS_RUNTIME:-60}
 OUT_MD=${OUT_MD:-$ROOT/docs/benchmarks.md}
 OUT_SVG=${OUT_SVG:-$ROOT/docs/benchmarks-latency.svg}
+OUT_SUS_SVG=${OUT_SUS_SVG:-$ROOT/docs/benchmarks-sustained.svg}
 SERVER_CPU=0
 CLIENT_CPU=1
 
@@ -152,6 +164,8 @@ start_server() {
     case $peer in
         null) cmd=("$QSD" --blockdev "driver=null-co,node-name=n0,size=$DISK_BYTES"
             --export "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1") ;;
+        nulliot) cmd=("$QSD" --object iothread,id=io0 --blockdev "driver=null-co,node-name=n0,size=$DISK_BYTES"
+            --export "type=vhost-user-blk,id=e0,node-name=n0,iothread=io0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1") ;;
         direct) cmd=("$QSD" --blockdev "driver=file,node-name=f0,filename=$RAW,cache.direct=on,aio=native"
             --export "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1") ;;
         pagec) cmd=("$QSD" --blockdev "driver=file,node-name=f0,filename=$RAW,cache.direct=off,aio=threads"
@@ -233,13 +247,50 @@ W4=(--rw randwrite --bs 4k)
 WCAP=(--runtime "$RUNTIME" --ramp 0 --total "$WRITE_TOTAL")
 
 run_qsd_null() {
-    local r=$1
-    start_server null
-    client null w32 "$r" "${W4[@]}" --qd 32 --size "$WS_BYTES" "${WCAP[@]}"
-    client null r32 "$r" "${R4[@]}" --qd 32 --size "$WS_BYTES" "${T[@]}"
-    client null r1 "$r" "${R4[@]}" --qd 1 --size "$WS_BYTES" "${T[@]}"
-    client null w1 "$r" "${W4[@]}" --qd 1 --size "$WS_BYTES" "${WCAP[@]}"
-    client null wf1 "$r" "${W4[@]}" --qd 1 --flush-every 1 --size "$WS_BYTES" "${T[@]}"
+    local peer=$1 r=$2
+    start_server "$peer"
+    client "$peer" w32 "$r" "${W4[@]}" --qd 32 --size "$WS_BYTES" "${WCAP[@]}"
+    client "$peer" r32 "$r" "${R4[@]}" --qd 32 --size "$WS_BYTES" "${T[@]}"
+    client "$peer" r1 "$r" "${R4[@]}" --qd 1 --size "$WS_BYTES" "${T[@]}"
+    client "$peer" w1 "$r" "${W4[@]}" --qd 1 --size "$WS_BYTES" "${WCAP[@]}"
+    client "$peer" wf1 "$r" "${W4[@]}" --qd 1 --flush-every 1 --size "$WS_BYTES" "${T[@]}"
+    stop_server
+}
+
+# --- the sustained section ------------------------------------------------
+HOT_BYTES=$((CACHE_BYTES / 4))
+WS2X_BYTES=$((CACHE_BYTES * 2))
+((WS2X_BYTES <= DISK_BYTES)) || die "the sustained working set (2 x CACHE_SIZE) must fit in DISK_SIZE"
+ST=(--runtime "$SUS_RUNTIME" --ramp 0)
+R10=(--runtime 10 --ramp 0)
+
+# sustained PEER ROUND: the three 60 s write points, each on a fresh server
+# (a fresh cache for pcache) and followed by reads of its region.
+sustained() {
+    local peer=$1 r=$2
+    start_server "$peer"
+    client "$peer" hot "$r" "${W4[@]}" --qd 32 --size "$HOT_BYTES" "${ST[@]}"
+    client "$peer" hotread "$r" "${R4[@]}" --qd 32 --size "$HOT_BYTES" "${R10[@]}"
+    if [[ $peer == pcache ]]; then save_status hot "$r"; fi
+    start_server "$peer"
+    client "$peer" hotf64 "$r" "${W4[@]}" --qd 32 --flush-every 64 --size "$HOT_BYTES" "${ST[@]}"
+    client "$peer" hotf64read "$r" "${R4[@]}" --qd 32 --size "$HOT_BYTES" "${R10[@]}"
+    if [[ $peer == pcache ]]; then save_status hotf64 "$r"; fi
+    start_server "$peer"
+    client "$peer" ws2xf64 "$r" "${W4[@]}" --qd 32 --flush-every 64 --size "$WS2X_BYTES" "${ST[@]}"
+    client "$peer" ws2xf64read "$r" "${R4[@]}" --qd 32 --size "$WS2X_BYTES" "${R10[@]}"
+    if [[ $peer == pcache ]]; then save_status ws2xf64 "$r"; fi
+    stop_server
+}
+
+# overrun PEER ROUND: 10 s of QD32 writes over the hit working set with no
+# byte cap (they overrun a fresh cache), then read hits of it.
+overrun() {
+    local peer=$1 r=$2
+    start_server "$peer"
+    client "$peer" w32over "$r" "${W4[@]}" --qd 32 --size "$WS_BYTES" "${R10[@]}"
+    client "$peer" r32after "$r" "${R4[@]}" --qd 32 --size "$WS_BYTES" "${R10[@]}"
+    if [[ $peer == pcache ]]; then save_status w32over "$r"; fi
     stop_server
 }
 
@@ -354,10 +405,19 @@ T_START=$SECONDS
 for ((r = 1; r <= ROUNDS; r++)); do
     log "round $r/$ROUNDS ($(env_state))"
     echo "round $r: $(env_state)" >>"$RES/rounds.txt"
-    run_qsd_null "$r"
+    run_qsd_null null "$r"
     run_pcache "$r"
+    run_qsd_null nulliot "$r"
     run_qsd_file direct "$r"
     run_qsd_file pagec "$r"
+done
+for ((r = 1; r <= SUS_ROUNDS; r++)); do
+    log "sustained round $r/$SUS_ROUNDS ($(env_state))"
+    echo "sustained round $r: $(env_state)" >>"$RES/rounds.txt"
+    overrun pcache "$r"
+    overrun null "$r"
+    sustained pcache "$r"
+    sustained direct "$r"
 done
 ELAPSED=$((SECONDS - T_START))
 log "measured in $ELAPSED s"
@@ -380,3 +440,7 @@ python3 "$ROOT/benches/compare_report.py" "$RES" \
     --pcache-bin "$PCACHE_BIN" --vub-bench "$VUB_BENCH" --qsd "$QSD" --raw "$RAW" \
     --cache "$CACHE_DIR/pcache-compare-PID.img" --cache-size "$CACHE_SIZE" --disk-size "$DISK_SIZE" \
     --ws "$WS" --seq-bs "$SEQ_BS" --rounds "$ROUNDS" --runtime "$RUNTIME" --ramp "$RAMP" --pcache-rev "${PCACHE_REV:-}"
+if ((SUS_ROUNDS > 0)); then
+    python3 "$ROOT/benches/sustained_report.py" "$RES" --md "$OUT_MD" --svg "$OUT_SUS_SVG" \
+        --cache-size "$CACHE_SIZE" --runtime "$SUS_RUNTIME" --rounds "$SUS_ROUNDS"
+fi

@@ -151,9 +151,10 @@ pub struct ServeArgs {
     /// Control socket [default: the vhost socket with extension .ctl].
     #[arg(long)]
     pub control: Option<PathBuf>,
-    /// Busy-poll each queue this many microseconds after it runs dry before
-    /// sleeping (lower latency, more CPU; 0 = off).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    /// Most microseconds a queue busy-polls after it runs dry before it
+    /// sleeps. The window adapts: it grows while requests keep arriving
+    /// within it and shrinks to nothing on an idle disk (0 = never poll).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     pub poll_us: u32,
     /// Permissions of the vhost socket, octal [default: 600, or 660 with
     /// --socket-group].

@@ -68,10 +68,11 @@ fn one_bad_replica_is_survived_and_two_are_named_by_check() {
     let (cache, _) = cache_with_history(dir.path());
     let c = cache.to_str().unwrap();
     let seg = |s: u32, o: [u64; 2]| [seg_off(s) + o[0], seg_off(s) + o[1]];
-    let records: [(&str, [u64; 2]); 6] = [
+    let records: [(&str, [u64; 2]); 7] = [
         ("cache_info", format::CACHE_INFO_OFF),
         ("key_tail", format::KEY_TAIL_OFF),
         ("dirty_tail", format::DIRTY_TAIL_OFF),
+        ("writeback target", format::WB_TARGET_OFF),
         ("segment_info", seg(5, format::SEG_INFO_OFF)),
         ("segment_gen", seg(7, format::SEG_GEN_OFF)),
         ("segment_gen", seg(0, format::SEG_GEN_OFF)),

@@ -250,10 +250,11 @@ fn one_torn_replica_of_each_record_is_survived_and_two_are_refused() {
         e.set_gc_percent(40).unwrap();
         e.flush().unwrap();
     }
-    let records: [(&str, [u64; 2]); 4] = [
+    let records: [(&str, [u64; 2]); 5] = [
         ("cache_info", format::CACHE_INFO_OFF),
         ("key_tail", format::KEY_TAIL_OFF),
         ("dirty_tail", format::DIRTY_TAIL_OFF),
+        ("writeback target", format::WB_TARGET_OFF),
         (
             "segment_gen",
             [
@@ -280,6 +281,14 @@ fn one_torn_replica_of_each_record_is_survived_and_two_are_refused() {
         let err = open(&path).unwrap_err().to_string();
         assert!(err.contains(name), "both {name} replicas bad: {err}");
     }
+    // A cache formatted before the writeback target existed holds zeros
+    // there: no batch in progress.
+    let mut bytes = original.clone();
+    for off in format::WB_TARGET_OFF {
+        bytes[off as usize..off as usize + 32].fill(0);
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    open(&path).unwrap();
     std::fs::write(&path, &original).unwrap();
     open(&path).unwrap();
 }

@@ -426,6 +426,43 @@ fn busy_polling_serves_the_same_data() {
     server.stop();
 }
 
+/// CPU time (user + system, in clock ticks) a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_disk_costs_no_cpu_although_queues_poll_by_default() {
+    let disk = Disk::new(64 * MIB, None);
+    let server = disk.serve(&[]);
+    let pid = server.child.id();
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    // Back-to-back requests grow the poll window to its maximum (reads of
+    // a fresh cache: misses, then hits, nothing to write back).
+    let t0 = std::time::Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed() < std::time::Duration::from_secs(1) {
+        assert_eq!(c.read_sync(0, (n % 4096) * 4096, 0, 4096), 0);
+        n += 1;
+    }
+    let busy = cpu_ticks(pid);
+    // Connected, rings started, nothing to do.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let idle = cpu_ticks(pid) - busy;
+    // The kset timer and the idle writeback check wake up a few times a
+    // second; spinning would cost 300 ticks (100 Hz).
+    assert!(
+        idle <= 6,
+        "pcache used {idle} ticks of CPU in 3 s of an idle disk after {n} requests"
+    );
+    drop(c);
+    server.stop();
+}
+
 /// Dirty bytes and writeback progress from `pcache status --json`.
 fn dirty_and_written(ctl: &str) -> (u64, u64) {
     let v = status_json(ctl);

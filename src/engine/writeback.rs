@@ -49,7 +49,7 @@ const BUDGET_MAX: u64 = 1 << 30;
 /// one pass over a huge cache stays bounded.
 const LOGGED_PER_BUDGET: u64 = 16;
 /// Backing write rate assumed before the first pass is measured.
-const RATE_START: f64 = 64e6;
+const RATE_START: f64 = 256e6;
 
 /// How writeback orders what reaches the backing store; see the module
 /// documentation. Persisted in the cache.
@@ -247,10 +247,13 @@ impl Engine {
             // dirty_tail moves; see the module documentation.
             self.write_tail(&mut st.target, format::WB_TARGET_OFF, batch.end)?;
         }
+        let gathered = started.elapsed();
         let bytes = self.write_batch(q, &batch.map, &mut st.pool)?;
+        let written = started.elapsed();
         // dirty_tail may only pass these keys once they are durable on the
         // backing store.
         flush_backing(q)?;
+        let flushed = started.elapsed();
         {
             let mut t = self.dirty_tail.lock().expect("dirty_tail lock");
             self.write_tail(&mut t, format::DIRTY_TAIL_OFF, batch.end)?;
@@ -264,6 +267,9 @@ impl Engine {
             ksets = batch.ksets,
             logged = batch.logged_dirty,
             written = bytes,
+            gather_ms = gathered.as_millis() as u64,
+            write_ms = (written - gathered).as_millis() as u64,
+            flush_ms = (flushed - written).as_millis() as u64,
             ms = started.elapsed().as_millis() as u64,
             "writeback batch"
         );

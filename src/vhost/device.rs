@@ -31,9 +31,10 @@ pub struct ServeConfig {
     pub read_only: bool,
     /// Serial returned by GET_ID (at most 20 bytes are sent).
     pub serial: String,
-    /// After the ring runs dry, keep polling it this long before going back
-    /// to sleep on the kick eventfd (0: never poll). Saves a wake-up per
-    /// request when requests arrive close together, at the cost of CPU.
+    /// After the ring runs dry, keep polling it at most this long before
+    /// going back to sleep on the kick eventfd (0: never poll); the window
+    /// adapts below that (`poll.rs`). Saves a wake-up per request when
+    /// requests arrive close together.
     pub poll_us: u32,
 }
 

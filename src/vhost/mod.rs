@@ -29,6 +29,7 @@ mod config;
 mod device;
 mod handler;
 mod inflight;
+mod poll;
 mod queue;
 mod read;
 mod request;

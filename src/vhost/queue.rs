@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use super::chain::{complete, Chain, SimpleLayout};
 use super::device::Device;
+use super::poll::PollWindow;
 use super::read::{hits_to_keep, queue_misses, PendingRead, MAX_MISSES};
 use super::request::{parse, status, RequestKind, HEADER_BYTES, ID_BYTES};
 use super::ring::Ring;
@@ -59,6 +60,8 @@ pub struct QueueState {
     /// Backing data read for completed misses, to go into the cache once
     /// the guest has been told (`run_fills`).
     pub(super) fills: Vec<(Miss, AlignedBuf)>,
+    /// How long to busy-poll after the ring runs dry.
+    pub(super) poll: PollWindow,
 }
 
 impl QueueState {
@@ -76,6 +79,7 @@ impl QueueState {
             scratch: Vec::new(),
             bufs: BufPool::new(MISS_BUFS_HELD),
             fills: Vec::new(),
+            poll: PollWindow::default(),
         }
     }
 
@@ -94,6 +98,10 @@ impl Device {
     /// pop but before re-enabling would otherwise wait for the next kick.
     pub(super) fn process_vring(&self, qs: &mut QueueState, ring: &Ring) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        qs.poll.woke(
+            Instant::now(),
+            Duration::from_micros(self.cfg.poll_us as u64),
+        );
         loop {
             if event_idx {
                 ring.vring
@@ -116,24 +124,29 @@ impl Device {
         Ok(())
     }
 
-    /// Busy-poll the avail ring for up to `poll_us` (with notifications
-    /// still off under EVENT_IDX); true as soon as a request shows up. The
-    /// window restarts with every batch found, so it adapts to a busy guest
-    /// and costs one window after the last request.
+    /// Busy-poll the avail ring for the queue's adaptive window (with
+    /// notifications still off under EVENT_IDX); true as soon as a request
+    /// shows up. The window restarts with every batch found, and adapts to
+    /// how soon requests follow (`poll.rs`): a busy guest is polled, an
+    /// idle queue soon spins no more.
     fn poll_for_more(&self, qs: &mut QueueState, ring: &Ring) -> bool {
+        let start = Instant::now();
         // With backing reads in flight, sleep instead: their completions
         // wake the worker, and the kernel needs the CPU to complete them
         // (spinning cost 5-10 % of all-miss IOPS when measured).
-        if self.cfg.poll_us == 0 || qs.bq.in_flight() > 0 || self.is_stopping() {
+        let window = qs.poll.window();
+        if window.is_zero() || qs.bq.in_flight() > 0 || self.is_stopping() {
+            qs.poll.went_idle(start);
             return false;
         }
-        let deadline = Instant::now() + Duration::from_micros(self.cfg.poll_us as u64);
+        let deadline = start + window;
         let mem = self.mem.memory();
         loop {
             if ring.avail_pending(&mem) {
                 return true;
             }
             if Instant::now() >= deadline {
+                qs.poll.went_idle(start);
                 return false;
             }
             std::hint::spin_loop();
