@@ -17,6 +17,9 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_report import load  # noqa: E402
+
 WRITES = {
     "hot": "hot set 25 % of the cache, no FLUSH",
     "hotf64": "hot set 25 % of the cache, FLUSH every 64",
@@ -25,20 +28,6 @@ WRITES = {
 READS = {"hotread": "hot", "hotf64read": "hotf64", "ws2xf64read": "ws2xf64"}
 PEERS = {"pcache": "pcache", "direct": "QSD raw O_DIRECT", "null": "QSD null-co"}
 COLORS = {"pcache": "#d62728", "direct": "#1f77b4"}
-
-
-def load(res):
-    runs = {}
-    for f in sorted(glob.glob(os.path.join(res, "*.json"))):
-        if f.endswith(".status.json"):
-            continue
-        try:
-            r = json.load(open(f))
-        except (OSError, ValueError):
-            continue
-        if "peer" in r and "point" in r:
-            runs.setdefault((r["peer"], r["point"]), []).append(r)
-    return runs
 
 
 def full_seconds(r):

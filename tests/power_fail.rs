@@ -41,6 +41,14 @@ const SECTOR: u64 = 512;
 const DISK: u64 = 4 << 20;
 const SECTORS: u64 = DISK / SECTOR;
 
+/// A number from the environment, or `default`.
+fn env_or(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 fn tracked_region(path: &Path) -> Arc<Region> {
     Arc::new(
         Region::open(
@@ -90,14 +98,8 @@ enum Crash {
 
 #[test]
 fn power_failures_and_process_deaths_at_random_points_lose_nothing_promised() {
-    let points: u64 = std::env::var("PCACHE_CRASH_POINTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3000);
-    let seed: u64 = std::env::var("PCACHE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(77);
+    let points: u64 = env_or("PCACHE_CRASH_POINTS", 3000);
+    let seed: u64 = env_or("PCACHE_CRASH_SEED", 77);
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let region = new_cache(dir.path());
@@ -484,10 +486,7 @@ fn writeback_under_failures(order: WritebackOrder, seed: u64) -> (u64, u64, u64)
 
 #[test]
 fn backing_store_alone_is_a_flush_boundary_after_every_writeback_batch() {
-    let seed: u64 = std::env::var("PCACHE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(78);
+    let seed: u64 = env_or("PCACHE_CRASH_SEED", 78);
     let (failures, passes, epochs) = writeback_under_failures(WritebackOrder::Batch, seed);
     println!(
         "backing crash consistency, batch order (seed {seed}): {failures} failures of both media during writeback, {passes} batches checked, {epochs} epochs"
@@ -496,10 +495,7 @@ fn backing_store_alone_is_a_flush_boundary_after_every_writeback_batch() {
 
 #[test]
 fn strict_order_keeps_the_backing_store_a_flush_boundary_at_every_instant() {
-    let seed: u64 = std::env::var("PCACHE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(79);
+    let seed: u64 = env_or("PCACHE_CRASH_SEED", 79);
     let (failures, passes, epochs) = writeback_under_failures(WritebackOrder::Strict, seed);
     println!(
         "backing crash consistency, strict order (seed {seed}): {failures} failures of both media during writeback, each checked, {passes} batches checked, {epochs} epochs"

@@ -9,9 +9,10 @@
 //!
 //! A batch spans as many flush epochs as its budget allows. The budget, in
 //! distinct bytes, is the backing store's measured write rate times the
-//! time the cache's free space lasts at the guest's measured write rate
-//! (within bounds): space comes back only when a pass ends, and the longer
-//! the stretch of log a batch covers, the more overwrites it absorbs.
+//! time the cache's free space lasts at the guest's measured write rate,
+//! less the pass's fixed costs (within bounds): space comes back only when
+//! a pass ends, and the longer the stretch of log a batch covers, the more
+//! overwrites it absorbs.
 //!
 //! What the backing store alone holds (if the cache were lost):
 //! - [`WritebackOrder::Batch`] (the default): after each pass, exactly the
@@ -39,17 +40,26 @@ use crate::format::{self, data_off, PosOnMedia, KEY_FLAG_CLEAN, KSET_MAX_BYTES, 
 pub(super) const INFLIGHT_BYTES: u64 = 32 << 20;
 /// Largest merged backing write.
 const MERGE_BYTES: usize = 1 << 20;
-/// Bounds of the time a pass is sized to take.
+/// Bounds of the time a pass is sized to take. A pass that absorbs
+/// overwrites gains from covering more log; one that does not only makes
+/// writers wait longer for the space it frees.
 const PASS_MIN: f64 = 0.5;
+const PASS_MIN_NO_OVERWRITES: f64 = 0.1;
 const PASS_MAX: f64 = 2.0;
+/// Logged bytes per written byte below which a batch absorbed few
+/// overwrites.
+const FEW_OVERWRITES: f64 = 1.5;
 /// Batch budget bounds, in distinct bytes.
 const BUDGET_MIN: u64 = 4 << 20;
 const BUDGET_MAX: u64 = 1 << 30;
 /// A batch covers at most this many times its budget of logged bytes, so
 /// one pass over a huge cache stays bounded.
 const LOGGED_PER_BUDGET: u64 = 16;
-/// Backing write rate assumed before the first pass is measured.
-const RATE_START: f64 = 256e6;
+/// Backing write rate assumed before the first pass is measured: low, so
+/// the first batch of a process is small on a slow disk (a batch cut off
+/// by a restart must be finished by the next process before dirty_tail
+/// moves); one pass measures the real rate.
+const RATE_START: f64 = 16e6;
 
 /// How writeback orders what reaches the backing store; see the module
 /// documentation. Persisted in the cache.
@@ -96,12 +106,17 @@ pub(super) struct WbState {
     pool: BufPool,
     /// The writeback target record: where the batch being written ends.
     target: Tail,
-    /// Backing write rate of recent passes, bytes per second.
+    /// Backing write rate of recent passes while writing, bytes per second.
     rate: f64,
+    /// Time of a pass not spent writing (gathering, the backing flush),
+    /// seconds.
+    fixed: f64,
     /// The guest's write rate between recent passes, bytes per second.
     guest_rate: f64,
     /// When the last pass started, and the guest's write_bytes then.
     last: Option<(Instant, u64)>,
+    /// Logged dirty bytes per byte written back, in the last pass.
+    coalesced: f64,
 }
 
 impl WbState {
@@ -111,8 +126,10 @@ impl WbState {
             pool: BufPool::new(INFLIGHT_BYTES as usize),
             target,
             rate: RATE_START,
+            fixed: 0.0,
             guest_rate: 0.0,
             last: None,
+            coalesced: 1.0,
         }
     }
 
@@ -133,16 +150,35 @@ impl WbState {
         } else {
             PASS_MAX
         };
-        let t = lasts.clamp(PASS_MIN, PASS_MAX);
-        ((self.rate * t) as u64).clamp(BUDGET_MIN, BUDGET_MAX)
+        let min = if self.coalesced < FEW_OVERWRITES {
+            PASS_MIN_NO_OVERWRITES
+        } else {
+            PASS_MIN
+        };
+        let t = lasts.clamp(min, PASS_MAX);
+        // What is left of that time once the pass's fixed costs are paid.
+        let writing = (t - self.fixed).max(t / 4.0);
+        ((self.rate * writing) as u64).clamp(BUDGET_MIN, BUDGET_MAX)
     }
 
-    /// Fold a finished pass into the rate (passes too small to time are
-    /// dominated by the flush and say little about bandwidth).
-    fn measured(&mut self, bytes: u64, took: Duration) {
-        let secs = took.as_secs_f64();
-        if bytes >= BUDGET_MIN && secs > 0.0 {
-            self.rate = 0.5 * self.rate + 0.5 * (bytes as f64 / secs);
+    /// Fold a finished pass into the estimates: its bytes over the time its
+    /// writes took (passes too small to time say little about bandwidth),
+    /// and the rest of its time.
+    fn measured(&mut self, logged: u64, bytes: u64, writing: Duration, total: Duration) {
+        if bytes > 0 {
+            self.coalesced = logged as f64 / bytes as f64;
+        }
+        let fixed = total.saturating_sub(writing).as_secs_f64();
+        self.fixed = 0.5 * self.fixed + 0.5 * fixed;
+        let secs = writing.as_secs_f64();
+        if bytes >= BUDGET_MIN / 4 && secs > 0.0 {
+            let r = bytes as f64 / secs;
+            // Up at once (the first guess is low on purpose), down gently.
+            self.rate = if r > self.rate {
+                r
+            } else {
+                0.5 * self.rate + 0.5 * r
+            };
         }
     }
 }
@@ -261,7 +297,12 @@ impl Engine {
         stats::sub(&self.stats.dirty_bytes, batch.logged_dirty);
         stats::add(&self.stats.writeback_bytes, bytes);
         stats::add(&self.stats.writeback_batches, 1);
-        st.measured(bytes, started.elapsed());
+        st.measured(
+            batch.logged_dirty,
+            bytes,
+            written - gathered,
+            started.elapsed(),
+        );
         self.gc_kick.kick();
         tracing::debug!(
             ksets = batch.ksets,
