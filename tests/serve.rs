@@ -6,7 +6,7 @@
 mod common;
 
 use blkio::ReqFlags;
-use common::{check_block, fill_block, Client, Disk};
+use common::{check_block, fill_block, pcache, text, Client, Disk};
 
 const BLOCK: usize = 4096;
 const MIB: u64 = 1 << 20;
@@ -538,4 +538,22 @@ fn bad_writeback_watermarks_are_refused() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("must not exceed"), "{err}");
+}
+
+#[test]
+fn the_writeback_order_is_kept_in_the_cache_and_shown_by_status() {
+    let disk = Disk::new(16 * MIB, None);
+    let server = disk.serve(&["--writeback-order", "strict"]);
+    let ctl = server.control.to_str().unwrap().to_owned();
+    assert_eq!(status_json(&ctl)["writeback_order"], "strict");
+    let o = pcache(&["status", "--control", &ctl]);
+    assert!(text(&o).contains("strict order"), "{}", text(&o));
+    server.stop();
+    // Restarted without the flag: the cache keeps the choice.
+    let server = disk.serve(&[]);
+    assert_eq!(status_json(&ctl)["writeback_order"], "strict");
+    server.stop();
+    let server = disk.serve(&["--writeback-order", "batch"]);
+    assert_eq!(status_json(&ctl)["writeback_order"], "batch");
+    server.stop();
 }

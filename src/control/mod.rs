@@ -249,7 +249,7 @@ impl Status {
              dirty        {} bytes\n\
              reads        {} hits, {} misses\n\
              frontend     {}\n\
-             writeback    {} bytes written, {} errors; runs {}\n\
+             writeback    {} bytes written in {} batches, {} errors, {} order; runs {}\n\
              durability   {}\n\
              state        {}\n",
             self.cache.cache,
@@ -281,7 +281,9 @@ impl Status {
                 "none connected".into()
             },
             self.stats.writeback_bytes,
+            self.stats.writeback_batches,
             self.stats.writeback_errors,
+            self.cache.writeback_order,
             self.serve.writeback,
             self.cache.durability,
             if self.failed {
