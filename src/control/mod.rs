@@ -250,6 +250,7 @@ impl Status {
              reads        {} hits, {} misses\n\
              frontend     {}\n\
              writeback    {} bytes written in {} batches, {} errors, {} order; runs {}\n\
+             pressure     {} writes paced behind writeback, {} found the cache full\n\
              durability   {}\n\
              state        {}\n",
             self.cache.cache,
@@ -285,6 +286,8 @@ impl Status {
             self.stats.writeback_errors,
             self.cache.writeback_order,
             self.serve.writeback,
+            self.stats.writes_paced,
+            self.stats.cache_full,
             self.cache.durability,
             if self.failed {
                 "FAILED (restart pcache)"

@@ -17,7 +17,7 @@ use crate::format::{self, data_off, PosOnMedia, KSET_MAX_BYTES};
 const TAIL_PERSIST_KSETS: usize = 32;
 
 impl Engine {
-    fn gc_wanted(&self, forced: bool) -> bool {
+    pub(super) fn gc_wanted(&self, forced: bool) -> bool {
         let used = self.segs.used() as u64;
         let pct = self.gc_percent() as u64;
         forced || used * 100 >= self.n_segs as u64 * pct

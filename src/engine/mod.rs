@@ -11,6 +11,7 @@
 //! | `req.rs` | `cache_req.c` | read, write, miss fill, flush |
 //! | `writeback.rs` | `cache_writeback.c` | dirty keys to the backing store |
 //! | `gc.rs` | `cache_gc.c` | reclaiming segments from key_tail |
+//! | `pace.rs` | - | spreading guest writes over a writeback batch |
 //! | `replay.rs` | `cache_key_replay` | rebuilding state at open |
 //! | `open.rs` | `cache.c`, `cache_dev.c` | format, open, tails, settings |
 //!
@@ -22,6 +23,7 @@ mod index;
 mod key;
 mod kset;
 mod open;
+mod pace;
 mod policy;
 mod replay;
 mod req;
@@ -210,6 +212,8 @@ pub struct Engine {
     /// Serialises whole writeback passes (online worker vs. `drain`);
     /// holds the writeback target, buffers and measured rate.
     writeback: Mutex<writeback::WbState>,
+    /// Spreads guest writes over a running writeback batch.
+    pacer: pace::Pacer,
     /// Serialises GC passes.
     gc_lock: Mutex<()>,
 }

@@ -277,6 +277,7 @@ impl Engine {
             writeback_kick: Kick::default(),
             gc_kick: Kick::default(),
             writeback: Mutex::new(super::writeback::WbState::new(wb_target)),
+            pacer: super::pace::Pacer::new(),
             gc_lock: Mutex::new(()),
             region,
         };

@@ -61,6 +61,11 @@ impl Engine {
             Some(s) => s,
             None => {
                 let s = self.segs.alloc(SegKind::Data)?;
+                if self.gc_wanted(false) {
+                    // Past gc_percent: free clean segments before writers
+                    // find the cache full.
+                    self.gc_kick.kick();
+                }
                 self.segs.get_ref(s); // the head's reference
                 head.seg = Some(s);
                 head.off = 0;

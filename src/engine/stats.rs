@@ -21,6 +21,9 @@ pub struct Stats {
     pub flushes: AtomicU64,
     /// Times a request found the cache full.
     pub cache_full: AtomicU64,
+    /// Writes made to wait so that a running writeback batch frees space
+    /// before the cache fills.
+    pub writes_paced: AtomicU64,
     /// Ksets closed.
     pub ksets_closed: AtomicU64,
     /// Dirty bytes logged but not yet written back (overwritten data too).
@@ -63,6 +66,9 @@ pub struct StatsSnapshot {
     pub flushes: u64,
     /// See [`Stats::cache_full`].
     pub cache_full: u64,
+    /// See [`Stats::writes_paced`].
+    #[serde(default)]
+    pub writes_paced: u64,
     /// See [`Stats::ksets_closed`].
     pub ksets_closed: u64,
     /// See [`Stats::dirty_bytes`].
@@ -100,6 +106,7 @@ impl Stats {
             fill_bytes: g(&self.fill_bytes),
             flushes: g(&self.flushes),
             cache_full: g(&self.cache_full),
+            writes_paced: g(&self.writes_paced),
             ksets_closed: g(&self.ksets_closed),
             dirty_bytes: g(&self.dirty_bytes),
             writeback_bytes: g(&self.writeback_bytes),

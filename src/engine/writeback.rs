@@ -7,12 +7,14 @@
 //! passes is written back once: sustained writes run at the cache's speed,
 //! not the backing store's random-write rate.
 //!
-//! A batch spans as many flush epochs as its budget allows. The budget, in
-//! distinct bytes, is the backing store's measured write rate times the
-//! time the cache's free space lasts at the guest's measured write rate,
-//! less the pass's fixed costs (within bounds): space comes back only when
-//! a pass ends, and the longer the stretch of log a batch covers, the more
-//! overwrites it absorbs.
+//! A batch spans as many flush epochs as its budget allows: the longer the
+//! stretch of log it covers, the more overwrites it absorbs. The budget, in
+//! distinct bytes, is what the backing store writes in about 1.5 s at its
+//! measured rate, and a batch covers at most half the cache, so the other
+//! half takes the guest's writes while it runs (and the next batch covers
+//! those). Space comes back only when a pass ends: while it runs, guest
+//! writes are paced (`pace.rs`) so the reclaimable space lasts until then,
+//! and the pass frees it (GC) itself before pacing stops.
 //!
 //! What the backing store alone holds (if the cache were lost):
 //! - [`WritebackOrder::Batch`] (the default): after each pass, exactly the
@@ -40,21 +42,21 @@ use crate::format::{self, data_off, PosOnMedia, KEY_FLAG_CLEAN, KSET_MAX_BYTES, 
 pub(super) const INFLIGHT_BYTES: u64 = 32 << 20;
 /// Largest merged backing write.
 const MERGE_BYTES: usize = 1 << 20;
-/// Bounds of the time a pass is sized to take. A pass that absorbs
-/// overwrites gains from covering more log; one that does not only makes
-/// writers wait longer for the space it frees.
-const PASS_MIN: f64 = 0.5;
-const PASS_MIN_NO_OVERWRITES: f64 = 0.1;
-const PASS_MAX: f64 = 2.0;
-/// Logged bytes per written byte below which a batch absorbed few
-/// overwrites.
-const FEW_OVERWRITES: f64 = 1.5;
+/// Time a pass is sized to spend writing, at the measured rate: long
+/// enough to amortise the backing flush, short enough that space comes
+/// back often.
+const PASS_SECS: f64 = 1.5;
 /// Batch budget bounds, in distinct bytes.
 const BUDGET_MIN: u64 = 4 << 20;
 const BUDGET_MAX: u64 = 1 << 30;
 /// A batch covers at most this many times its budget of logged bytes, so
 /// one pass over a huge cache stays bounded.
 const LOGGED_PER_BUDGET: u64 = 16;
+/// A batch covers at most this share of the cache (1/n): the rest is the
+/// room guest writes use while it runs, and the next batch covers what
+/// they wrote. Larger batches would leave the next ones smaller, and the
+/// sizes would swing between the two.
+const LOGGED_SHARE_OF_CACHE: u64 = 2;
 /// Backing write rate assumed before the first pass is measured: low, so
 /// the first batch of a process is small on a slow disk (a batch cut off
 /// by a restart must be finished by the next process before dirty_tail
@@ -111,12 +113,8 @@ pub(super) struct WbState {
     /// Time of a pass not spent writing (gathering, the backing flush),
     /// seconds.
     fixed: f64,
-    /// The guest's write rate between recent passes, bytes per second.
-    guest_rate: f64,
-    /// When the last pass started, and the guest's write_bytes then.
-    last: Option<(Instant, u64)>,
-    /// Logged dirty bytes per byte written back, in the last pass.
-    coalesced: f64,
+    /// How long the last pass took.
+    last_pass: Duration,
 }
 
 impl WbState {
@@ -127,47 +125,25 @@ impl WbState {
             target,
             rate: RATE_START,
             fixed: 0.0,
-            guest_rate: 0.0,
-            last: None,
-            coalesced: 1.0,
+            last_pass: Duration::ZERO,
         }
     }
 
-    /// Distinct bytes the next batch may hold, given the guest's
-    /// `write_bytes` counter now and the cache's `free` bytes.
-    fn budget(&mut self, now: Instant, written: u64, free: u64) -> u64 {
-        if let Some((t, w)) = self.last {
-            let secs = now.duration_since(t).as_secs_f64();
-            if secs > 0.0 {
-                let r = written.saturating_sub(w) as f64 / secs;
-                self.guest_rate = 0.5 * self.guest_rate + 0.5 * r;
-            }
-        }
-        self.last = Some((now, written));
-        // How long the free space lasts at the guest's pace.
-        let lasts = if self.guest_rate > 0.0 {
-            free as f64 / self.guest_rate
-        } else {
-            PASS_MAX
-        };
-        let min = if self.coalesced < FEW_OVERWRITES {
-            PASS_MIN_NO_OVERWRITES
-        } else {
-            PASS_MIN
-        };
-        let t = lasts.clamp(min, PASS_MAX);
-        // What is left of that time once the pass's fixed costs are paid.
-        let writing = (t - self.fixed).max(t / 4.0);
-        ((self.rate * writing) as u64).clamp(BUDGET_MIN, BUDGET_MAX)
+    /// Distinct bytes the next batch may hold.
+    fn budget(&self) -> u64 {
+        ((self.rate * PASS_SECS) as u64).clamp(BUDGET_MIN, BUDGET_MAX)
+    }
+
+    /// How long a batch of `bytes` distinct bytes should take.
+    fn expected(&self, bytes: u64) -> Duration {
+        Duration::from_secs_f64(bytes as f64 / self.rate + self.fixed)
     }
 
     /// Fold a finished pass into the estimates: its bytes over the time its
     /// writes took (passes too small to time say little about bandwidth),
     /// and the rest of its time.
-    fn measured(&mut self, logged: u64, bytes: u64, writing: Duration, total: Duration) {
-        if bytes > 0 {
-            self.coalesced = logged as f64 / bytes as f64;
-        }
+    fn measured(&mut self, bytes: u64, writing: Duration, total: Duration) {
+        self.last_pass = total;
         let fixed = total.saturating_sub(writing).as_secs_f64();
         self.fixed = 0.5 * self.fixed + 0.5 * fixed;
         let secs = writing.as_secs_f64();
@@ -253,11 +229,7 @@ impl Engine {
     /// backoff) and the dirty data stays in the cache.
     pub fn writeback_once(&self, q: &mut BackingQueue) -> Result<Progress> {
         let mut st = self.writeback.lock().expect("writeback lock");
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        // Everything not dirty can be reclaimed without a backing write.
-        let capacity = self.n_segs as u64 * format::SEG_DATA_BYTES;
-        let free = capacity.saturating_sub(load(&self.stats.dirty_bytes));
-        let budget = st.budget(Instant::now(), load(&self.stats.write_bytes), free);
+        let budget = st.budget();
         self.pass(&mut st, q, budget)
     }
 
@@ -273,6 +245,10 @@ impl Engine {
             return Err(Error::ReadOnly);
         }
         let started = Instant::now();
+        // Writes are paced from the start: the space this pass frees comes
+        // back only at its end. Until the batch is known, assume it takes
+        // as long as the last one.
+        let mut pacing = self.pacer.batch(st.last_pass);
         let Some(batch) = self.gather(st.target.pos, budget)? else {
             // Nothing to do for a while, probably: give the buffers back.
             st.pool = BufPool::new(INFLIGHT_BYTES as usize);
@@ -284,6 +260,9 @@ impl Engine {
             self.write_tail(&mut st.target, format::WB_TARGET_OFF, batch.end)?;
         }
         let gathered = started.elapsed();
+        let distinct = batch.map.covered() * SECTOR_BYTES;
+        let expected = st.expected(distinct);
+        pacing.expect(expected);
         let bytes = self.write_batch(q, &batch.map, &mut st.pool)?;
         let written = started.elapsed();
         // dirty_tail may only pass these keys once they are durable on the
@@ -294,16 +273,19 @@ impl Engine {
             let mut t = self.dirty_tail.lock().expect("dirty_tail lock");
             self.write_tail(&mut t, format::DIRTY_TAIL_OFF, batch.end)?;
         }
+        // Free the space here, before pacing stops, rather than leave it to
+        // the GC worker: writers let loose before GC ran would find the
+        // cache full. (Only down to gc_percent: clean data stays cached.)
         stats::sub(&self.stats.dirty_bytes, batch.logged_dirty);
+        let gc_start = Instant::now();
+        if let Err(e) = self.gc_once(false) {
+            tracing::error!(error = %e, "gc after writeback failed");
+        }
+        let gc = gc_start.elapsed();
+        drop(pacing);
         stats::add(&self.stats.writeback_bytes, bytes);
         stats::add(&self.stats.writeback_batches, 1);
-        st.measured(
-            batch.logged_dirty,
-            bytes,
-            written - gathered,
-            started.elapsed(),
-        );
-        self.gc_kick.kick();
+        st.measured(bytes, written - gathered, started.elapsed());
         tracing::debug!(
             ksets = batch.ksets,
             logged = batch.logged_dirty,
@@ -311,6 +293,8 @@ impl Engine {
             gather_ms = gathered.as_millis() as u64,
             write_ms = (written - gathered).as_millis() as u64,
             flush_ms = (flushed - written).as_millis() as u64,
+            expected_ms = (gathered + expected).as_millis() as u64,
+            gc_ms = gc.as_millis() as u64,
             ms = started.elapsed().as_millis() as u64,
             "writeback batch"
         );
@@ -332,7 +316,10 @@ impl Engine {
         let budget_sectors = budget / SECTOR_BYTES;
         // A hot set coalesces best over a long stretch of log; bound the
         // stretch so one pass stays bounded too.
-        let max_logged = budget.saturating_mul(LOGGED_PER_BUDGET);
+        let capacity = self.n_segs as u64 * format::SEG_DATA_BYTES;
+        let max_logged = budget
+            .saturating_mul(LOGGED_PER_BUDGET)
+            .min(capacity / LOGGED_SHARE_OF_CACHE);
         let mut map: ExtentMap<u64, WbExt> = ExtentMap::default();
         let mut epoch = None;
         let mut ksets = 0usize;

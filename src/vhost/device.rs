@@ -66,7 +66,7 @@ impl Device {
         let mut queues = Vec::new();
         let mut space_fds = Vec::new();
         for _ in 0..cfg.num_queues {
-            queues.push(Mutex::new(QueueState::new(backing.clone())));
+            queues.push(Mutex::new(QueueState::new(backing.clone())?));
             let fd = EventFd::new(EFD_NONBLOCK)?;
             engine.add_space_fd(fd.as_raw_fd());
             space_fds.push(fd);
@@ -105,10 +105,14 @@ impl Device {
     }
 
     /// The fds a queue's worker watches besides its kick: backing
-    /// completions and freed space.
-    pub fn worker_fds(&self, q: usize) -> [RawFd; 2] {
-        let bq = self.queues[q].lock().expect("queue lock").bq.notifier();
-        [bq, self.space_fds[q].as_raw_fd()]
+    /// completions, freed space and the pacing timer.
+    pub fn worker_fds(&self, q: usize) -> [RawFd; 3] {
+        let qs = self.queues[q].lock().expect("queue lock");
+        [
+            qs.bq.notifier(),
+            self.space_fds[q].as_raw_fd(),
+            qs.timer.as_raw_fd(),
+        ]
     }
 
     /// Virtio features offered (RO added for a read-only disk).

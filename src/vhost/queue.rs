@@ -14,8 +14,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::fd::AsRawFd;
+
 use vhost_user_backend::VringT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::chain::{complete, Chain, SimpleLayout};
 use super::device::Device;
@@ -31,12 +34,15 @@ const STOP_DEFER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle backing-read buffers a queue keeps for reuse.
 const MISS_BUFS_HELD: usize = 4 << 20;
 
-/// A write or flush waiting for free space.
+/// A write or flush waiting for free space, or a write paced while a
+/// writeback batch runs.
 pub(super) struct Deferred {
     pub(super) chain: Chain,
     pub(super) kind: RequestKind,
     pub(super) data: Vec<u8>,
     pub(super) done: u64,
+    /// A paced write runs no earlier than this.
+    pub(super) not_before: Option<Instant>,
 }
 
 /// Per-queue state, owned by that queue's worker thread.
@@ -62,12 +68,25 @@ pub struct QueueState {
     pub(super) fills: Vec<(Miss, AlignedBuf)>,
     /// How long to busy-poll after the ring runs dry.
     pub(super) poll: PollWindow,
+    /// Fires when the first paced write is due (non-blocking).
+    pub(super) timer: TimerFd,
 }
 
 impl QueueState {
     /// An idle queue whose misses go to `backing`.
-    pub fn new(backing: Arc<dyn Backing>) -> QueueState {
-        QueueState {
+    pub fn new(backing: Arc<dyn Backing>) -> io::Result<QueueState> {
+        let timer = TimerFd::new()?;
+        // Read only when epoll says it fired; a timer re-armed since must
+        // not block the worker.
+        // SAFETY: plain fcntl calls on a descriptor we own.
+        unsafe {
+            let fd = timer.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(QueueState {
             head: DataHead::default(),
             bq: BackingQueue::new(backing, 128),
             ring: None,
@@ -80,6 +99,18 @@ impl QueueState {
             bufs: BufPool::new(MISS_BUFS_HELD),
             fills: Vec::new(),
             poll: PollWindow::default(),
+            timer,
+        })
+    }
+
+    /// Wake the worker at `t` (for the first paced write).
+    fn wake_at(&mut self, t: Instant) {
+        // A zero duration would disarm the timer.
+        let d = t
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_micros(1));
+        if let Err(e) = self.timer.reset(d, None) {
+            tracing::error!(error = %e, "cannot arm a queue's pacing timer");
         }
     }
 
@@ -286,9 +317,11 @@ impl Device {
                     let _ = st.write_all(&[status::IOERR]);
                     return Some((head, 1));
                 }
-                self.run_or_defer(qs, chain, kind, data)
+                let wait = self.engine.pace(len);
+                let not_before = (!wait.is_zero()).then(|| Instant::now() + wait);
+                self.run_or_defer(qs, chain, kind, data, not_before)
             }
-            RequestKind::Flush => self.run_or_defer(qs, chain, kind, Vec::new()),
+            RequestKind::Flush => self.run_or_defer(qs, chain, kind, Vec::new(), None),
             RequestKind::GetId => {
                 let mut id = [0u8; ID_BYTES];
                 let s = self.cfg.serial.as_bytes();
@@ -409,9 +442,12 @@ impl Device {
                 // SAFETY: as for a read; we only load from these bytes, and a
                 // guest changing them meanwhile gets a mix, as it asked for.
                 let direct = unsafe { std::slice::from_raw_parts(p as *const u8, l) };
-                if !qs.deferred.is_empty() {
+                // Paced while a writeback batch runs (see engine/pace.rs).
+                let wait = self.engine.pace(len);
+                if !qs.deferred.is_empty() || !wait.is_zero() {
                     let data = direct.to_vec();
-                    return Ok(self.run_or_defer(qs, chain, kind, data));
+                    let not_before = (!wait.is_zero()).then(|| Instant::now() + wait);
+                    return Ok(self.run_or_defer(qs, chain, kind, data, not_before));
                 }
                 let mut done = 0;
                 if let Some(s) = self.write_from(&mut qs.head, off, len, direct, &mut done) {
@@ -424,31 +460,40 @@ impl Device {
                     kind,
                     data,
                     done,
+                    not_before: None,
                 });
                 Ok(None)
             }
-            RequestKind::Flush => Ok(self.run_or_defer(qs, chain, kind, Vec::new())),
+            RequestKind::Flush => Ok(self.run_or_defer(qs, chain, kind, Vec::new(), None)),
             RequestKind::GetId => Err(chain),
         }
     }
 
     /// Run a write or flush, or queue it behind earlier deferred ones (so a
-    /// flush never overtakes a write the guest saw queued before it).
+    /// flush never overtakes a write the guest saw queued before it), or
+    /// until `not_before` when it is paced.
     fn run_or_defer(
         &self,
         qs: &mut QueueState,
         chain: Chain,
         kind: RequestKind,
         data: Vec<u8>,
+        not_before: Option<Instant>,
     ) -> Option<(u16, u32)> {
         let mut d = Deferred {
             chain,
             kind,
             data,
             done: 0,
+            not_before,
         };
         if !qs.deferred.is_empty() {
             qs.deferred.push_back(d);
+            return None;
+        }
+        if let Some(t) = not_before {
+            qs.deferred.push_back(d);
+            qs.wake_at(t);
             return None;
         }
         match self.try_run(&mut qs.head, &mut d) {
@@ -517,10 +562,19 @@ impl Device {
         }
     }
 
-    /// Retry deferred requests in order, as far as space allows.
-    fn retry_deferred(&self, qs: &mut QueueState, ring: Option<&Ring>) -> bool {
+    /// Retry deferred requests in order, as far as space and pacing allow
+    /// (`paced`: false runs paced writes now).
+    fn retry_deferred(&self, qs: &mut QueueState, ring: Option<&Ring>, paced: bool) -> bool {
         let mut used = false;
+        let mut now = None;
         while let Some(mut d) = qs.deferred.pop_front() {
+            if let Some(t) = d.not_before.filter(|_| paced) {
+                if *now.get_or_insert_with(Instant::now) < t {
+                    qs.deferred.push_front(d);
+                    qs.wake_at(t);
+                    break;
+                }
+            }
             match self.try_run(&mut qs.head, &mut d) {
                 Some(st) => {
                     let (head, len) = complete(&d.chain, st);
@@ -550,12 +604,34 @@ impl Device {
     /// The engine freed space: retry deferred writes.
     pub(super) fn on_space(&self, q: usize) -> io::Result<()> {
         let _ = self.space_fds[q].read();
+        self.retry_queue(q)
+    }
+
+    /// A paced write is due: run it, and what follows it.
+    pub(super) fn on_timer(&self, q: usize) -> io::Result<()> {
+        {
+            let qs = self.queues[q].lock().expect("queue lock");
+            let mut n = 0u64;
+            // SAFETY: reads 8 bytes into `n` from a non-blocking timerfd we
+            // own; EAGAIN (re-armed since it fired) is fine.
+            let _ = unsafe {
+                libc::read(
+                    qs.timer.as_raw_fd(),
+                    (&mut n as *mut u64).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            };
+        }
+        self.retry_queue(q)
+    }
+
+    fn retry_queue(&self, q: usize) -> io::Result<()> {
         let mut qs = self.queues[q].lock().expect("queue lock");
         if qs.deferred.is_empty() {
             return Ok(());
         }
         let ring = qs.ring.clone();
-        if self.retry_deferred(&mut qs, ring.as_ref()) {
+        if self.retry_deferred(&mut qs, ring.as_ref(), true) {
             if let Some(r) = &ring {
                 r.notify()?;
             }
@@ -585,7 +661,8 @@ impl Device {
         }
         while !qs.deferred.is_empty() && Instant::now() < deadline {
             let epoch = self.engine.space_epoch();
-            self.retry_deferred(&mut qs, Some(&ring));
+            // Stopping: nothing is paced any more.
+            self.retry_deferred(&mut qs, Some(&ring), false);
             if !qs.deferred.is_empty() {
                 self.engine.wait_for_space(epoch);
             }

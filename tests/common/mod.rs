@@ -71,8 +71,15 @@ impl Server {
     /// Start the binary with `args` and wait until it listens on `socket`
     /// (a socket file left by a server that died is pcache's to replace).
     pub fn start(args: &[String], socket: &Path) -> Server {
-        let child = Command::new(env!("CARGO_BIN_EXE_pcache"))
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcache"));
+        cmd.args(args);
+        Server::start_cmd(cmd, socket)
+    }
+
+    /// Start `cmd` (pcache serve, perhaps wrapped) and wait until it
+    /// listens on `socket`.
+    pub fn start_cmd(mut cmd: Command, socket: &Path) -> Server {
+        let child = cmd
             .env(
                 "PCACHE_LOG",
                 std::env::var("PCACHE_LOG").unwrap_or_else(|_| "warn".into()),
