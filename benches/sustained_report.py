@@ -174,14 +174,15 @@ def main():
                         f"{fmt(p999(peer, point), 1)} | {fmt(m(peer, point, lambda r: r['lat_us']['max']))} | "
                         f"{fmt(m(peer, read_of[point], lambda r: r['iops']))} |")
 
-    counters = ["| point | written GiB | written back GiB | written back / written | writeback batches | cache_full | GC segments freed |",
-                "|---|---|---|---|---|---|---|"]
+    counters = ["| point | written GiB | written back GiB | written back / written | writeback batches | writes paced | cache_full | GC segments freed |",
+                "|---|---|---|---|---|---|---|---|"]
     for point in list(WRITES) + ["w32over"]:
         for s in status_of(a.res, point):
             st = s["stats"]
             w, wb = st["write_bytes"], st["writeback_bytes"]
             counters.append(f"| {point} | {w / 2**30:.1f} | {wb / 2**30:.1f} | {wb / w if w else 0:.2f} | "
-                            f"{st.get('writeback_batches', '-')} | {st['cache_full']} | {st['gc_segs_freed']} |")
+                            f"{st.get('writeback_batches', '-')} | {st.get('writes_paced', '-')} | {st['cache_full']} | "
+                            f"{st['gc_segs_freed']} |")
 
     print("\nSustained targets:")
     print("\n".join(tbl))
