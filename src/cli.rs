@@ -55,6 +55,19 @@ pub enum Command {
         #[arg(long, default_value = "pcache-data/pcache.ctl")]
         control: PathBuf,
     },
+    /// Write back everything a running server holds dirty now, and wait
+    /// until nothing is (progress on a terminal; exit 1 on a timeout).
+    Drain {
+        /// Control socket.
+        #[arg(long, default_value = "pcache-data/pcache.ctl")]
+        control: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a new, empty cache on a file or device-DAX device.
     Format {
         /// Cache medium: a file (created if absent), or /dev/daxX.Y.
@@ -322,6 +335,19 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             control_ok(&control, &crate::control::Request::Flush)?;
             println!("flushed");
             Ok(0)
+        }
+        Command::Drain {
+            control,
+            timeout,
+            json,
+        } => {
+            let timeout = match timeout {
+                Some(t) if !(t.is_finite() && t >= 0.0) => {
+                    return Err(format!("--timeout must be a number of seconds, not {t}").into())
+                }
+                t => t.map(Duration::from_secs_f64),
+            };
+            Ok(crate::control::drain::run(&control, timeout, json)?)
         }
         Command::Format {
             cache,

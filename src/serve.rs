@@ -71,6 +71,13 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Open or create the backing store.
 fn open_backing(o: &ServeOptions) -> AnyResult<FileBacking> {
+    if !o.backing.exists() && o.cfg.read_only {
+        return Err(format!(
+            "Backing store {} does not exist (--read-only creates nothing)",
+            o.backing.display()
+        )
+        .into());
+    }
     if !o.backing.exists() {
         let Some(size) = o.backing_size else {
             return Err(format!(
@@ -93,6 +100,9 @@ fn open_backing(o: &ServeOptions) -> AnyResult<FileBacking> {
 /// Take the cache (creating the file if it is new), format it when it is
 /// new or `--format` was given, and open it.
 fn open_cache(o: &ServeOptions, backing_bytes: u64) -> AnyResult<(Owner, Arc<Engine>)> {
+    if o.cfg.read_only {
+        return open_cache_read_only(o);
+    }
     let is_new = !o.cache.exists();
     if is_new {
         media::prepare_cache_file(&o.cache, o.cache_size.or(Some(DEFAULT_CACHE_BYTES)), true)?;
@@ -140,6 +150,48 @@ fn open_cache(o: &ServeOptions, backing_bytes: u64) -> AnyResult<(Owner, Arc<Eng
         }
     }
     Ok((owner, engine))
+}
+
+/// `--read-only`: open an existing cache without writing to it, and refuse
+/// every option that would change it.
+fn open_cache_read_only(o: &ServeOptions) -> AnyResult<(Owner, Arc<Engine>)> {
+    let changes = [
+        (o.format, "--format"),
+        (o.cache_size.is_some(), "--cache-size"),
+        (o.gc_percent.is_some(), "--gc-percent"),
+        (o.writeback_order.is_some(), "--writeback-order"),
+        (o.data_crc, "--data-crc"),
+    ];
+    if let Some((_, flag)) = changes.iter().find(|(given, _)| *given) {
+        return Err(format!("{flag} changes the cache, which --read-only never writes").into());
+    }
+    if !o.cache.exists() {
+        return Err(format!(
+            "Cache {} does not exist (--read-only creates nothing)",
+            o.cache.display()
+        )
+        .into());
+    }
+    // Exclusive all the same: a writer beside us would change what we read.
+    let owner = media::lock(&o.cache, Lock::Exclusive, "Cache")?;
+    match media::holds_pcache(&o.cache)? {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => {
+            return Err(format!(
+                "{} is not a usable pcache cache ({e}); --read-only cannot format it",
+                o.cache.display()
+            )
+            .into())
+        }
+        None => {
+            return Err(format!(
+                "{} holds no pcache cache; --read-only cannot format it",
+                o.cache.display()
+            )
+            .into())
+        }
+    }
+    Ok((owner, media::open_cache_read_only(&o.cache)?))
 }
 
 /// The listening socket: inherited from systemd, or bound at `o.socket`.
@@ -191,6 +243,7 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         num_queues: o.cfg.num_queues,
         socket: o.socket.display().to_string(),
         writeback: o.writeback,
+        read_only: o.cfg.read_only,
     };
     let stop = Arc::new(Stop::default());
     let probe: control::FrontendProbe = {
@@ -296,7 +349,11 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     workers.stop();
     let _ = std::fs::remove_file(&o.control);
     drop(listening);
-    eprintln!("pcache: stopped, cache persisted");
+    if engine.is_read_only() {
+        eprintln!("pcache: stopped (read-only: nothing was written)");
+    } else {
+        eprintln!("pcache: stopped, cache persisted");
+    }
     Ok(code)
 }
 

@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod drain;
+
 use crate::engine::{Engine, StatsSnapshot};
 use crate::report::Report;
 
@@ -35,6 +37,10 @@ pub struct ServeInfo {
     pub socket: String,
     /// When writeback runs.
     pub writeback: crate::engine::WritebackPolicy,
+    /// Served read-only (`--read-only`): neither the cache nor the backing
+    /// store is written.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// What the frontend connection is doing right now.
@@ -89,6 +95,8 @@ pub enum Request {
     },
     /// Close every open kset now.
     Flush,
+    /// Write back everything now (see `Engine::request_drain`).
+    Drain,
 }
 
 /// A control reply.
@@ -152,6 +160,10 @@ fn handle(srv: &Server, line: &str) -> Reply {
             Err(e) => err(e.to_string()),
         },
         Ok(Request::Flush) => match engine.flush() {
+            Ok(()) => ok,
+            Err(e) => err(e.to_string()),
+        },
+        Ok(Request::Drain) => match engine.request_drain() {
             Ok(()) => ok,
             Err(e) => err(e.to_string()),
         },
@@ -291,6 +303,8 @@ impl Status {
             self.cache.durability,
             if self.failed {
                 "FAILED (restart pcache)"
+            } else if self.serve.read_only {
+                "ok, read-only (nothing is written to the cache or the backing store)"
             } else {
                 "ok"
             },

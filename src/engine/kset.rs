@@ -207,6 +207,10 @@ impl Engine {
     /// Close every open kset, then start a new flush epoch. When it returns
     /// Ok, every write acknowledged before the call is durable.
     pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            // Nothing was written through this engine: nothing to persist.
+            return Ok(());
+        }
         self.check_writable()?;
         for ks in self.ksets.iter() {
             let mut ks = ks.lock().expect("kset lock");

@@ -206,6 +206,8 @@ pub struct Engine {
     space_wanted: AtomicBool,
     /// The same for the writeback worker (each worker clears its own).
     writeback_wanted: AtomicBool,
+    /// An operator asked for a drain; cleared once nothing is dirty.
+    drain_wanted: AtomicBool,
     stats: Stats,
     writeback_kick: Kick,
     gc_kick: Kick,
@@ -246,6 +248,11 @@ impl Engine {
     /// Number of segments.
     pub fn n_segs(&self) -> u32 {
         self.n_segs
+    }
+
+    /// Was the cache opened read-only (nothing is ever written to it)?
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// Is per-key data CRC on?

@@ -273,6 +273,7 @@ impl Engine {
             halting: AtomicBool::new(false),
             space_wanted: AtomicBool::new(false),
             writeback_wanted: AtomicBool::new(false),
+            drain_wanted: AtomicBool::new(false),
             stats: Stats::default(),
             writeback_kick: Kick::default(),
             gc_kick: Kick::default(),

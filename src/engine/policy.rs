@@ -115,6 +115,8 @@ pub enum Reason {
     Idle,
     /// Some dirty data is older than `max_age`.
     Aged,
+    /// An operator asked for everything to be written back (`pcache drain`).
+    Drain,
 }
 
 /// What the worker sees before each pass.
@@ -134,6 +136,8 @@ pub struct Observation {
     pub dirty_lsn: u64,
     /// A writer is waiting for space.
     pub space_wanted: bool,
+    /// An operator asked for a drain, and the cache is not clean yet.
+    pub drain: bool,
 }
 
 /// Most (time, head) samples kept for the age check; with a sample per
@@ -186,6 +190,9 @@ impl Gate {
             return None;
         }
         let p = self.policy;
+        if o.drain {
+            return Some(Reason::Drain);
+        }
         if p.high_percent == 0 {
             return Some(Reason::Immediate);
         }
@@ -239,6 +246,7 @@ mod tests {
                     head_lsn: 0,
                     dirty_lsn: 0,
                     space_wanted: false,
+                    drain: false,
                 },
             }
         }
@@ -276,6 +284,18 @@ mod tests {
         assert_eq!(s.after(0), None);
         s.o.space_wanted = true;
         assert_eq!(s.after(1000), None);
+    }
+
+    #[test]
+    fn a_drain_runs_while_busy_and_under_every_watermark_until_clean() {
+        let mut s = Sim::new(policy());
+        assert_eq!(s.write(10, 1), None, "busy and under 50%");
+        s.o.drain = true;
+        assert_eq!(s.write(10, 1), Some(Reason::Drain));
+        s.written_back(1);
+        assert_eq!(s.after(0), Some(Reason::Drain));
+        s.written_back(1);
+        assert_eq!(s.after(0), None, "clean: nothing to drain");
     }
 
     #[test]

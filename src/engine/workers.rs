@@ -31,7 +31,8 @@ pub struct Workers {
 
 impl Workers {
     /// Start writeback (against `backing`, when `policy` says), GC and the
-    /// kset timer.
+    /// kset timer. A read-only engine gets none: it writes nothing, so it
+    /// has nothing to write back, reclaim or close.
     pub fn start(
         engine: Arc<Engine>,
         backing: Arc<dyn Backing>,
@@ -39,6 +40,13 @@ impl Workers {
     ) -> Workers {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+        if engine.is_read_only() {
+            return Workers {
+                stop,
+                engine,
+                threads,
+            };
+        }
         let (e, s) = (engine.clone(), stop.clone());
         threads.push(spawn("pcache-writeback", move || {
             writeback_loop(&e, backing, policy, &s)

@@ -490,8 +490,14 @@ impl Engine {
     /// What the writeback policy looks at, now. Clears the flag set by a
     /// writer waiting for space.
     pub fn observe(&self) -> super::Observation {
+        use std::sync::atomic::Ordering::Relaxed;
         let s = &self.stats;
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+        let head_lsn = self.key_head().lsn;
+        let dirty_lsn = self.dirty_tail().lsn;
+        if dirty_lsn >= head_lsn {
+            self.drain_wanted.store(false, Relaxed);
+        }
         super::Observation {
             now: std::time::Instant::now(),
             dirty_bytes: load(&s.dirty_bytes),
@@ -500,12 +506,24 @@ impl Engine {
                 .wrapping_add(load(&s.read_hit_bytes))
                 .wrapping_add(load(&s.read_miss_bytes))
                 .wrapping_add(load(&s.flushes)),
-            head_lsn: self.key_head().lsn,
-            dirty_lsn: self.dirty_tail().lsn,
-            space_wanted: self
-                .writeback_wanted
-                .swap(false, std::sync::atomic::Ordering::Relaxed),
+            head_lsn,
+            dirty_lsn,
+            space_wanted: self.writeback_wanted.swap(false, Relaxed),
+            drain: self.drain_wanted.load(Relaxed),
         }
+    }
+
+    /// Write back everything now, whatever the policy says: close the open
+    /// ksets (so every completed write is in the log) and run writeback
+    /// until nothing is dirty. Returns at once; `dirty_bytes` says when it
+    /// is done (writes that arrive meanwhile are dirty again).
+    pub fn request_drain(&self) -> Result<()> {
+        self.flush()?;
+        self.check_writable()?;
+        self.drain_wanted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.writeback_kick.kick();
+        Ok(())
     }
 
     /// Is there logged dirty data not yet written back?

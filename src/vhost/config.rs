@@ -1,31 +1,39 @@
 //! Feature bits and the virtio-blk configuration space.
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use std::mem::offset_of;
 
-/// Device feature bits (virtio 1.2, 5.2.3).
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use virtio_bindings::virtio_blk::virtio_blk_config;
+
+/// Device feature bits (virtio 1.2, 5.2.3), as masks of the bit numbers
+/// in `virtio-bindings`.
 pub mod bits {
+    use virtio_bindings::virtio_blk as blk;
+    use virtio_bindings::virtio_config as config;
+    use virtio_bindings::virtio_ring as ring;
+
     /// Maximum size of one segment is in `size_max`.
-    pub const SIZE_MAX: u64 = 1 << 1;
+    pub const SIZE_MAX: u64 = 1 << blk::VIRTIO_BLK_F_SIZE_MAX;
     /// Maximum segments per request is in `seg_max`.
-    pub const SEG_MAX: u64 = 1 << 2;
+    pub const SEG_MAX: u64 = 1 << blk::VIRTIO_BLK_F_SEG_MAX;
     /// The device is read-only.
-    pub const RO: u64 = 1 << 5;
+    pub const RO: u64 = 1 << blk::VIRTIO_BLK_F_RO;
     /// Logical block size is in `blk_size`.
-    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const BLK_SIZE: u64 = 1 << blk::VIRTIO_BLK_F_BLK_SIZE;
     /// The device has a volatile write cache and understands FLUSH.
-    pub const FLUSH: u64 = 1 << 9;
+    pub const FLUSH: u64 = 1 << blk::VIRTIO_BLK_F_FLUSH;
     /// Topology fields are valid.
-    pub const TOPOLOGY: u64 = 1 << 10;
+    pub const TOPOLOGY: u64 = 1 << blk::VIRTIO_BLK_F_TOPOLOGY;
     /// The guest may switch the cache between writeback and writethrough.
-    pub const CONFIG_WCE: u64 = 1 << 11;
+    pub const CONFIG_WCE: u64 = 1 << blk::VIRTIO_BLK_F_CONFIG_WCE;
     /// More than one queue.
-    pub const MQ: u64 = 1 << 12;
+    pub const MQ: u64 = 1 << blk::VIRTIO_BLK_F_MQ;
     /// Indirect descriptor tables.
-    pub const INDIRECT_DESC: u64 = 1 << 28;
+    pub const INDIRECT_DESC: u64 = 1 << ring::VIRTIO_RING_F_INDIRECT_DESC;
     /// used_event / avail_event notification suppression.
-    pub const EVENT_IDX: u64 = 1 << 29;
+    pub const EVENT_IDX: u64 = 1 << ring::VIRTIO_RING_F_EVENT_IDX;
     /// Virtio 1.0 or later.
-    pub const VERSION_1: u64 = 1 << 32;
+    pub const VERSION_1: u64 = 1 << config::VIRTIO_F_VERSION_1;
 }
 
 /// Features offered to every frontend (RO is added for read-only disks).
@@ -59,15 +67,8 @@ pub const SIZE_MAX_BYTES: u32 = 1 << 17;
 /// Most data segments in one request.
 pub const SEG_MAX: u32 = 128;
 
-/// The virtio-blk config space, in its little-endian wire layout.
-///
-/// ```text
-/// 0  u64 capacity (512-byte sectors)   20 u32 blk_size
-/// 8  u32 size_max                      24 u8 physical_block_exp, u8 alignment_offset
-/// 12 u32 seg_max                       26 u16 min_io_size, 28 u32 opt_io_size
-/// 16 geometry (u16, u8, u8), unused    32 u8 writeback, 33 unused
-///                                      34 u16 num_queues
-/// ```
+/// The virtio-blk config space (`struct virtio_blk_config`, little-endian;
+/// field offsets from `virtio-bindings`). Geometry is left zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlkConfig {
     /// Capacity in 512-byte sectors.
@@ -80,26 +81,43 @@ pub struct BlkConfig {
     pub writeback: u8,
 }
 
-/// Bytes of config space we expose.
-pub const CONFIG_BYTES: usize = 36;
+/// Bytes of config space we expose: up to the discard fields.
+pub const CONFIG_BYTES: usize = offset_of!(virtio_blk_config, max_discard_sectors);
 
 impl BlkConfig {
     /// Encode the config space.
     pub fn encode(&self) -> [u8; CONFIG_BYTES] {
         let mut b = [0u8; CONFIG_BYTES];
-        b[0..8].copy_from_slice(&self.capacity.to_le_bytes());
-        b[8..12].copy_from_slice(&SIZE_MAX_BYTES.to_le_bytes());
-        b[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        b[20..24].copy_from_slice(&self.blk_size.to_le_bytes());
-        // Topology: one logical block per physical block, 4 KiB minimum
-        // I/O (the cache's natural unit), no alignment offset.
-        b[24] = 0;
-        b[25] = 0;
+        let mut put = |at: usize, bytes: &[u8]| b[at..at + bytes.len()].copy_from_slice(bytes);
+        put(
+            offset_of!(virtio_blk_config, capacity),
+            &self.capacity.to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, size_max),
+            &SIZE_MAX_BYTES.to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, seg_max),
+            &SEG_MAX.to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, blk_size),
+            &self.blk_size.to_le_bytes(),
+        );
+        // Topology: one logical block per physical block (exponent and
+        // alignment offset 0), 4 KiB minimum I/O (the cache's natural
+        // unit), no optimal size.
         let min_io = (4096 / self.blk_size.max(512)) as u16;
-        b[26..28].copy_from_slice(&min_io.to_le_bytes());
-        b[28..32].copy_from_slice(&0u32.to_le_bytes());
-        b[32] = self.writeback;
-        b[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
+        put(
+            offset_of!(virtio_blk_config, min_io_size),
+            &min_io.to_le_bytes(),
+        );
+        put(offset_of!(virtio_blk_config, wce), &[self.writeback]);
+        put(
+            offset_of!(virtio_blk_config, num_queues),
+            &self.num_queues.to_le_bytes(),
+        );
         b
     }
 

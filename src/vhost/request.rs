@@ -8,34 +8,39 @@
 
 /// Request types (virtio 1.2, 5.2.6).
 pub mod types {
+    use virtio_bindings::virtio_blk as blk;
+
     /// Read.
-    pub const IN: u32 = 0;
+    pub const IN: u32 = blk::VIRTIO_BLK_T_IN;
     /// Write.
-    pub const OUT: u32 = 1;
+    pub const OUT: u32 = blk::VIRTIO_BLK_T_OUT;
     /// Flush the volatile write cache.
-    pub const FLUSH: u32 = 4;
+    pub const FLUSH: u32 = blk::VIRTIO_BLK_T_FLUSH;
     /// Read the device serial (20 bytes).
-    pub const GET_ID: u32 = 8;
+    pub const GET_ID: u32 = blk::VIRTIO_BLK_T_GET_ID;
 }
 
 /// Status byte values.
 pub mod status {
+    use virtio_bindings::virtio_blk as blk;
+
     /// Success.
-    pub const OK: u8 = 0;
+    pub const OK: u8 = blk::VIRTIO_BLK_S_OK as u8;
     /// The request failed.
-    pub const IOERR: u8 = 1;
+    pub const IOERR: u8 = blk::VIRTIO_BLK_S_IOERR as u8;
     /// Unsupported request type.
-    pub const UNSUPP: u8 = 2;
+    pub const UNSUPP: u8 = blk::VIRTIO_BLK_S_UNSUPP as u8;
 }
 
 /// Bytes of the request header: type u32, reserved u32, sector u64.
-pub const HEADER_BYTES: usize = 16;
+pub const HEADER_BYTES: usize =
+    std::mem::size_of::<virtio_bindings::virtio_blk::virtio_blk_outhdr>();
 /// Most data bytes in one request: the seg_max x size_max we advertise.
 pub const MAX_DATA_BYTES: u64 =
     super::config::SEG_MAX as u64 * super::config::SIZE_MAX_BYTES as u64;
 
 /// Bytes of the serial returned by GET_ID.
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
 /// What a request asks for, checked against the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

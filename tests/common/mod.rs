@@ -168,8 +168,17 @@ pub type Done = (usize, i32);
 impl Client {
     /// Connect with `nq` queues and a `mem_bytes` buffer region.
     pub fn connect(socket: &Path, nq: i32, mem_bytes: usize) -> Client {
+        Client::connect_with(socket, nq, mem_bytes, false)
+    }
+
+    /// The same, read-only (libblkio refuses to start a read-only device
+    /// otherwise).
+    pub fn connect_with(socket: &Path, nq: i32, mem_bytes: usize, read_only: bool) -> Client {
         let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio driver");
         b.set_str("path", socket.to_str().unwrap()).unwrap();
+        if read_only {
+            b.set_bool("read-only", true).unwrap();
+        }
         b.connect().expect("connect to pcache");
         let capacity = b.get_u64("capacity").unwrap();
         b.set_i32("num-queues", nq).unwrap();

@@ -61,11 +61,11 @@ pub const DATA_START: u64 = 0x2000;
 pub const CACHE_FILE_BYTES: u64 = 512 << 20;
 
 /// Descriptor flag: the chain continues at `next`.
-pub const F_NEXT: u16 = 1;
+pub const F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
 /// Descriptor flag: device-writable.
-pub const F_WRITE: u16 = 2;
+pub const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 /// Descriptor flag: the buffer is a table of descriptors.
-pub const F_INDIRECT: u16 = 4;
+pub const F_INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 /// One split-ring descriptor, as the driver writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

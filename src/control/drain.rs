@@ -1,0 +1,97 @@
+//! `pcache drain`: ask a running server to write back everything, and
+//! wait until nothing is dirty, showing progress on a terminal.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::{request, Request, Status};
+
+/// How often progress is polled (and the drain asked for again, so writes
+/// completed meanwhile are logged and drained too).
+const POLL: Duration = Duration::from_millis(250);
+
+/// What a drain ended with (`--json`).
+#[derive(Debug, serde::Serialize)]
+struct Outcome {
+    drained: bool,
+    dirty_bytes: u64,
+    written_back_bytes: u64,
+    seconds: f64,
+}
+
+fn status(control: &Path) -> Result<Status, String> {
+    let r = request(control, &Request::Status).map_err(|e| e.to_string())?;
+    r.status
+        .ok_or_else(|| r.error.unwrap_or_else(|| "no status in reply".into()))
+}
+
+fn ask(control: &Path) -> Result<(), String> {
+    let r = request(control, &Request::Drain).map_err(|e| e.to_string())?;
+    if r.ok {
+        Ok(())
+    } else {
+        Err(r.error.unwrap_or_else(|| "drain refused".into()))
+    }
+}
+
+/// Drain the server at `control`; give up after `timeout`. Returns the
+/// exit code: 0 once nothing is dirty, 1 on a timeout.
+pub fn run(control: &Path, timeout: Option<Duration>, json: bool) -> Result<i32, String> {
+    let t0 = Instant::now();
+    ask(control)?;
+    let first = status(control)?;
+    let start = first.cache.dirty_bytes;
+    let written_before = first.stats.writeback_bytes;
+    // Drawn on stderr when it is a terminal, like `pcache writeback`'s.
+    let bar = if json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(start)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "draining {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template"),
+    );
+    let mut st = first;
+    let mut total = start;
+    loop {
+        let secs = t0.elapsed().as_secs_f64();
+        let written = st.stats.writeback_bytes.saturating_sub(written_before);
+        let done = st.cache.dirty_bytes == 0;
+        let out_of_time = timeout.is_some_and(|t| t0.elapsed() >= t);
+        if done || out_of_time {
+            bar.finish_and_clear();
+            let o = Outcome {
+                drained: done,
+                dirty_bytes: st.cache.dirty_bytes,
+                written_back_bytes: written,
+                seconds: secs,
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&o).expect("plain struct")
+                );
+            } else if done {
+                println!("drained: {written} bytes written back in {secs:.1} s");
+            }
+            if !done {
+                eprintln!(
+                    "pcache: drain timed out after {secs:.1} s with {} dirty bytes left",
+                    st.cache.dirty_bytes
+                );
+                return Ok(1);
+            }
+            return Ok(0);
+        }
+        // Writes arriving meanwhile can raise dirty data past the start.
+        total = total.max(st.cache.dirty_bytes);
+        bar.set_length(total);
+        bar.set_position(total - st.cache.dirty_bytes);
+        std::thread::sleep(POLL);
+        ask(control)?;
+        st = status(control)?;
+    }
+}
