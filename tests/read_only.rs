@@ -36,23 +36,6 @@ fn pattern(i: u64) -> u8 {
     (i / BLOCK as u64 * 7 + 3) as u8
 }
 
-fn serve_args(disk: &Disk, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "serve",
-        "--socket",
-        disk.socket.to_str().unwrap(),
-        "--cache",
-        disk.cache.to_str().unwrap(),
-        "--backing",
-        disk.backing.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
 #[test]
 fn read_only_serves_dirty_data_and_the_backing_store_and_writes_neither_file() {
     let disk = Disk::new(16 * MIB, Some(&pattern));
@@ -75,7 +58,7 @@ fn read_only_serves_dirty_data_and_the_backing_store_and_writes_neither_file() {
     let cache_before = digest(&disk.cache);
     let backing_before = digest(&disk.backing);
 
-    let server = Server::start(&serve_args(&disk, &["--read-only"]), &disk.socket);
+    let server = Server::start(&disk.serve_args(&["--read-only"]), &disk.socket);
     let ctl = server.control.to_str().unwrap().to_owned();
     let status = || {
         let o = common::pcache(&["status", "--control", &ctl, "--json"]);
@@ -140,7 +123,7 @@ fn read_only_serves_dirty_data_and_the_backing_store_and_writes_neither_file() {
         ),
         (&["--writeback-order", "strict"][..], "--writeback-order"),
     ] {
-        let mut args = serve_args(&disk, &["--read-only"]);
+        let mut args = disk.serve_args(&["--read-only"]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let o = common::pcache(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
         assert_eq!(o.status.code(), Some(1), "{extra:?}: {}", common::text(&o));
@@ -148,7 +131,8 @@ fn read_only_serves_dirty_data_and_the_backing_store_and_writes_neither_file() {
     }
     std::fs::remove_file(&disk.cache).unwrap();
     let o = common::pcache(
-        &serve_args(&disk, &["--read-only"])
+        &disk
+            .serve_args(&["--read-only"])
             .iter()
             .map(|s| s.as_str())
             .collect::<Vec<_>>(),

@@ -335,18 +335,8 @@ fn refuses_foreign_caches_and_mismatched_backing_stores() {
     let disk = Disk::new(16 * MIB, None);
     std::fs::write(&disk.cache, vec![7u8; 1 << 20]).unwrap();
     let run = |extra: &[&str]| {
-        let mut args = vec![
-            "serve",
-            "--socket",
-            disk.socket.to_str().unwrap(),
-            "--cache",
-            disk.cache.to_str().unwrap(),
-            "--backing",
-            disk.backing.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
         std::process::Command::new(env!("CARGO_BIN_EXE_pcache"))
-            .args(&args)
+            .args(disk.serve_args(extra))
             .output()
             .unwrap()
     };

@@ -50,6 +50,16 @@ impl Disk {
 
     /// Start `pcache serve` on this disk with extra arguments.
     pub fn serve(&self, extra: &[&str]) -> Server {
+        let mut args = self.serve_args(&[]);
+        if !self.cache.exists() {
+            args.extend(["--cache-size".into(), "512M".into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Server::start(&args, &self.socket)
+    }
+
+    /// The arguments of `pcache serve` on this disk, then `extra`.
+    pub fn serve_args(&self, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--socket".into(),
@@ -59,11 +69,8 @@ impl Disk {
             "--backing".into(),
             self.backing.display().to_string(),
         ];
-        if !self.cache.exists() {
-            args.extend(["--cache-size".into(), "512M".into()]);
-        }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Server::start(&args, &self.socket)
+        args
     }
 }
 
