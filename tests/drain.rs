@@ -129,3 +129,119 @@ fn drain_in_front_of_a_slow_disk_times_out_with_exit_code_1() {
     drop(c);
     server.kill();
 }
+
+/// Read block `b` through pcache and return the version it holds.
+fn version_of(c: &mut Client, b: u64) -> u64 {
+    assert_eq!(c.read_sync(0, b * BLOCK as u64, 0, BLOCK), 0);
+    check_block(&c.mem()[..BLOCK], b).unwrap()
+}
+
+#[test]
+fn invalidate_drops_what_the_cache_holds_so_reads_see_the_backing_store() {
+    let disk = Disk::new(64 * MIB, None);
+    let server = disk.serve(&LAZY);
+    let ctl = server.control.to_str().unwrap().to_owned();
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    write_blocks(&mut c, 64);
+    let o = common::pcache(&["drain", "--control", &ctl, "--timeout", "60"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    // Another writer changes the backing file behind the cache: pcache
+    // still serves its own copy.
+    let behind = |b: u64, v: u64| {
+        use std::io::Write;
+        let mut buf = vec![0u8; BLOCK];
+        fill_block(&mut buf, b, v);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk.backing)
+            .unwrap();
+        f.seek(SeekFrom::Start(b * BLOCK as u64)).unwrap();
+        f.write_all(&buf).unwrap();
+        f.sync_all().unwrap();
+    };
+    behind(20, 2);
+    assert_eq!(
+        version_of(&mut c, 20),
+        1,
+        "the cache should still serve its copy"
+    );
+
+    let o = common::pcache(&["invalidate", "--control", &ctl, "--timeout", "60"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    assert!(
+        common::text(&o).contains("invalidated"),
+        "{}",
+        common::text(&o)
+    );
+    assert_eq!(dirty_bytes(&ctl), 0);
+    assert_eq!(version_of(&mut c, 20), 2, "read the cache's stale copy");
+    assert_eq!(version_of(&mut c, 5), 1);
+    // Writes go on, and what they wrote is read back.
+    fill_block(&mut c.mem()[..BLOCK], 30, 3);
+    assert_eq!(c.write_sync(0, 30 * BLOCK as u64, 0, BLOCK), 0);
+    assert_eq!(version_of(&mut c, 30), 3);
+    drop(c);
+    // Nothing invalidated comes back after a restart either.
+    server.stop();
+    behind(40, 2);
+    let server = disk.serve(&LAZY);
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    assert_eq!(
+        version_of(&mut c, 40),
+        2,
+        "a restart replayed invalidated data"
+    );
+    assert_eq!(version_of(&mut c, 30), 3);
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn writes_during_an_invalidate_wait_and_none_is_lost() {
+    let disk = Disk::new(64 * MIB, None);
+    let server = disk.serve(&LAZY);
+    let ctl = server.control.to_str().unwrap().to_owned();
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    const N: u64 = 256;
+    write_blocks(&mut c, N);
+    let mut last = vec![1u64; N as usize];
+    let inv = {
+        let ctl = ctl.clone();
+        std::thread::spawn(move || common::pcache(&["invalidate", "--control", &ctl]))
+    };
+    // Keep writing (QD1) until the invalidation is done, and a little more.
+    let mut x = 0x9e37_79b9u64;
+    let mut v = 1u64;
+    let mut after = None;
+    while after.is_none_or(|n| n < 200) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x % N;
+        v += 1;
+        fill_block(&mut c.mem()[..BLOCK], b, v);
+        assert_eq!(c.write_sync(0, b * BLOCK as u64, 0, BLOCK), 0);
+        last[b as usize] = v;
+        if inv.is_finished() {
+            *after.get_or_insert(0) += 1;
+        }
+    }
+    let o = inv.join().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    for b in 0..N {
+        assert_eq!(version_of(&mut c, b), last[b as usize], "block {b}");
+    }
+    drop(c);
+    server.stop();
+    let server = disk.serve(&LAZY);
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    for b in 0..N {
+        assert_eq!(
+            version_of(&mut c, b),
+            last[b as usize],
+            "block {b} after a restart"
+        );
+    }
+    drop(c);
+    server.stop();
+}

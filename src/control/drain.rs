@@ -34,9 +34,15 @@ fn ask(control: &Path) -> Result<(), String> {
     }
 }
 
-/// Drain the server at `control`; give up after `timeout`. Returns the
-/// exit code: 0 once nothing is dirty, 1 on a timeout.
-pub fn run(control: &Path, timeout: Option<Duration>, json: bool) -> Result<i32, String> {
+/// Drain the server at `control` until at most `left` bytes are dirty
+/// (0: all); give up after `timeout`. Returns the exit code: 0 once
+/// drained, 1 on a timeout.
+pub fn run(
+    control: &Path,
+    left: u64,
+    timeout: Option<Duration>,
+    json: bool,
+) -> Result<i32, String> {
     let t0 = Instant::now();
     ask(control)?;
     let first = status(control)?;
@@ -59,7 +65,7 @@ pub fn run(control: &Path, timeout: Option<Duration>, json: bool) -> Result<i32,
     loop {
         let secs = t0.elapsed().as_secs_f64();
         let written = st.stats.writeback_bytes.saturating_sub(written_before);
-        let done = st.cache.dirty_bytes == 0;
+        let done = st.cache.dirty_bytes <= left;
         let out_of_time = timeout.is_some_and(|t| t0.elapsed() >= t);
         if done || out_of_time {
             bar.finish_and_clear();

@@ -97,6 +97,8 @@ pub enum Request {
     Flush,
     /// Write back everything now (see `Engine::request_drain`).
     Drain,
+    /// Drop everything cached (see `Engine::invalidate`).
+    Invalidate,
 }
 
 /// A control reply.
@@ -165,6 +167,11 @@ fn handle(srv: &Server, line: &str) -> Reply {
         },
         Ok(Request::Drain) => match engine.request_drain() {
             Ok(()) => ok,
+            Err(e) => err(e.to_string()),
+        },
+        // Drained by the client first, so little is left to write back.
+        Ok(Request::Invalidate) => match engine.invalidate(Duration::from_secs(30)) {
+            Ok(_) => ok,
             Err(e) => err(e.to_string()),
         },
     }

@@ -12,6 +12,8 @@
 //! | `writeback.rs` | `cache_writeback.c` | dirty keys to the backing store |
 //! | `gc.rs` | `cache_gc.c` | reclaiming segments from key_tail |
 //! | `pace.rs` | - | spreading guest writes over a writeback batch |
+//! | `invalidate.rs` | - | dropping everything cached, writes held back |
+//! | `verify.rs` | - | offline check of dirty data against its CRCs |
 //! | `replay.rs` | `cache_key_replay` | rebuilding state at open |
 //! | `open.rs` | `cache.c`, `cache_dev.c` | format, open, tails, settings |
 //!
@@ -20,6 +22,7 @@
 
 mod gc;
 mod index;
+mod invalidate;
 mod key;
 mod kset;
 mod open;
@@ -29,6 +32,7 @@ mod replay;
 mod req;
 mod segment;
 mod stats;
+mod verify;
 mod workers;
 mod writeback;
 
@@ -39,6 +43,7 @@ pub use policy::{Gate, Observation, Reason, WritebackPolicy};
 pub use req::{DataHead, Miss};
 pub use segment::LOG_RESERVE_SEGS;
 pub use stats::{Stats, StatsSnapshot};
+pub use verify::{BadData, DataCheck};
 pub use workers::Workers;
 pub use writeback::{Progress, WritebackOrder};
 
@@ -72,6 +77,12 @@ pub enum Error {
         /// Bytes already handled.
         done: u64,
     },
+    /// The request conflicts with one in progress, or could not finish.
+    #[error("{0}")]
+    Busy(&'static str),
+    /// Data verification asked of a cache that keeps no data CRCs.
+    #[error("The cache was formatted without data CRCs (--data-crc): there is nothing to verify its data against")]
+    NoDataCrc,
     /// The request reaches past the end of the device or overflows.
     #[error("Request {off:#x}+{len:#x} is outside the {size:#x}-byte device")]
     OutOfRange {
@@ -208,6 +219,10 @@ pub struct Engine {
     writeback_wanted: AtomicBool,
     /// An operator asked for a drain; cleared once nothing is dirty.
     drain_wanted: AtomicBool,
+    /// Guest writes wait while an invalidation runs (`invalidate.rs`).
+    writes_paused: AtomicBool,
+    /// Guest writes in progress.
+    writers: std::sync::atomic::AtomicU64,
     stats: Stats,
     writeback_kick: Kick,
     gc_kick: Kick,
@@ -218,6 +233,9 @@ pub struct Engine {
     pacer: pace::Pacer,
     /// Serialises GC passes.
     gc_lock: Mutex<()>,
+    /// Opened read-only: the dirty keys found in the kset slots, which
+    /// only a writable open appends to the log (for `verify_dirty_data`).
+    staged_dirty: OnceLock<Vec<format::KeyOnMedia>>,
 }
 
 impl std::fmt::Debug for Engine {

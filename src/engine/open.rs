@@ -274,12 +274,15 @@ impl Engine {
             space_wanted: AtomicBool::new(false),
             writeback_wanted: AtomicBool::new(false),
             drain_wanted: AtomicBool::new(false),
+            writes_paused: AtomicBool::new(false),
+            writers: std::sync::atomic::AtomicU64::new(0),
             stats: Stats::default(),
             writeback_kick: Kick::default(),
             gc_kick: Kick::default(),
             writeback: Mutex::new(super::writeback::WbState::new(wb_target)),
             pacer: super::pace::Pacer::new(),
             gc_lock: Mutex::new(()),
+            staged_dirty: OnceLock::new(),
             region,
         };
         let started = std::time::Instant::now();
@@ -299,13 +302,15 @@ impl Engine {
             .replay_staged_keys
             .store(staged_keys as u64, std::sync::atomic::Ordering::Relaxed);
         if opts.read_only {
-            let dirty = staged
+            let dirty: Vec<_> = staged
                 .iter()
                 .flat_map(|(_, k)| k)
                 .filter(|k| k.flags & KEY_FLAG_CLEAN == 0)
-                .map(|k| k.len as u64)
-                .sum();
-            super::stats::add(&engine.stats.dirty_bytes, dirty);
+                .copied()
+                .collect();
+            let bytes = dirty.iter().map(|k| k.len as u64).sum();
+            super::stats::add(&engine.stats.dirty_bytes, bytes);
+            let _ = engine.staged_dirty.set(dirty);
         } else {
             engine.relog_staged(staged)?;
         }

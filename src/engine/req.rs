@@ -113,6 +113,10 @@ impl Engine {
         self.check_writable()?;
         let len = data.len() as u64;
         check_range(off, len, self.backing_bytes)?;
+        let Some(_writing) = self.writing() else {
+            // An invalidation runs: wait as for space.
+            return Err(Error::CacheFull { done: 0 });
+        };
         let mut done = 0u64;
         while done < len {
             let pos = off + done;
