@@ -8,7 +8,7 @@
 //! Eviction is FIFO in log order, as in dm-pcache.
 
 use super::{stats, Engine, Error, Result};
-use crate::format::{self, data_off, PosOnMedia, KSET_MAX_BYTES};
+use crate::format::{self, data_off, KSET_MAX_BYTES};
 
 /// Persist key_tail at least this often (in ksets) during a GC pass. A
 /// crash between dropping references and persisting key_tail is safe: the
@@ -52,11 +52,7 @@ impl Engine {
             let h = view.header;
             if h.is_last() {
                 let old = pos.seg;
-                pos = PosOnMedia {
-                    seg: h.next_seg,
-                    off: 0,
-                    lsn: pos.lsn + 1,
-                };
+                pos = pos.in_next_segment(h.next_seg);
                 // key_tail must leave the segment durably before it can be
                 // reused and overwritten.
                 self.write_tail(&mut tail, format::KEY_TAIL_OFF, pos)?;
@@ -66,8 +62,7 @@ impl Engine {
                 continue;
             }
             for (i, key) in view.iter().enumerate() {
-                let at = data_off(pos.seg, pos.off)
-                    + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
+                let at = pos.key_at(i);
                 key.validate(self.n_segs, self.backing_bytes, at)?;
                 // A key holds a reference only while its gen is current.
                 if key.gen == self.segs.gen(key.seg) {

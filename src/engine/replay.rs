@@ -239,16 +239,11 @@ impl Engine {
                     ));
                 }
                 r.uses[next as usize] = Use::Log;
-                pos = PosOnMedia {
-                    seg: next,
-                    off: 0,
-                    lsn: pos.lsn + 1,
-                };
+                pos = pos.in_next_segment(next);
                 continue;
             }
             for (i, key) in view.iter().enumerate() {
-                let at = data_off(pos.seg, pos.off)
-                    + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
+                let at = pos.key_at(i);
                 if self.take_key(&key, at, &mut r)? && seen_dirty && key.flags & KEY_FLAG_CLEAN == 0
                 {
                     dirty_bytes += key.len as u64;

@@ -51,16 +51,11 @@ impl Engine {
             })?;
             let h = view.header;
             if h.is_last() {
-                pos = format::PosOnMedia {
-                    seg: h.next_seg,
-                    off: 0,
-                    lsn: pos.lsn + 1,
-                };
+                pos = pos.in_next_segment(h.next_seg);
                 continue;
             }
             for (i, key) in view.iter().enumerate() {
-                let at = data_off(pos.seg, pos.off)
-                    + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
+                let at = pos.key_at(i);
                 key.validate(self.n_segs, self.backing_bytes, at)?;
                 self.verify_key(&key, &mut check);
             }

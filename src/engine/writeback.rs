@@ -342,11 +342,7 @@ impl Engine {
             })?;
             let h = view.header;
             if h.is_last() {
-                pos = PosOnMedia {
-                    seg: h.next_seg,
-                    off: 0,
-                    lsn: pos.lsn + 1,
-                };
+                pos = pos.in_next_segment(h.next_seg);
                 ksets += 1;
                 continue;
             }
@@ -355,8 +351,7 @@ impl Engine {
             }
             epoch = Some(h.epoch);
             for (i, key) in view.iter().enumerate() {
-                let at = data_off(pos.seg, pos.off)
-                    + (format::KSET_HEADER_BYTES + i * format::KEY_BYTES) as u64;
+                let at = pos.key_at(i);
                 key.validate(self.n_segs, self.backing_bytes, at)?;
                 if key.flags & KEY_FLAG_CLEAN != 0 {
                     continue;

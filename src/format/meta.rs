@@ -227,6 +227,23 @@ pub struct PosOnMedia {
     pub lsn: u64,
 }
 
+impl PosOnMedia {
+    /// Where the log goes on after a LAST kset here that links to `next`.
+    pub fn in_next_segment(self, next: u32) -> PosOnMedia {
+        PosOnMedia {
+            seg: next,
+            off: 0,
+            lsn: self.lsn + 1,
+        }
+    }
+
+    /// Medium byte offset of key `i` of the kset at this position.
+    pub fn key_at(self, i: usize) -> u64 {
+        super::data_off(self.seg, self.off)
+            + (super::KSET_HEADER_BYTES + i * super::KEY_BYTES) as u64
+    }
+}
+
 impl MetaRecord for CacheInfo {
     const NAME: &'static str = "cache_info";
     const KIND: u32 = 1;
