@@ -4,8 +4,9 @@
 //! writeback frees space would fill the cache in the middle of a batch and
 //! then wait for all of it at once: hundreds of milliseconds with nothing
 //! completing. Instead, while a batch runs, writes are admitted at the rate
-//! that uses the reclaimable space by the time the batch is expected to end:
-//! the same bytes get through, each waiting a little, none waiting long.
+//! that uses the reclaimable space (less a margin) by a little after the
+//! batch is expected to end: the same bytes get through, each waiting a
+//! little, none waiting long.
 //!
 //! Admission is a generic cell rate algorithm on one atomic word, shared by
 //! all queues: each write moves a virtual clock forward by its cost at the
