@@ -493,12 +493,19 @@ fn check_data(cache: &Path, engine: &crate::engine::Engine) -> AnyResult<i32> {
             b.at
         );
     }
-    if !c.bad.is_empty() {
+    for (off, len) in &c.marked_bad {
         eprintln!(
-            "{}: NOT sound: {} of {} dirty extents fail their CRC",
+            "{}: guest bytes {off:#x}+{len:#x} are marked bad (their dirty data failed its CRC at writeback); reads fail until the guest writes them again",
+            cache.display(),
+        );
+    }
+    if !c.bad.is_empty() || !c.marked_bad.is_empty() {
+        eprintln!(
+            "{}: NOT sound: {} of {} dirty extents fail their CRC, {} ranges marked bad",
             cache.display(),
             c.bad.len(),
-            c.keys
+            c.keys,
+            c.marked_bad.len()
         );
         return Ok(1);
     }

@@ -1,7 +1,8 @@
 //! The engine against an in-memory model of a block device.
 //!
 //! Seeded random reads, writes (1 sector to 1 MiB, unaligned to regions and
-//! segments) and flushes on a cache small enough that GC and deferral run
+//! segments), write-zeroes and discards (up to 12 MiB, so across regions)
+//! and flushes on a cache small enough that GC and deferral run
 //! many times, with clean restarts and simulated deaths of the process
 //! (reopen from the mapped file without closing open ksets, and the backing
 //! store losing every write not covered by a flush). After every reopen each
@@ -135,6 +136,25 @@ impl Harness {
         }
     }
 
+    /// Zero (`unmap`: discard) a range, making room as `write` does.
+    fn zero(&mut self, off: u64, len: u64, unmap: bool) -> u32 {
+        let mut done = 0u64;
+        let mut deferrals = 0;
+        loop {
+            let e = self.e().clone();
+            match e.write_zeroes(off + done, len - done, unmap) {
+                Ok(()) => return deferrals,
+                Err(Error::CacheFull { done: d }) => {
+                    done += d;
+                    deferrals += 1;
+                    assert!(deferrals < 1000, "write-zeroes at {off} deferred forever");
+                    self.reclaim();
+                }
+                Err(e) => panic!("write-zeroes at {off} failed: {e}"),
+            }
+        }
+    }
+
     fn read(&mut self, off: u64, buf: &mut [u8]) {
         let e = self.e().clone();
         e.read_sync(&mut self.head, &*self.backing, off, buf)
@@ -214,6 +234,7 @@ fn run_model(seed: u64, ops: u64, data_crc: bool) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut next_id = 1u64;
     let (mut crashes, mut restarts, mut flushes, mut deferrals, mut reads) = (0, 0, 0, 0u64, 0);
+    let mut zeroes = 0;
     let mut wbuf = Vec::new();
     let mut rbuf = Vec::new();
     for op in 0..ops {
@@ -235,7 +256,20 @@ fn run_model(seed: u64, ops: u64, data_crc: bool) {
                 deferrals += h.write(s * SECTOR, &wbuf) as u64;
                 m.write(s, n, id);
             }
-            550..=969 => {
+            550..=579 => {
+                // Write-zeroes or discard: the range reads zeros from now
+                // on (id 0), as after writeback from the backing store.
+                let n = if rng.gen_bool(0.3) {
+                    rng.gen_range(1..=3 * 8192).min(sectors)
+                } else {
+                    random_len(&mut rng, sectors)
+                };
+                let s = rng.gen_range(0..=sectors - n);
+                deferrals += h.zero(s * SECTOR, n * SECTOR, rng.gen_bool(0.5)) as u64;
+                m.write(s, n, 0);
+                zeroes += 1;
+            }
+            580..=969 => {
                 let n = random_len(&mut rng, sectors);
                 let s = rng.gen_range(0..=sectors - n);
                 rbuf.resize((n * SECTOR) as usize, 0);
@@ -303,7 +337,7 @@ fn run_model(seed: u64, ops: u64, data_crc: bool) {
     }
     h.tally();
     println!(
-        "model seed {seed}: {ops} ops, {} writes, {reads} reads, {flushes} flushes, {crashes} crashes, {restarts} restarts, \
+        "model seed {seed}: {ops} ops, {} writes, {zeroes} zeroes, {reads} reads, {flushes} flushes, {crashes} crashes, {restarts} restarts, \
          {deferrals} deferrals, {} GC segments freed, {} MiB written back, {} cache-full events",
         next_id - 1,
         h.gc_freed,
@@ -319,7 +353,7 @@ fn run_model(seed: u64, ops: u64, data_crc: bool) {
         deferrals >= ops / 5000,
         "deferral must run many times ({deferrals})"
     );
-    assert!(crashes > 0 && flushes > 0);
+    assert!(crashes > 0 && flushes > 0 && zeroes > 0);
 }
 
 fn seed_and_ops(default_seed: u64) -> (u64, u64) {

@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{AlignedBuf, Backing, IO_ALIGN};
 
@@ -39,6 +40,8 @@ pub struct FileBacking {
     direct: bool,
     /// Whether `file` was opened read-only.
     read_only: bool,
+    /// Whether falling back from fallocate to written zeros was logged.
+    zero_fallback_logged: AtomicBool,
 }
 
 impl FileBacking {
@@ -131,6 +134,7 @@ impl FileBacking {
             size,
             direct,
             read_only,
+            zero_fallback_logged: AtomicBool::new(false),
         })
     }
 
@@ -358,6 +362,52 @@ impl Backing for FileBacking {
             match self.file.sync_data() {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 other => return other,
+            }
+        }
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.check_range(off, len as usize)?;
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{}: opened read-only", self.path.display()),
+            ));
+        }
+        // Files and block devices both take fallocate: a punched hole reads
+        // zeros (a block device may unmap it), ZERO_RANGE keeps the blocks.
+        let mode = libc::FALLOC_FL_KEEP_SIZE
+            | if unmap {
+                libc::FALLOC_FL_PUNCH_HOLE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE
+            };
+        let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
+            return super::write_zeros(self, off, len);
+        };
+        loop {
+            // SAFETY: fallocate on a descriptor we own; no pointers.
+            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, o, l) };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // The file system or device cannot do it (tmpfs has no
+                // ZERO_RANGE, some devices no discard): write the zeros.
+                Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENODEV) => {
+                    if !self.zero_fallback_logged.swap(true, Ordering::Relaxed) {
+                        tracing::info!(
+                            backing = %self.path.display(),
+                            unmap,
+                            error = %e,
+                            "fallocate cannot zero this store; writing zeros instead"
+                        );
+                    }
+                    return super::write_zeros(self, off, len);
+                }
+                _ => return Err(e),
             }
         }
     }

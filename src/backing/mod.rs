@@ -40,6 +40,13 @@ pub trait Backing: Send + Sync {
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// Make `len` bytes at `off` read zeros; with `unmap` the store may
+    /// deallocate them. Durable after the next `flush`, like a write. The
+    /// default writes zeros.
+    fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let _ = unmap;
+        write_zeros(self, off, len)
+    }
     /// Human-readable description for status and logs (path, mode).
     fn describe(&self) -> String;
     /// A file descriptor that io_uring may use directly, with the alignment
@@ -48,4 +55,18 @@ pub trait Backing: Send + Sync {
     fn uring_fd(&self) -> Option<(RawFd, bool)> {
         None
     }
+}
+
+/// Write zeros over `len` bytes at `off`, a megabyte at a time: the fallback
+/// of [`Backing::write_zeroes`] for stores that cannot zero a range.
+pub fn write_zeros<B: Backing + ?Sized>(b: &B, off: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = AlignedBuf::new(CHUNK.min(len) as usize);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK) as usize;
+        b.write_at(&zeros[..n], off + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }

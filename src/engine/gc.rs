@@ -64,6 +64,13 @@ impl Engine {
             for (i, key) in view.iter().enumerate() {
                 let at = pos.key_at(i);
                 key.validate(self.n_segs, self.backing_bytes, at)?;
+                if key.flags & format::KEY_FLAG_BAD != 0 {
+                    // Before key_tail can pass it (see bad.rs).
+                    self.carry_bad(&key)?;
+                }
+                if key.is_dataless() {
+                    continue; // holds no reference
+                }
                 // A key holds a reference only while its gen is current.
                 if key.gen == self.segs.gen(key.seg) {
                     let before = self.segs.used();
@@ -103,7 +110,8 @@ impl Engine {
     fn sweep_stale(&self) {
         for shard in self.shards.iter().filter_map(|s| s.get()) {
             let mut sh = shard.lock().expect("shard lock");
-            sh.map.retain(|e| self.segs.gen(e.seg) as u32 == e.gen);
+            sh.map
+                .retain(|e| e.is_dataless() || self.segs.gen(e.seg) as u32 == e.gen);
         }
     }
 }

@@ -64,11 +64,12 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        // key_tail to dirty_tail (= key_head): nothing is replayed again.
+        // key_tail to dirty_tail (= key_head): nothing is replayed again,
+        // but ranges marked bad, which GC logs again and which stay.
         let freed = self.gc_once(true)?;
         for shard in self.shards.iter().filter_map(|s| s.get()) {
             let mut sh = shard.lock().expect("shard lock");
-            sh.map = Default::default();
+            sh.map.retain(|e| e.is_bad());
             // A fill read before now may hold older data: drop it.
             sh.write_version += 1;
         }

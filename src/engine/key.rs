@@ -2,15 +2,22 @@
 //! on-media key.
 
 use super::index::Extent;
-use crate::format::{KeyOnMedia, KEY_FLAG_CLEAN, SECTOR_BYTES};
+use crate::format::{KeyOnMedia, KEY_FLAG_BAD, KEY_FLAG_CLEAN, KEY_FLAG_ZERO, SECTOR_BYTES};
 
 /// Extent flag: the data equals the backing store's (a read-miss fill).
 pub const EXT_CLEAN: u8 = 1;
+/// Extent flag: the range reads zeros; no data in the cache.
+pub const EXT_ZERO: u8 = 1 << 1;
+/// Extent flag: the range's newest data was lost; reads fail.
+pub const EXT_BAD: u8 = 1 << 2;
 
 /// A cached extent as the index holds it: 24 bytes.
 ///
 /// # Invariants
 /// - `len > 0`, `seg_off + len` lies inside the segment's data area.
+/// - A dataless extent (ZERO or BAD) has `seg`, `gen` and `crc` 0 and
+///   points at no data: it leaves the index only when something replaces
+///   it, never by a segment's gen.
 /// - `orig_skip + len <= orig_len`: the extent is a slice of the key that
 ///   was logged, which `crc` covers (whole, from `seg_off - orig_skip`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,10 +82,29 @@ impl CacheExt {
             orig_len: len,
             flags: if k.flags & KEY_FLAG_CLEAN != 0 {
                 EXT_CLEAN
+            } else if k.flags & KEY_FLAG_ZERO != 0 {
+                EXT_ZERO
+            } else if k.flags & KEY_FLAG_BAD != 0 {
+                EXT_BAD
             } else {
                 0
             },
         }
+    }
+
+    /// Does the extent point at no data (ZERO or BAD)?
+    pub fn is_dataless(&self) -> bool {
+        self.flags & (EXT_ZERO | EXT_BAD) != 0
+    }
+
+    /// Does the range read zeros?
+    pub fn is_zero(&self) -> bool {
+        self.flags & EXT_ZERO != 0
+    }
+
+    /// Was the range's newest data lost?
+    pub fn is_bad(&self) -> bool {
+        self.flags & EXT_BAD != 0
     }
 
     /// Is this a clean (read-miss) extent?

@@ -68,7 +68,7 @@ impl OpenKset {
         debug_assert!(self.n == 0 && keys.len() <= KSET_KEYS_MAX);
         self.seq = seq;
         for k in keys {
-            self.push(k, k.flags & crate::format::KEY_FLAG_CLEAN == 0);
+            self.push(k);
         }
     }
 
@@ -79,7 +79,7 @@ impl OpenKset {
 
     /// Add a key in DRAM only (the caller stores it in the slot), and
     /// return its encoding.
-    fn push(&mut self, key: &KeyOnMedia, dirty: bool) -> &[u8; KEY_BYTES] {
+    fn push(&mut self, key: &KeyOnMedia) -> &[u8; KEY_BYTES] {
         debug_assert!(!self.is_full());
         let at = self.n * KEY_BYTES;
         let bytes: &mut [u8; KEY_BYTES] = (&mut self.keys[at..at + KEY_BYTES])
@@ -87,9 +87,7 @@ impl OpenKset {
             .expect("KEY_BYTES");
         key.encode(bytes);
         self.n += 1;
-        if dirty {
-            self.dirty += key.len as u64;
-        }
+        self.dirty += dirty_data_bytes(key);
         self.opened.get_or_insert_with(Instant::now);
         bytes
     }
@@ -97,6 +95,16 @@ impl OpenKset {
     /// Has the oldest key waited longer than `age`?
     pub fn older_than(&self, age: Duration) -> bool {
         self.opened.is_some_and(|t| t.elapsed() >= age)
+    }
+}
+
+/// Bytes of cache data a key adds to `dirty_bytes`: its length for guest
+/// data, 0 for a fill (clean) or a dataless key (it takes no cache space).
+pub(super) fn dirty_data_bytes(key: &KeyOnMedia) -> u64 {
+    if key.is_clean() || key.is_dataless() {
+        0
+    } else {
+        key.len as u64
     }
 }
 
@@ -114,9 +122,9 @@ impl Engine {
     /// medium, then keep it in DRAM. Once this returns, the key survives the
     /// death of the process (a plain store into the shared mapping); it
     /// survives power loss once the kset is closed.
-    pub(super) fn kset_push(&self, ks: &mut OpenKset, key: &KeyOnMedia, dirty: bool) {
+    pub(super) fn kset_push(&self, ks: &mut OpenKset, key: &KeyOnMedia) {
         let at = ks.n;
-        let bytes = ks.push(key, dirty);
+        let bytes = ks.push(key);
         let mut staged = *bytes;
         seal_staged(&mut staged, self.sb.format_id(), ks.slot, ks.seq);
         self.region.write(staged_key_off(ks.slot, at), &staged);

@@ -11,6 +11,7 @@
 //! | `req.rs` | `cache_req.c` | read, write, miss fill, flush |
 //! | `writeback.rs` | `cache_writeback.c` | dirty keys to the backing store |
 //! | `gc.rs` | `cache_gc.c` | reclaiming segments from key_tail |
+//! | `bad.rs` | - | ranges whose dirty data failed its CRC |
 //! | `pace.rs` | - | spreading guest writes over a writeback batch |
 //! | `invalidate.rs` | - | dropping everything cached, writes held back |
 //! | `verify.rs` | - | offline check of dirty data against its CRCs |
@@ -20,6 +21,7 @@
 //! Lock order (outer first): index shard -> open kset -> log head ->
 //! segment map. Tail mutexes and the settings mutex are leaves.
 
+mod bad;
 mod gc;
 mod index;
 mod invalidate;

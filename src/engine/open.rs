@@ -8,13 +8,13 @@ use super::kset::{LogHead, OpenKset};
 use super::replay::Staged;
 use super::segment::SegTable;
 use super::{Engine, Error, Kick, Result, Settings, Stats, Tail};
+use crate::format::KSET_SLOTS;
 use crate::format::{
     self, pick_latest, seg_off, segs_for_size, CacheInfo, MetaRecord, PosOnMedia, SegGen, SegInfo,
     Superblock, CACHE_FLAG_DATA_CRC, CACHE_FLAG_INIT_DONE, CACHE_INFO_OFF, DIRTY_TAIL_OFF,
     FORMAT_VERSION, KEY_TAIL_OFF, KSET_HEADER_BYTES, REGION_BYTES, SB_OFF, SEGMENTS_OFF,
     SEG_DATA_OFF, SEG_GEN_OFF, SEG_INFO_OFF, SEG_INFO_TYPE_DATA, WB_TARGET_OFF,
 };
-use crate::format::{KEY_FLAG_CLEAN, KSET_SLOTS};
 use crate::pmem::Region;
 
 /// Settings for a new cache.
@@ -305,10 +305,10 @@ impl Engine {
             let dirty: Vec<_> = staged
                 .iter()
                 .flat_map(|(_, k)| k)
-                .filter(|k| k.flags & KEY_FLAG_CLEAN == 0)
+                .filter(|k| !k.is_clean())
                 .copied()
                 .collect();
-            let bytes = dirty.iter().map(|k| k.len as u64).sum();
+            let bytes = dirty.iter().map(super::kset::dirty_data_bytes).sum();
             super::stats::add(&engine.stats.dirty_bytes, bytes);
             let _ = engine.staged_dirty.set(dirty);
         } else {

@@ -8,7 +8,8 @@
 //!
 //! Each key whose gen equals its segment's gen goes into the index (log
 //! order is write order for overlapping keys) and takes a segment reference
-//! that GC drops later. A key with an older gen is stale (GC reclaimed its
+//! that GC drops later. A dataless key (zeros, or a range marked bad) goes
+//! into the index with no reference. A key with an older gen is stale (GC reclaimed its
 //! segment and crashed before persisting key_tail) and is skipped.
 //! Differs from dm-pcache: the gen is checked before any data CRC, so a
 //! stale key in a reused segment never fails the open.
@@ -26,8 +27,8 @@ use super::key::CacheExt;
 use super::{region_of, Engine, Result};
 use crate::format::{
     self, data_off, decode_staged, slot_off, staged_key_off, KeyOnMedia, KsetEnd, KsetView,
-    PosOnMedia, SlotHeader, KEY_BYTES, KEY_FLAG_CLEAN, KSET_MAX_BYTES, KSET_SLOTS, REGION_BYTES,
-    SECTOR_BYTES, SEG_DATA_BYTES, SLOT_HEADER_BYTES, SLOT_KEYS_MAX,
+    PosOnMedia, SlotHeader, KEY_BYTES, KSET_MAX_BYTES, KSET_SLOTS, REGION_BYTES, SECTOR_BYTES,
+    SEG_DATA_BYTES, SLOT_HEADER_BYTES, SLOT_KEYS_MAX,
 };
 
 /// Why the log ended where it did (for `check` and logs).
@@ -158,6 +159,11 @@ impl Engine {
     /// Returns whether it was taken.
     fn take_key(&self, key: &KeyOnMedia, at: u64, r: &mut Replay) -> Result<bool> {
         key.validate(self.n_segs, self.backing_bytes, at)?;
+        if key.is_dataless() {
+            // No data, no segment reference: it only replaces what it covers.
+            self.queue_for_index(key, r);
+            return Ok(true);
+        }
         if key.gen != self.segs.gen(key.seg) {
             r.stale += 1;
             return Ok(false);
@@ -178,6 +184,11 @@ impl Engine {
             Use::Data => {}
         }
         self.segs.get_ref(key.seg);
+        self.queue_for_index(key, r);
+        Ok(true)
+    }
+
+    fn queue_for_index(&self, key: &KeyOnMedia, r: &mut Replay) {
         let region = region_of(key.off);
         let start = (key.off & (REGION_BYTES - 1)) / SECTOR_BYTES;
         r.batch.push((region, start, CacheExt::from_key(key)));
@@ -186,7 +197,6 @@ impl Engine {
             r.batch.clear();
         }
         r.keys += 1;
-        Ok(true)
     }
 
     /// Replay the log, then the kset slots. Returns where the log ends and
@@ -244,9 +254,8 @@ impl Engine {
             }
             for (i, key) in view.iter().enumerate() {
                 let at = pos.key_at(i);
-                if self.take_key(&key, at, &mut r)? && seen_dirty && key.flags & KEY_FLAG_CLEAN == 0
-                {
-                    dirty_bytes += key.len as u64;
+                if self.take_key(&key, at, &mut r)? && seen_dirty {
+                    dirty_bytes += super::kset::dirty_data_bytes(&key);
                 }
             }
             pos.off += h.bytes() as u32;

@@ -15,7 +15,8 @@ use super::segment::SegKind;
 use super::{check_range, region_of, stats, Engine, Error, Result};
 use crate::backing::Backing;
 use crate::format::{
-    data_off, KeyOnMedia, KEY_FLAG_CLEAN, REGION_BYTES, SECTOR_BYTES, SEG_DATA_BYTES,
+    data_off, KeyOnMedia, KEY_FLAG_CLEAN, KEY_FLAG_UNMAP, KEY_FLAG_ZERO, REGION_BYTES,
+    SECTOR_BYTES, SEG_DATA_BYTES,
 };
 
 /// A caller's current data segment and the next free byte in it. Each queue
@@ -161,6 +162,38 @@ impl Engine {
         Ok(())
     }
 
+    /// Make `len` bytes at `off` read zeros (a guest's write-zeroes or
+    /// discard), as a dataless key per 4 MiB region: logged like a write,
+    /// so it keeps its place in log order. With `unmap`, writeback may
+    /// deallocate the range on the backing store.
+    ///
+    /// On `Err(CacheFull { done })` the first `done` bytes are done; retry
+    /// the rest once the key log has room.
+    pub fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        check_range(off, len, self.backing_bytes)?;
+        let Some(_writing) = self.writing() else {
+            return Err(Error::CacheFull { done: 0 });
+        };
+        let flags = KEY_FLAG_ZERO | if unmap { KEY_FLAG_UNMAP } else { 0 };
+        let mut done = 0u64;
+        while done < len {
+            let pos = off + done;
+            let region_left = REGION_BYTES - (pos & (REGION_BYTES - 1));
+            let n = (len - done).min(region_left);
+            let key = KeyOnMedia::dataless(pos, n as u32, flags);
+            if let Err(e) = self.key_insert(&key, None) {
+                if let Error::CacheFull { .. } = e {
+                    return Err(Error::CacheFull { done });
+                }
+                return Err(e);
+            }
+            done += n;
+        }
+        stats::add(&self.stats.zeroed_bytes, len);
+        Ok(())
+    }
+
     fn put_key_ref(&self, seg: u32) {
         if let Err(e) = self.segs.put_ref(&self.region, seg) {
             self.note_persist_error(e);
@@ -186,11 +219,10 @@ impl Engine {
         }
         let start = (key.off & (REGION_BYTES - 1)) / SECTOR_BYTES;
         sh.map.insert(start, CacheExt::from_key(key));
-        let clean = key.flags & KEY_FLAG_CLEAN != 0;
-        if !clean {
+        if !key.is_clean() {
             sh.write_version += 1;
         }
-        self.kset_push(&mut ks, key, !clean);
+        self.kset_push(&mut ks, key);
         if ks.is_full() {
             // Best effort: a failure leaves it full, and the next append,
             // the timer or a flush closes it.
@@ -280,6 +312,24 @@ impl Engine {
                 gap(s, n, misses);
                 continue;
             };
+            if ext.is_bad() {
+                let off = base + s * SECTOR_BYTES;
+                tracing::warn!(
+                    off,
+                    len = n * SECTOR_BYTES,
+                    "read of a range whose newest data was lost (failed its CRC before writeback)"
+                );
+                result = Err(Error::DataCorrupt {
+                    off,
+                    len: n * SECTOR_BYTES,
+                });
+                break;
+            }
+            if ext.is_zero() {
+                let b = ((s - start) * SECTOR_BYTES) as usize;
+                buf[b..b + (n * SECTOR_BYTES) as usize].fill(0);
+                continue;
+            }
             let seg_gen = self.segs.gen(ext.seg);
             if seg_gen as u32 != ext.gen {
                 // Lazy invalidation: the segment was reclaimed.

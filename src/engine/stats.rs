@@ -17,6 +17,8 @@ pub struct Stats {
     pub write_bytes: AtomicU64,
     /// Bytes inserted by miss fills.
     pub fill_bytes: AtomicU64,
+    /// Bytes the guest zeroed or discarded.
+    pub zeroed_bytes: AtomicU64,
     /// Flushes completed.
     pub flushes: AtomicU64,
     /// Times a request found the cache full.
@@ -38,6 +40,9 @@ pub struct Stats {
     pub gc_segs_freed: AtomicU64,
     /// Data CRC mismatches found.
     pub data_crc_errors: AtomicU64,
+    /// Ranges marked bad: dirty data found failing its CRC by writeback,
+    /// which reads now fail on until the guest writes them again.
+    pub bad_ranges_marked: AtomicU64,
     /// Stale keys skipped at replay.
     pub replay_stale_keys: AtomicU64,
     /// Keys replayed into the index at open.
@@ -62,6 +67,9 @@ pub struct StatsSnapshot {
     pub write_bytes: u64,
     /// See [`Stats::fill_bytes`].
     pub fill_bytes: u64,
+    /// See [`Stats::zeroed_bytes`].
+    #[serde(default)]
+    pub zeroed_bytes: u64,
     /// See [`Stats::flushes`].
     pub flushes: u64,
     /// See [`Stats::cache_full`].
@@ -84,6 +92,9 @@ pub struct StatsSnapshot {
     pub gc_segs_freed: u64,
     /// See [`Stats::data_crc_errors`].
     pub data_crc_errors: u64,
+    /// See [`Stats::bad_ranges_marked`].
+    #[serde(default)]
+    pub bad_ranges_marked: u64,
     /// See [`Stats::replay_stale_keys`].
     pub replay_stale_keys: u64,
     /// See [`Stats::replay_keys`].
@@ -104,6 +115,7 @@ impl Stats {
             read_misses: g(&self.read_misses),
             write_bytes: g(&self.write_bytes),
             fill_bytes: g(&self.fill_bytes),
+            zeroed_bytes: g(&self.zeroed_bytes),
             flushes: g(&self.flushes),
             cache_full: g(&self.cache_full),
             writes_paced: g(&self.writes_paced),
@@ -114,6 +126,7 @@ impl Stats {
             writeback_batches: g(&self.writeback_batches),
             gc_segs_freed: g(&self.gc_segs_freed),
             data_crc_errors: g(&self.data_crc_errors),
+            bad_ranges_marked: g(&self.bad_ranges_marked),
             replay_stale_keys: g(&self.replay_stale_keys),
             replay_keys: g(&self.replay_keys),
             replay_staged_keys: g(&self.replay_staged_keys),

@@ -6,7 +6,7 @@
 //! run time and is not checked here.
 
 use super::{Engine, Error, Result};
-use crate::format::{self, data_off, KeyOnMedia, KEY_FLAG_CLEAN, KSET_MAX_BYTES};
+use crate::format::{self, data_off, KeyOnMedia, KSET_MAX_BYTES};
 
 /// A dirty extent whose data fails its CRC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -28,6 +28,9 @@ pub struct DataCheck {
     pub bytes: u64,
     /// Keys whose data fails its CRC, in log order.
     pub bad: Vec<BadData>,
+    /// Ranges already marked bad (writeback found their data failing its
+    /// CRC): reads of them fail until the guest writes them again.
+    pub marked_bad: Vec<(u64, u64)>,
 }
 
 impl Engine {
@@ -65,13 +68,14 @@ impl Engine {
         for key in self.staged_dirty.get().into_iter().flatten() {
             self.verify_key(key, &mut check);
         }
+        check.marked_bad = self.bad_ranges(usize::MAX);
         Ok(check)
     }
 
     fn verify_key(&self, key: &KeyOnMedia, check: &mut DataCheck) {
         // Replay validated every key it kept; a stale one's data was
         // reclaimed, so it was written back before.
-        if key.flags & KEY_FLAG_CLEAN != 0 || key.gen != self.segs.gen(key.seg) {
+        if key.is_clean() || key.is_dataless() || key.gen != self.segs.gen(key.seg) {
             return;
         }
         check.keys += 1;

@@ -36,7 +36,10 @@ use std::time::{Duration, Instant};
 use super::index::{Extent, ExtentMap};
 use super::{stats, Engine, Error, Result, Tail};
 use crate::backing::{AlignedBuf, BackingQueue, BufPool, Completion, IoOp};
-use crate::format::{self, data_off, PosOnMedia, KEY_FLAG_CLEAN, KSET_MAX_BYTES, SECTOR_BYTES};
+use crate::format::{
+    self, data_off, PosOnMedia, KEY_FLAG_BAD, KEY_FLAG_UNMAP, KEY_FLAG_ZERO, KSET_MAX_BYTES,
+    SECTOR_BYTES,
+};
 
 /// Most bytes of backing writes in flight at once.
 pub(super) const INFLIGHT_BYTES: u64 = 32 << 20;
@@ -159,12 +162,25 @@ impl WbState {
     }
 }
 
-/// A dirty extent in a batch: where its newest data lives in the cache.
+/// What a batch writes for a range: its newest version in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WbKind {
+    /// Data in the cache, at `seg`/`seg_off`.
+    Data,
+    /// Zeros (`unmap`: the store may deallocate).
+    Zero { unmap: bool },
+    /// Nothing: the newest data was lost (a range marked bad).
+    Skip,
+}
+
+/// A dirty extent in a batch: what its newest version is, and for data,
+/// where it lives in the cache.
 #[derive(Debug, Clone, Copy)]
 struct WbExt {
     sectors: u32,
     seg: u32,
     seg_off: u32,
+    kind: WbKind,
 }
 
 impl Extent for WbExt {
@@ -172,6 +188,7 @@ impl Extent for WbExt {
         sectors: 0,
         seg: 0,
         seg_off: 0,
+        kind: WbKind::Skip,
     };
     fn len(&self) -> u32 {
         self.sectors
@@ -181,7 +198,21 @@ impl Extent for WbExt {
     }
     fn skip_front(&mut self, n: u32) {
         self.sectors -= n;
-        self.seg_off += n * SECTOR_BYTES as u32;
+        if self.kind == WbKind::Data {
+            self.seg_off += n * SECTOR_BYTES as u32;
+        }
+    }
+}
+
+impl WbExt {
+    /// The batch entry for a dataless key, or a key marked bad.
+    fn dataless(key: &format::KeyOnMedia, kind: WbKind) -> WbExt {
+        WbExt {
+            sectors: key.len / SECTOR_BYTES as u32,
+            seg: 0,
+            seg_off: 0,
+            kind,
+        }
     }
 }
 
@@ -193,6 +224,8 @@ struct Batch {
     ksets: usize,
     /// Dirty bytes the batch's keys held when logged (superseded included).
     logged_dirty: u64,
+    /// Dirty keys whose data failed its CRC, in log order.
+    bad: Vec<format::KeyOnMedia>,
 }
 
 impl Engine {
@@ -254,6 +287,10 @@ impl Engine {
             st.pool = BufPool::new(INFLIGHT_BYTES as usize);
             return Ok(Progress::Clean);
         };
+        for key in &batch.bad {
+            // Logged before dirty_tail can pass the corrupt key.
+            self.mark_bad(key)?;
+        }
         if batch.end.lsn > st.target.pos.lsn {
             // Whoever writes back next must finish this batch before
             // dirty_tail moves; see the module documentation.
@@ -324,6 +361,7 @@ impl Engine {
         let mut epoch = None;
         let mut ksets = 0usize;
         let mut logged_dirty = 0u64;
+        let mut bad = Vec::new();
         let mut buf = [0u8; KSET_MAX_BYTES];
         while pos.lsn < head.lsn {
             let must = pos.lsn < target.lsn;
@@ -353,7 +391,19 @@ impl Engine {
             for (i, key) in view.iter().enumerate() {
                 let at = pos.key_at(i);
                 key.validate(self.n_segs, self.backing_bytes, at)?;
-                if key.flags & KEY_FLAG_CLEAN != 0 {
+                if key.is_clean() {
+                    continue;
+                }
+                // A later key for the same sectors replaces this one: only
+                // the newest version in the batch is written.
+                let start = key.off / SECTOR_BYTES;
+                if key.flags & KEY_FLAG_ZERO != 0 {
+                    let unmap = key.flags & KEY_FLAG_UNMAP != 0;
+                    map.insert(start, WbExt::dataless(&key, WbKind::Zero { unmap }));
+                    continue;
+                }
+                if key.flags & KEY_FLAG_BAD != 0 {
+                    map.insert(start, WbExt::dataless(&key, WbKind::Skip));
                     continue;
                 }
                 logged_dirty += key.len as u64;
@@ -366,22 +416,20 @@ impl Engine {
                         .crc32c(data_off(key.seg, key.seg_off), key.len as usize)
                         != key.data_crc
                 {
+                    // Neither this nor an older version is written: the
+                    // range is marked bad before dirty_tail passes it.
                     stats::add(&self.stats.data_crc_errors, 1);
-                    tracing::error!(
-                        off = key.off,
-                        len = key.len,
-                        "dirty data failed its CRC; not writing it back"
-                    );
+                    map.insert(start, WbExt::dataless(&key, WbKind::Skip));
+                    bad.push(key);
                     continue;
                 }
-                // A later key for the same sectors replaces this one: only
-                // the newest version in the batch is written.
                 map.insert(
-                    key.off / SECTOR_BYTES,
+                    start,
                     WbExt {
                         sectors: key.len / SECTOR_BYTES as u32,
                         seg: key.seg,
                         seg_off: key.seg_off,
+                        kind: WbKind::Data,
                     },
                 );
             }
@@ -394,6 +442,7 @@ impl Engine {
             end: pos,
             ksets,
             logged_dirty,
+            bad,
         }))
     }
 
@@ -418,6 +467,8 @@ impl Engine {
         let mut run_len = 0usize;
         let mut pieces: Vec<(u64, usize)> = Vec::new();
         let mut halted = false;
+        // A run of zeroed ranges: offset, length, unmap.
+        let mut zeros: Option<(u64, u64, bool)> = None;
         for (start, e) in map.iter() {
             if self.halting.load(std::sync::atomic::Ordering::Relaxed) {
                 halted = true;
@@ -425,6 +476,21 @@ impl Engine {
             }
             let off = start * SECTOR_BYTES;
             let len = e.sectors as usize * SECTOR_BYTES as usize;
+            if e.kind != WbKind::Data {
+                // No overlap within a batch, so zeroing here, between the
+                // asynchronous writes, needs no ordering against them.
+                if let WbKind::Zero { unmap } = e.kind {
+                    match &mut zeros {
+                        Some((zo, zl, zu)) if *zo + *zl == off && *zu == unmap => *zl += len as u64,
+                        _ => {
+                            if let Some(z) = zeros.replace((off, len as u64, unmap)) {
+                                w.zero(z);
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
             if run_len > 0 && (run_off + run_len as u64 != off || run_len + len > MERGE_BYTES) {
                 self.submit_run(&mut w, pool, run_off, run_len, &mut pieces);
                 run_len = 0;
@@ -437,6 +503,9 @@ impl Engine {
         }
         if run_len > 0 && !halted {
             self.submit_run(&mut w, pool, run_off, run_len, &mut pieces);
+        }
+        if let Some(z) = zeros.filter(|_| !halted) {
+            w.zero(z);
         }
         w.finish(pool);
         if let Some(e) = w.first_err {
@@ -537,6 +606,14 @@ struct Writer<'q> {
 }
 
 impl Writer<'_> {
+    /// Zero a range on the store, now, on this thread (rare, and the store
+    /// usually does it without moving data).
+    fn zero(&mut self, (off, len, unmap): (u64, u64, bool)) {
+        if let Err(e) = self.q.backing().write_zeroes(off, len, unmap) {
+            self.first_err.get_or_insert(e);
+        }
+    }
+
     fn submit(&mut self, off: u64, buf: AlignedBuf, pool: &mut BufPool) {
         let held = buf.capacity() as u64;
         while self.inflight > 0 && self.inflight + held > INFLIGHT_BYTES {

@@ -20,12 +20,22 @@
 //! 0    8     off        logical byte offset on the backing store
 //! 8    4     len        bytes (multiple of 512, never crosses 4 MiB)
 //! 12   4     flags      bit 1 CLEAN (filled from a read miss)
+//!                         bit 2 ZERO  (the range reads zeros; no data)
+//!                         bit 3 UNMAP (with ZERO: the backing store may
+//!                                      deallocate the range)
+//!                         bit 4 BAD   (the range's newest data was lost;
+//!                                      reads fail; no data)
 //! 16   4     seg        cache segment holding the data
 //! 20   4     seg_off    offset in that segment's data area
 //! 24   8     gen        segment gen when the data was written
 //! 32   4     data_crc   crc32c of the data (0 unless DATA_CRC)
 //! 36   4     reserved, 0
 //! ```
+//!
+//! A ZERO or BAD key is dataless: seg, seg_off, gen and data_crc are 0 and
+//! it holds no segment reference. Such keys keep their place in log order
+//! like writes, so replay, writeback and GC see them where the guest put
+//! them.
 
 use super::meta::{le_u32, le_u64, put_u32, put_u64};
 use super::{
@@ -37,6 +47,14 @@ use super::{
 pub const KSET_FLAG_LAST: u32 = 1;
 /// Key flag: the data came from the backing store (writeback skips it).
 pub const KEY_FLAG_CLEAN: u32 = 1 << 1;
+/// Key flag: the range reads zeros (a discard or write-zeroes); no data.
+pub const KEY_FLAG_ZERO: u32 = 1 << 2;
+/// Key flag, with ZERO: the backing store may deallocate the range.
+pub const KEY_FLAG_UNMAP: u32 = 1 << 3;
+/// Key flag: the newest data of the range failed its CRC before it reached
+/// the backing store; reads fail until the guest writes the range again.
+pub const KEY_FLAG_BAD: u32 = 1 << 4;
+const KEY_FLAGS_KNOWN: u32 = KEY_FLAG_CLEAN | KEY_FLAG_ZERO | KEY_FLAG_UNMAP | KEY_FLAG_BAD;
 
 /// A key as stored in a kset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,6 +76,26 @@ pub struct KeyOnMedia {
 }
 
 impl KeyOnMedia {
+    /// A dataless key (ZERO or BAD) for `len` bytes at `off`.
+    pub fn dataless(off: u64, len: u32, flags: u32) -> KeyOnMedia {
+        KeyOnMedia {
+            off,
+            len,
+            flags,
+            ..Default::default()
+        }
+    }
+
+    /// Does the key carry no data (ZERO or BAD)?
+    pub fn is_dataless(&self) -> bool {
+        self.flags & (KEY_FLAG_ZERO | KEY_FLAG_BAD) != 0
+    }
+
+    /// Was the data filled from the backing store (nothing to write back)?
+    pub fn is_clean(&self) -> bool {
+        self.flags & KEY_FLAG_CLEAN != 0
+    }
+
     /// Encode into 40 bytes.
     pub fn encode(&self, out: &mut [u8]) {
         let out = &mut out[..KEY_BYTES];
@@ -90,8 +128,10 @@ impl KeyOnMedia {
 
     /// Check every field against the geometry: len > 0 and a multiple of
     /// 512, off a multiple of 512, off+len <= backing_bytes without overflow,
-    /// the key does not cross a 4 MiB region, seg < n_segs, seg_off multiple
-    /// of 512, seg_off+len <= SEG_DATA_BYTES, no unknown flags.
+    /// the key does not cross a 4 MiB region, no unknown flags and at most
+    /// one of CLEAN, ZERO and BAD (UNMAP only with ZERO); for a key with
+    /// data, seg < n_segs, seg_off multiple of 512 and seg_off+len <=
+    /// SEG_DATA_BYTES; for a dataless one, all four data fields 0.
     /// `what`/`offset` name the key in the error.
     pub fn validate(&self, n_segs: u32, backing_bytes: u64, offset: u64) -> Result<()> {
         let bad = |detail: String| {
@@ -127,6 +167,26 @@ impl KeyOnMedia {
                 self.off, self.len
             ));
         }
+        let unknown = self.flags & !KEY_FLAGS_KNOWN;
+        if unknown != 0 {
+            return bad(format!("unknown flags {unknown:#x} in {:#x}", self.flags));
+        }
+        let kinds = [KEY_FLAG_CLEAN, KEY_FLAG_ZERO, KEY_FLAG_BAD]
+            .iter()
+            .filter(|f| self.flags & **f != 0)
+            .count();
+        if kinds > 1 || (self.flags & KEY_FLAG_UNMAP != 0 && self.flags & KEY_FLAG_ZERO == 0) {
+            return bad(format!("impossible flag combination {:#x}", self.flags));
+        }
+        if self.is_dataless() {
+            if (self.seg, self.seg_off, self.gen, self.data_crc) != (0, 0, 0, 0) {
+                return bad(format!(
+                    "dataless key with data fields (seg {}, seg_off {:#x}, gen {}, crc {:#x})",
+                    self.seg, self.seg_off, self.gen, self.data_crc
+                ));
+            }
+            return Ok(());
+        }
         if self.seg >= n_segs {
             return bad(format!("seg {} out of range (n_segs {n_segs})", self.seg));
         }
@@ -141,10 +201,6 @@ impl KeyOnMedia {
                 "seg_off {:#x} + len {} ends past the segment data area ({SEG_DATA_BYTES} bytes)",
                 self.seg_off, self.len
             ));
-        }
-        let unknown = self.flags & !KEY_FLAG_CLEAN;
-        if unknown != 0 {
-            return bad(format!("unknown flags {unknown:#x} in {:#x}", self.flags));
         }
         Ok(())
     }

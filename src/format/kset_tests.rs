@@ -483,6 +483,53 @@ fn key_validate_rejects_unknown_flags() {
     );
 }
 
+#[test]
+fn dataless_keys_validate_without_data_fields() {
+    let zero = KeyOnMedia::dataless(REGION_BYTES, REGION_BYTES as u32, KEY_FLAG_ZERO);
+    zero.validate(NSEGS, BACKING, 0).unwrap();
+    assert!(zero.is_dataless());
+    KeyOnMedia::dataless(4096, 512, KEY_FLAG_ZERO | KEY_FLAG_UNMAP)
+        .validate(NSEGS, BACKING, 0)
+        .unwrap();
+    KeyOnMedia::dataless(4096, 512, KEY_FLAG_BAD)
+        .validate(NSEGS, BACKING, 0)
+        .unwrap();
+    // Dataless keys still obey the logical checks.
+    rejects(
+        KeyOnMedia::dataless(REGION_BYTES - 512, 1024, KEY_FLAG_ZERO),
+        "crosses a 4 MiB region",
+    );
+}
+
+#[test]
+fn dataless_keys_with_data_fields_or_mixed_kinds_are_rejected() {
+    rejects(
+        KeyOnMedia {
+            flags: KEY_FLAG_ZERO,
+            ..key(1)
+        },
+        "dataless key with data fields",
+    );
+    rejects(
+        KeyOnMedia {
+            gen: 3,
+            ..KeyOnMedia::dataless(0, 512, KEY_FLAG_BAD)
+        },
+        "dataless key with data fields",
+    );
+    for flags in [
+        KEY_FLAG_ZERO | KEY_FLAG_BAD,
+        KEY_FLAG_CLEAN | KEY_FLAG_ZERO,
+        KEY_FLAG_UNMAP,
+        KEY_FLAG_BAD | KEY_FLAG_UNMAP,
+    ] {
+        rejects(
+            KeyOnMedia::dataless(0, 512, flags),
+            "impossible flag combination",
+        );
+    }
+}
+
 /// Random bytes, sometimes with the kset magic, format id, LSN and a
 /// valid CRC planted so every later check is reached too.
 fn random_kset(rng: &mut StdRng) -> Vec<u8> {

@@ -28,6 +28,10 @@ pub mod bits {
     pub const CONFIG_WCE: u64 = 1 << blk::VIRTIO_BLK_F_CONFIG_WCE;
     /// More than one queue.
     pub const MQ: u64 = 1 << blk::VIRTIO_BLK_F_MQ;
+    /// DISCARD requests; limits in the config space.
+    pub const DISCARD: u64 = 1 << blk::VIRTIO_BLK_F_DISCARD;
+    /// WRITE_ZEROES requests; limits in the config space.
+    pub const WRITE_ZEROES: u64 = 1 << blk::VIRTIO_BLK_F_WRITE_ZEROES;
     /// Indirect descriptor tables.
     pub const INDIRECT_DESC: u64 = 1 << ring::VIRTIO_RING_F_INDIRECT_DESC;
     /// used_event / avail_event notification suppression.
@@ -36,7 +40,8 @@ pub mod bits {
     pub const VERSION_1: u64 = 1 << config::VIRTIO_F_VERSION_1;
 }
 
-/// Features offered to every frontend (RO is added for read-only disks).
+/// Features offered to every frontend (a read-only disk gets RO instead
+/// of DISCARD and WRITE_ZEROES).
 pub const VIRTIO_FEATURES: u64 = bits::SIZE_MAX
     | bits::SEG_MAX
     | bits::BLK_SIZE
@@ -44,6 +49,8 @@ pub const VIRTIO_FEATURES: u64 = bits::SIZE_MAX
     | bits::TOPOLOGY
     | bits::CONFIG_WCE
     | bits::MQ
+    | bits::DISCARD
+    | bits::WRITE_ZEROES
     | bits::INDIRECT_DESC
     | bits::EVENT_IDX
     | bits::VERSION_1;
@@ -66,6 +73,13 @@ pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatur
 pub const SIZE_MAX_BYTES: u32 = 1 << 17;
 /// Most data segments in one request.
 pub const SEG_MAX: u32 = 128;
+/// Most sectors one DISCARD or WRITE_ZEROES range may cover (1 GiB: 256
+/// dataless keys, one per 4 MiB region).
+pub const MAX_ZERO_SECTORS: u32 = 1 << 21;
+/// Ranges in one DISCARD or WRITE_ZEROES request.
+pub const MAX_ZERO_SEGS: u32 = 1;
+/// Discard granularity we suggest, in sectors (4 KiB, the cache's unit).
+pub const DISCARD_ALIGN_SECTORS: u32 = 8;
 
 /// The virtio-blk config space (`struct virtio_blk_config`, little-endian;
 /// field offsets from `virtio-bindings`). Geometry is left zero.
@@ -81,8 +95,8 @@ pub struct BlkConfig {
     pub writeback: u8,
 }
 
-/// Bytes of config space we expose: up to the discard fields.
-pub const CONFIG_BYTES: usize = offset_of!(virtio_blk_config, max_discard_sectors);
+/// Bytes of config space we expose: up to the write-zeroes fields.
+pub const CONFIG_BYTES: usize = offset_of!(virtio_blk_config, unused1) + 3;
 
 impl BlkConfig {
     /// Encode the config space.
@@ -118,6 +132,32 @@ impl BlkConfig {
             offset_of!(virtio_blk_config, num_queues),
             &self.num_queues.to_le_bytes(),
         );
+        let u32s = [
+            (
+                offset_of!(virtio_blk_config, max_discard_sectors),
+                MAX_ZERO_SECTORS,
+            ),
+            (
+                offset_of!(virtio_blk_config, max_discard_seg),
+                MAX_ZERO_SEGS,
+            ),
+            (
+                offset_of!(virtio_blk_config, discard_sector_alignment),
+                DISCARD_ALIGN_SECTORS,
+            ),
+            (
+                offset_of!(virtio_blk_config, max_write_zeroes_sectors),
+                MAX_ZERO_SECTORS,
+            ),
+            (
+                offset_of!(virtio_blk_config, max_write_zeroes_seg),
+                MAX_ZERO_SEGS,
+            ),
+        ];
+        for (at, v) in u32s {
+            put(at, &v.to_le_bytes());
+        }
+        put(offset_of!(virtio_blk_config, write_zeroes_may_unmap), &[1]);
         b
     }
 
@@ -149,6 +189,17 @@ mod tests {
         assert_eq!(b[32], 1);
         assert_eq!(u16::from_le_bytes(b[34..36].try_into().unwrap()), 3);
         assert_eq!(c.read(32, 4), vec![1, 0, 3, 0]);
-        assert_eq!(c.read(56, 4), vec![0; 4], "past the end reads as zero");
+        // max_discard_sectors, max_discard_seg, discard_sector_alignment,
+        // max_write_zeroes_sectors, max_write_zeroes_seg at 36..56, then
+        // write_zeroes_may_unmap.
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        assert_eq!(u32_at(36), MAX_ZERO_SECTORS);
+        assert_eq!(u32_at(40), 1);
+        assert_eq!(u32_at(44), 8);
+        assert_eq!(u32_at(48), MAX_ZERO_SECTORS);
+        assert_eq!(u32_at(52), 1);
+        assert_eq!(b[56], 1);
+        assert_eq!(CONFIG_BYTES, 60);
+        assert_eq!(c.read(60, 4), vec![0; 4], "past the end reads as zero");
     }
 }

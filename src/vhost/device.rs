@@ -115,10 +115,16 @@ impl Device {
         ]
     }
 
-    /// Virtio features offered (RO added for a read-only disk).
+    /// Virtio features offered (a read-only disk offers RO, and neither
+    /// DISCARD nor WRITE_ZEROES).
     pub fn features(&self) -> u64 {
-        let ro = if self.cfg.read_only { bits::RO } else { 0 };
-        VIRTIO_FEATURES | ro | PROTOCOL_FEATURES_BIT
+        if self.cfg.read_only {
+            (VIRTIO_FEATURES & !(bits::DISCARD | bits::WRITE_ZEROES))
+                | bits::RO
+                | PROTOCOL_FEATURES_BIT
+        } else {
+            VIRTIO_FEATURES | PROTOCOL_FEATURES_BIT
+        }
     }
 
     /// vhost-user protocol features offered.

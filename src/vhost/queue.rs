@@ -24,7 +24,9 @@ use super::chain::{complete, Chain, SimpleLayout};
 use super::device::Device;
 use super::poll::PollWindow;
 use super::read::{hits_to_keep, queue_misses, PendingRead, MAX_MISSES};
-use super::request::{parse, status, RequestKind, HEADER_BYTES, ID_BYTES};
+use super::request::{
+    needs_range, parse, status, RequestKind, HEADER_BYTES, ID_BYTES, RANGE_BYTES,
+};
 use super::ring::Ring;
 use crate::backing::{AlignedBuf, Backing, BackingQueue, BufPool, Completion};
 use crate::engine::{DataHead, Error as EngineError, Miss};
@@ -263,9 +265,16 @@ impl Device {
         let mut hdr = [0u8; HEADER_BYTES];
         let header =
             (r.available_bytes() >= HEADER_BYTES && r.read_exact(&mut hdr).is_ok()).then_some(hdr);
+        let readable = r.available_bytes();
+        let mut range = [0u8; RANGE_BYTES];
+        let range = (header.is_some_and(|h| needs_range(&h))
+            && readable >= RANGE_BYTES
+            && r.read_exact(&mut range).is_ok())
+        .then_some(range);
         let kind = match parse(
             header,
-            r.available_bytes(),
+            range,
+            readable,
             data_w,
             self.capacity(),
             self.cfg.read_only,
@@ -321,7 +330,9 @@ impl Device {
                 let not_before = (!wait.is_zero()).then(|| Instant::now() + wait);
                 self.run_or_defer(qs, chain, kind, data, not_before)
             }
-            RequestKind::Flush => self.run_or_defer(qs, chain, kind, Vec::new(), None),
+            RequestKind::Flush | RequestKind::Zeroes { .. } => {
+                self.run_or_defer(qs, chain, kind, Vec::new(), None)
+            }
             RequestKind::GetId => {
                 let mut id = [0u8; ID_BYTES];
                 let s = self.cfg.serial.as_bytes();
@@ -375,6 +386,9 @@ impl Device {
         let Ok(header) = hdr.read_obj::<[u8; HEADER_BYTES]>(0) else {
             return Err(chain);
         };
+        if needs_range(&header) {
+            return Err(chain); // rare: the general path reads the range
+        }
         let set = |s: u8| {
             let _ = st.write_obj(s, 0);
         };
@@ -385,6 +399,7 @@ impl Device {
         };
         let kind = match parse(
             Some(header),
+            None,
             readable,
             writable,
             self.capacity(),
@@ -465,7 +480,7 @@ impl Device {
                 Ok(None)
             }
             RequestKind::Flush => Ok(self.run_or_defer(qs, chain, kind, Vec::new(), None)),
-            RequestKind::GetId => Err(chain),
+            RequestKind::GetId | RequestKind::Zeroes { .. } => Err(chain),
         }
     }
 
@@ -521,6 +536,10 @@ impl Device {
                 Err(EngineError::CacheFull { .. }) => None,
                 Err(e) => Some(fail("flush", &e)),
             },
+            RequestKind::Zeroes { off, len, unmap } => {
+                let r = self.engine.write_zeroes(off + d.done, len - d.done, unmap);
+                self.finish_write(r, off, len, &mut d.done, "write-zeroes")
+            }
             RequestKind::Read { .. } | RequestKind::GetId => Some(status::IOERR),
         }
     }
@@ -536,10 +555,24 @@ impl Device {
         data: &[u8],
         done: &mut u64,
     ) -> Option<u8> {
-        match self
+        let r = self
             .engine
-            .write(head, off + *done, &data[*done as usize..])
-        {
+            .write(head, off + *done, &data[*done as usize..]);
+        self.finish_write(r, off, len, done, "write")
+    }
+
+    /// After a write (or write-zeroes) of `off..off+len` went into the
+    /// cache from byte `done` on: commit it in write-through mode.
+    /// Some(status) when finished, None when the cache is full.
+    fn finish_write(
+        &self,
+        r: Result<(), EngineError>,
+        off: u64,
+        len: u64,
+        done: &mut u64,
+        what: &str,
+    ) -> Option<u8> {
+        match r {
             Ok(()) => {
                 if !self.writeback.load(Ordering::Relaxed) {
                     if let Err(e) = self.engine.commit(off, len) {
@@ -558,7 +591,7 @@ impl Device {
                 *done += d;
                 None
             }
-            Err(e) => Some(fail("write", &e)),
+            Err(e) => Some(fail(what, &e)),
         }
     }
 
