@@ -148,8 +148,7 @@ fn write_on_a_read_only_disk_gets_ioerr() {
 #[test]
 fn unknown_type_gets_unsupp() {
     let mut h = rw();
-    // DISCARD (11) and WRITE_ZEROES (13) are not offered either.
-    for ty in [2, 3, 5, 7, 9, 11, 13, 16, 0x8000_0000, u32::MAX] {
+    for ty in [2, 3, 5, 7, 9, 12, 14, 16, 0x8000_0000, u32::MAX] {
         let got = request(&mut h, hdr(ty, 0), &[Desc::w(0x4000, 512)]);
         assert_eq!(got, (1, status::UNSUPP), "type {ty}");
     }
@@ -579,6 +578,7 @@ fn ten_thousand_random_chains_never_panic_and_always_complete_sanely() {
         (Class::ReadHit, 50),
         (Class::ReadMiss, 50),
         (Class::Write, 200),
+        (Class::Zeroes, 30),
         (Class::Flush, 50),
         (Class::GetId, 50),
     ] {
@@ -598,4 +598,5 @@ fn random_chains_on_a_read_only_disk() {
     });
     let seen = random_chains(&mut h, 0x0bad_c0de_0000_0002, 1_000);
     assert!(!seen.contains_key(&Class::Write), "{seen:?}");
+    assert!(!seen.contains_key(&Class::Zeroes), "{seen:?}");
 }

@@ -88,6 +88,21 @@ impl Harness {
             x ^= x << 17;
             stream.extend_from_slice(&x.to_le_bytes());
         }
+        let ty = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
+        if (ty == types::DISCARD || ty == types::WRITE_ZEROES)
+            && stream.len() >= HEADER_BYTES + 16
+            && !inp.u8().is_multiple_of(4)
+        {
+            // A plausible range now and then: inside the disk, small, with
+            // flags 0 or UNMAP.
+            let sectors = self.backing_bytes / 512;
+            let sector = u64::from(inp.u16()) % sectors;
+            let n = u32::from(inp.u8()) % 64;
+            let flags = u32::from(inp.u8().is_multiple_of(3));
+            stream[16..24].copy_from_slice(&sector.to_le_bytes());
+            stream[24..28].copy_from_slice(&n.to_le_bytes());
+            stream[28..32].copy_from_slice(&flags.to_le_bytes());
+        }
         let mut at = 0usize;
         for d in &walk {
             if d.is_write() {
@@ -167,7 +182,7 @@ impl Harness {
                 };
                 match expect {
                     Expect::Read { .. } => assert_eq!((r, d), (1, 0), "{}", describe()),
-                    Expect::Write { .. } | Expect::Flush => {
+                    Expect::Write { .. } | Expect::Zero { .. } | Expect::Flush => {
                         assert_eq!((r, d), (0, 1), "{}", describe())
                     }
                     _ => panic!("pending, but not a valid read or write: {}", describe()),
@@ -215,6 +230,9 @@ impl Harness {
             // The write itself went through (its data was copied at start).
             if let Expect::Write { off, ref data } = expect {
                 self.shadow[off as usize..off as usize + data.len()].copy_from_slice(data);
+            }
+            if let Expect::Zero { off, len } = expect {
+                self.shadow[off as usize..(off + len) as usize].fill(0);
             }
             return CaseReport {
                 class: expect.class(outcome),
@@ -288,6 +306,9 @@ impl Harness {
             Expect::Write { off, data } if st == status::OK || relaxed => {
                 self.shadow[*off as usize..*off as usize + data.len()].copy_from_slice(data);
             }
+            Expect::Zero { off, len } if st == status::OK || relaxed => {
+                self.shadow[*off as usize..(*off + *len) as usize].fill(0);
+            }
             _ => {}
         }
         CaseReport {
@@ -352,7 +373,10 @@ impl Harness {
     /// or at the end of the last data piece.
     fn gen_shaped(&self, inp: &mut Input, hdr: &[u8; HEADER_BYTES]) -> Vec<Desc> {
         let ty = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
+        let ranged = ty == types::DISCARD || ty == types::WRITE_ZEROES;
         let data_len = match inp.u8() % 8 {
+            // One DISCARD / WRITE_ZEROES range, mostly.
+            _ if ranged && !inp.u8().is_multiple_of(4) => 16,
             0 => 0,
             1..=5 => 512 * u32::from(1 + inp.u8() % 8),
             6 => 512 * u32::from(1 + inp.u8() % 128),
@@ -379,7 +403,7 @@ impl Harness {
         // Now and then the data points the wrong way (a read's readable, a
         // write's writable): such a request moves no data, and the device
         // must neither store into nor take from those buffers.
-        let data_write = (ty != types::OUT) ^ inp.u8().is_multiple_of(16);
+        let data_write = (ty != types::OUT && !ranged) ^ inp.u8().is_multiple_of(16);
         let mut data = Vec::new();
         for p in split(data_len, 1 + inp.u8() % 6, inp) {
             let d = Desc {
@@ -520,6 +544,29 @@ impl Harness {
             types::GET_ID => Expect::GetId {
                 n: (w - 1).min(ID_BYTES as u64) as usize,
             },
+            // One 16-byte range (max_*_seg is 1) of at most 1 GiB.
+            types::DISCARD | types::WRITE_ZEROES if self.read_only => Expect::Status(status::IOERR),
+            types::DISCARD | types::WRITE_ZEROES if r != HEADER_BYTES as u64 + 16 => {
+                Expect::Status(status::IOERR)
+            }
+            types::DISCARD | types::WRITE_ZEROES => {
+                let all = self.gather(&readable, r as usize);
+                let b = &all[HEADER_BYTES..];
+                let sector = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
+                let n = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+                let flags = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
+                let allowed = if ty == types::DISCARD { 0 } else { 1 };
+                if flags & !allowed != 0 {
+                    return Expect::Status(status::UNSUPP);
+                }
+                let len = u64::from(n) * 512;
+                match sector.checked_mul(512) {
+                    Some(off) if n <= 1 << 21 && off.saturating_add(len) <= self.backing_bytes => {
+                        Expect::Zero { off, len }
+                    }
+                    _ => Expect::Status(status::IOERR),
+                }
+            }
             _ => Expect::Status(status::UNSUPP),
         }
     }
@@ -533,6 +580,7 @@ enum Expect {
     Status(u8),
     Read { off: u64, len: u64 },
     Write { off: u64, data: Vec<u8> },
+    Zero { off: u64, len: u64 },
     Flush,
     GetId { n: usize },
 }
@@ -541,7 +589,7 @@ impl Expect {
     fn used_len(&self) -> u32 {
         match self {
             Expect::Dropped | Expect::NoStatus => 0,
-            Expect::Status(_) | Expect::Write { .. } | Expect::Flush => 1,
+            Expect::Status(_) | Expect::Write { .. } | Expect::Zero { .. } | Expect::Flush => 1,
             Expect::Read { len, .. } => *len as u32 + 1,
             Expect::GetId { n } => *n as u32 + 1,
         }
@@ -562,6 +610,7 @@ impl Expect {
             Expect::Read { .. } if o == Outcome::Pending => Class::ReadMiss,
             Expect::Read { .. } => Class::ReadHit,
             Expect::Write { .. } => Class::Write,
+            Expect::Zero { .. } => Class::Zeroes,
             Expect::Flush => Class::Flush,
             Expect::GetId { .. } => Class::GetId,
         }

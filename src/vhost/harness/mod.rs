@@ -168,6 +168,8 @@ pub enum Class {
     ReadMiss,
     /// A write.
     Write,
+    /// A DISCARD or WRITE_ZEROES.
+    Zeroes,
     /// A flush.
     Flush,
     /// GET_ID.
