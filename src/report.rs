@@ -35,6 +35,15 @@ pub struct Report {
     pub key_tail: String,
     /// Dirty bytes in the log (including overwritten data).
     pub dirty_bytes: u64,
+    /// Bytes zeroed or discarded, logged and not yet passed to the backing
+    /// store.
+    #[serde(default)]
+    pub dirty_zero_bytes: u64,
+    /// Ranges marked bad (guest byte offset, bytes; at most
+    /// [`BAD_RANGES_SHOWN`]): their dirty data failed its CRC before
+    /// writeback, and reads of them fail until the guest writes them again.
+    #[serde(default)]
+    pub bad_ranges: Vec<(u64, u64)>,
     /// Extents in the index.
     pub keys: u64,
     /// Keys replayed.
@@ -52,6 +61,9 @@ pub struct Report {
     /// What the medium's persistence survives.
     pub durability: String,
 }
+
+/// Most bad ranges a report lists.
+pub const BAD_RANGES_SHOWN: usize = 16;
 
 fn pos(p: format::PosOnMedia) -> String {
     format!("{}:{} (lsn {})", p.seg, p.off, p.lsn)
@@ -77,6 +89,8 @@ impl Report {
             dirty_tail: pos(e.dirty_tail()),
             key_tail: pos(e.key_tail()),
             dirty_bytes: s.dirty_bytes,
+            dirty_zero_bytes: s.dirty_zero_bytes,
+            bad_ranges: e.bad_ranges(BAD_RANGES_SHOWN),
             keys: e.extent_count(),
             keys_replayed: s.replay_keys,
             stale_keys: s.replay_stale_keys,
@@ -97,7 +111,8 @@ impl Report {
              key_head       {}\n\
              dirty_tail     {}\n\
              key_tail       {}\n\
-             dirty          {} bytes\n\
+             dirty          {} bytes, {} bytes of zeroes\n\
+             bad ranges     {}\n\
              keys           {} extents ({} keys replayed, {} from kset slots, {} stale skipped)\n\
              durability     {}\n",
             self.cache,
@@ -115,6 +130,8 @@ impl Report {
             self.dirty_tail,
             self.key_tail,
             self.dirty_bytes,
+            self.dirty_zero_bytes,
+            bad_ranges(&self.bad_ranges),
             self.keys,
             self.keys_replayed,
             self.staged_keys,
@@ -122,4 +139,16 @@ impl Report {
             self.durability
         )
     }
+}
+
+/// Ranges marked bad, for humans.
+pub fn bad_ranges(r: &[(u64, u64)]) -> String {
+    if r.is_empty() {
+        return "none".into();
+    }
+    let list: Vec<String> = r
+        .iter()
+        .map(|(off, len)| format!("{off:#x}+{len:#x}"))
+        .collect();
+    format!("{} (reads fail until rewritten)", list.join(", "))
 }

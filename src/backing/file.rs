@@ -543,6 +543,41 @@ mod tests {
         round_trip(&b, 1, 4096, 4096, 9);
     }
 
+    /// Fill a file with 0xAB, zero two ranges of it, and check the bytes
+    /// and how much stayed allocated.
+    fn zero_ranges(dir: &Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let path = dir.join("disk");
+        std::fs::write(&path, vec![0xABu8; 4 << 20]).expect("write");
+        let b = FileBacking::open(&path, false).expect("open");
+        b.write_zeroes(4096, 1 << 20, false).expect("zero range");
+        b.write_zeroes(2 << 20, 1 << 20, true).expect("punch hole");
+        b.flush().expect("flush");
+        let got = std::fs::read(&path).expect("read");
+        for (i, v) in got.iter().enumerate() {
+            let zero = (4096..4096 + (1 << 20)).contains(&i) || (2 << 20..3 << 20).contains(&i);
+            assert_eq!(*v, if zero { 0 } else { 0xAB }, "byte {i}");
+        }
+        let allocated = std::fs::metadata(&path).expect("stat").blocks() * 512;
+        assert!(matches!(
+            b.write_zeroes(4 << 20, 4096, false),
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput
+        ));
+        (allocated, 4 << 20)
+    }
+
+    #[test]
+    fn write_zeroes_zeroes_by_fallocate_on_ext4_and_by_writing_on_tmpfs() {
+        // ext4: ZERO_RANGE keeps its megabyte, the punched one is freed.
+        let (allocated, size) = zero_ranges(disk_dir().path());
+        assert_eq!(allocated, size - (1 << 20));
+        // tmpfs has no ZERO_RANGE: zeros are written (allocated), the punch
+        // still frees its megabyte.
+        let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) for this test");
+        let (allocated, size) = zero_ranges(shm.path());
+        assert_eq!(allocated, size - (1 << 20));
+    }
+
     #[test]
     fn out_of_range_and_misaligned_io_is_invalid_input() {
         let dir = disk_dir();

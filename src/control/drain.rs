@@ -65,7 +65,8 @@ pub fn run(
     loop {
         let secs = t0.elapsed().as_secs_f64();
         let written = st.stats.writeback_bytes.saturating_sub(written_before);
-        let done = st.cache.dirty_bytes <= left;
+        // Zeroed ranges take no cache space but must reach the store too.
+        let done = st.cache.dirty_bytes <= left && (left > 0 || st.cache.dirty_zero_bytes == 0);
         let out_of_time = timeout.is_some_and(|t| t0.elapsed() >= t);
         if done || out_of_time {
             bar.finish_and_clear();

@@ -265,7 +265,8 @@ impl Status {
              key_head     {}\n\
              dirty_tail   {}\n\
              key_tail     {}\n\
-             dirty        {} bytes\n\
+             dirty        {} bytes, {} bytes of zeroes\n\
+             bad ranges   {}\n\
              reads        {} hits, {} misses\n\
              frontend     {}\n\
              writeback    {} bytes written in {} batches, {} errors, {} order; runs {}\n\
@@ -288,6 +289,8 @@ impl Status {
             self.cache.dirty_tail,
             self.cache.key_tail,
             self.cache.dirty_bytes,
+            self.cache.dirty_zero_bytes,
+            crate::report::bad_ranges(&self.cache.bad_ranges),
             self.read_hits,
             self.read_misses,
             if self.frontend.connected {

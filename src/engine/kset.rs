@@ -37,6 +37,8 @@ pub struct OpenKset {
     n: usize,
     /// Dirty bytes among the keys (for the dirty counter).
     dirty: u64,
+    /// Zeroed bytes among the keys (for their dirty counter).
+    zero: u64,
     opened: Option<Instant>,
     /// Which slot on the medium mirrors this kset.
     slot: usize,
@@ -51,6 +53,7 @@ impl OpenKset {
             keys: vec![0u8; KSET_KEYS_MAX * KEY_BYTES].into_boxed_slice(),
             n: 0,
             dirty: 0,
+            zero: 0,
             opened: None,
             slot,
             seq,
@@ -88,6 +91,7 @@ impl OpenKset {
         key.encode(bytes);
         self.n += 1;
         self.dirty += dirty_data_bytes(key);
+        self.zero += dirty_zero_bytes(key);
         self.opened.get_or_insert_with(Instant::now);
         bytes
     }
@@ -105,6 +109,15 @@ pub(super) fn dirty_data_bytes(key: &KeyOnMedia) -> u64 {
         0
     } else {
         key.len as u64
+    }
+}
+
+/// Bytes a key adds to `dirty_zero_bytes`: its length for a ZERO key.
+pub(super) fn dirty_zero_bytes(key: &KeyOnMedia) -> u64 {
+    if key.flags & crate::format::KEY_FLAG_ZERO != 0 {
+        key.len as u64
+    } else {
+        0
     }
 }
 
@@ -141,6 +154,7 @@ impl Engine {
         ks.seq = seq;
         ks.n = 0;
         ks.dirty = 0;
+        ks.zero = 0;
         ks.opened = None;
     }
 
@@ -206,6 +220,7 @@ impl Engine {
         log.pos.lsn += 1;
         drop(log);
         stats::add(&self.stats.dirty_bytes, ks.dirty);
+        stats::add(&self.stats.dirty_zero_bytes, ks.zero);
         stats::add(&self.stats.ksets_closed, 1);
         self.slot_reset(ks, ks.seq + 1);
         self.writeback_kick.kick();

@@ -310,6 +310,8 @@ impl Engine {
                 .collect();
             let bytes = dirty.iter().map(super::kset::dirty_data_bytes).sum();
             super::stats::add(&engine.stats.dirty_bytes, bytes);
+            let zero = dirty.iter().map(super::kset::dirty_zero_bytes).sum();
+            super::stats::add(&engine.stats.dirty_zero_bytes, zero);
             let _ = engine.staged_dirty.set(dirty);
         } else {
             engine.relog_staged(staged)?;

@@ -214,6 +214,7 @@ impl Engine {
         r.uses[pos.seg as usize] = Use::Log;
         let mut seen_dirty = false;
         let mut dirty_bytes = 0u64;
+        let mut zero_bytes = 0u64;
         let mut max_epoch = 0u64;
         let mut buf = [0u8; KSET_MAX_BYTES];
         let corrupt = |pos: PosOnMedia, detail: String| -> super::Error {
@@ -256,6 +257,7 @@ impl Engine {
                 let at = pos.key_at(i);
                 if self.take_key(&key, at, &mut r)? && seen_dirty {
                     dirty_bytes += super::kset::dirty_data_bytes(&key);
+                    zero_bytes += super::kset::dirty_zero_bytes(&key);
                 }
             }
             pos.off += h.bytes() as u32;
@@ -299,6 +301,9 @@ impl Engine {
         log.epoch = max_epoch + 1;
         drop(log);
         self.stats.dirty_bytes.store(dirty_bytes, Ordering::Relaxed);
+        self.stats
+            .dirty_zero_bytes
+            .store(zero_bytes, Ordering::Relaxed);
         self.stats.replay_keys.store(r.keys, Ordering::Relaxed);
         self.stats
             .replay_stale_keys

@@ -30,6 +30,9 @@ pub struct Stats {
     pub ksets_closed: AtomicU64,
     /// Dirty bytes logged but not yet written back (overwritten data too).
     pub dirty_bytes: AtomicU64,
+    /// Bytes zeroed or discarded by the guest and logged, not yet passed
+    /// to the backing store (they take no cache space).
+    pub dirty_zero_bytes: AtomicU64,
     /// Bytes written back to the backing store.
     pub writeback_bytes: AtomicU64,
     /// Backing-store errors seen by writeback (each retried).
@@ -81,6 +84,9 @@ pub struct StatsSnapshot {
     pub ksets_closed: u64,
     /// See [`Stats::dirty_bytes`].
     pub dirty_bytes: u64,
+    /// See [`Stats::dirty_zero_bytes`].
+    #[serde(default)]
+    pub dirty_zero_bytes: u64,
     /// See [`Stats::writeback_bytes`].
     pub writeback_bytes: u64,
     /// See [`Stats::writeback_errors`].
@@ -121,6 +127,7 @@ impl Stats {
             writes_paced: g(&self.writes_paced),
             ksets_closed: g(&self.ksets_closed),
             dirty_bytes: g(&self.dirty_bytes),
+            dirty_zero_bytes: g(&self.dirty_zero_bytes),
             writeback_bytes: g(&self.writeback_bytes),
             writeback_errors: g(&self.writeback_errors),
             writeback_batches: g(&self.writeback_batches),

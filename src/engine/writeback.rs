@@ -224,6 +224,8 @@ struct Batch {
     ksets: usize,
     /// Dirty bytes the batch's keys held when logged (superseded included).
     logged_dirty: u64,
+    /// Bytes of the batch's ZERO keys (superseded included).
+    logged_zero: u64,
     /// Dirty keys whose data failed its CRC, in log order.
     bad: Vec<format::KeyOnMedia>,
 }
@@ -314,6 +316,7 @@ impl Engine {
         // the GC worker: writers let loose before GC ran would find the
         // cache full. (Only down to gc_percent: clean data stays cached.)
         stats::sub(&self.stats.dirty_bytes, batch.logged_dirty);
+        stats::sub(&self.stats.dirty_zero_bytes, batch.logged_zero);
         let gc_start = Instant::now();
         if let Err(e) = self.gc_once(false) {
             tracing::error!(error = %e, "gc after writeback failed");
@@ -361,6 +364,7 @@ impl Engine {
         let mut epoch = None;
         let mut ksets = 0usize;
         let mut logged_dirty = 0u64;
+        let mut logged_zero = 0u64;
         let mut bad = Vec::new();
         let mut buf = [0u8; KSET_MAX_BYTES];
         while pos.lsn < head.lsn {
@@ -398,6 +402,7 @@ impl Engine {
                 // the newest version in the batch is written.
                 let start = key.off / SECTOR_BYTES;
                 if key.flags & KEY_FLAG_ZERO != 0 {
+                    logged_zero += key.len as u64;
                     let unmap = key.flags & KEY_FLAG_UNMAP != 0;
                     map.insert(start, WbExt::dataless(&key, WbKind::Zero { unmap }));
                     continue;
@@ -442,6 +447,7 @@ impl Engine {
             end: pos,
             ksets,
             logged_dirty,
+            logged_zero,
             bad,
         }))
     }

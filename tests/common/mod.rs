@@ -303,3 +303,15 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// `pcache status --json` of a running server.
+pub fn status(server: &Server) -> serde_json::Value {
+    let o = pcache(&[
+        "status",
+        "--control",
+        &server.control.display().to_string(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).expect("status is JSON")
+}
