@@ -78,6 +78,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Grow a running server's disk to its backing store's size now (after
+    /// the file, device or image grew) and tell the guest. A disk never
+    /// shrinks.
+    Resize {
+        /// Control socket.
+        #[arg(long, default_value = "pcache-data/pcache.ctl")]
+        control: PathBuf,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a new, empty cache on a file or device-DAX device.
     Format {
         /// Cache medium: a file (created if absent), or /dev/daxX.Y.
@@ -360,6 +371,33 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             seconds(timeout)?,
             json,
         )?),
+        Command::Resize { control, json } => {
+            let r = crate::control::request(&control, &crate::control::Request::Resize)?;
+            let Some(d) = r.resized.filter(|_| r.ok) else {
+                eprintln!(
+                    "pcache: not resized: {}",
+                    r.error.unwrap_or_else(|| "no answer".into())
+                );
+                return Ok(1);
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else if d.new_bytes == d.old_bytes {
+                println!("unchanged: {} bytes", d.new_bytes);
+            } else {
+                println!(
+                    "grown from {} to {} bytes; {}",
+                    d.old_bytes,
+                    d.new_bytes,
+                    if d.guest_notified {
+                        "the guest was told"
+                    } else {
+                        "no frontend to tell (a guest connecting now sees the new size)"
+                    }
+                );
+            }
+            Ok(0)
+        }
         Command::Invalidate { control, timeout } => {
             // Most of it while the guest goes on writing; the server writes
             // back the rest with writes held.

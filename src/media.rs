@@ -210,12 +210,13 @@ pub fn open_backing(path: &Path, read_only: bool) -> AnyResult<FileBacking> {
         .map_err(|e| format!("Cannot open backing store {}: {e}", path.display()).into())
 }
 
-/// Refuse a backing store whose size differs from the one formatted for.
+/// Refuse a backing store smaller than the disk the cache holds (a larger
+/// one grew: `serve` grows the disk to it).
 pub fn check_backing_size(engine: &Engine, backing: &dyn Backing, path: &Path) -> AnyResult<()> {
     let size = backing.size();
-    if size != engine.size() {
+    if size < engine.size() {
         return Err(format!(
-            "Backing store {} is {} bytes but the cache was formatted for {} bytes; refusing to use it",
+            "Backing store {} is {} bytes but the cache holds a disk of {} bytes (a disk never shrinks); refusing to use it",
             path.display(),
             size,
             engine.size()

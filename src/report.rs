@@ -15,7 +15,7 @@ pub struct Report {
     pub uuid: String,
     /// Bytes of the medium.
     pub cache_bytes: u64,
-    /// Backing store size recorded at format.
+    /// Size of the disk (the backing store): as formatted, or grown since.
     pub backing_bytes: u64,
     /// Segments.
     pub segments: u32,
@@ -79,7 +79,7 @@ impl Report {
             version: sb.version,
             uuid: sb.uuid.iter().map(|b| format!("{b:02x}")).collect(),
             cache_bytes: sb.cache_bytes,
-            backing_bytes: sb.backing_bytes,
+            backing_bytes: e.size(),
             segments: e.n_segs(),
             segments_used: e.segs_used(),
             gc_percent: e.gc_percent(),

@@ -97,6 +97,34 @@ fn open_backing(o: &ServeOptions) -> AnyResult<FileBacking> {
     media::open_backing(&o.backing, o.cfg.read_only)
 }
 
+/// `pcache resize`: grow the disk to the backing store's size now, and tell
+/// the connected frontend so the guest sees it.
+fn resize(engine: &Engine, backing: &dyn Backing, stop: &Stop) -> Result<control::Resized, String> {
+    if engine.is_read_only() {
+        return Err("the cache is open read-only: it cannot grow".into());
+    }
+    let new = backing
+        .refresh_size()
+        .map_err(|e| format!("cannot read the backing store's size: {e}"))?;
+    let old = engine.grow(new).map_err(|e| e.to_string())?;
+    let mut guest_notified = false;
+    if new != old {
+        let active = stop.active.lock().expect("stop lock").clone();
+        if let Some(a) = active {
+            match a.notify_config_change() {
+                Ok(sent) => guest_notified = sent,
+                Err(e) => tracing::warn!(error = %e, "could not tell the frontend the disk grew"),
+            }
+        }
+        tracing::info!(old, new, guest_notified, "resized");
+    }
+    Ok(control::Resized {
+        old_bytes: old,
+        new_bytes: new,
+        guest_notified,
+    })
+}
+
 /// Take the cache (creating the file if it is new), format it when it is
 /// new or `--format` was given, and open it.
 fn open_cache(o: &ServeOptions, backing_bytes: u64) -> AnyResult<(Owner, Arc<Engine>)> {
@@ -235,6 +263,10 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     let backing_bytes = backing.size();
     let (_owner, engine) = open_cache(&o, backing_bytes)?;
     media::check_backing_size(&engine, &backing, &o.backing)?;
+    if backing_bytes > engine.size() && !o.cfg.read_only {
+        // It grew while pcache was down.
+        engine.grow(backing_bytes)?;
+    }
     let listening = listen(&o)?;
     let backing: Arc<dyn Backing> = Arc::new(backing);
     let workers = Workers::start(engine.clone(), backing.clone(), o.writeback);
@@ -264,10 +296,15 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
             }
         })
     };
+    let resize: control::Resizer = {
+        let (stop, engine, backing) = (stop.clone(), engine.clone(), backing.clone());
+        Arc::new(move || resize(&engine, &*backing, &stop))
+    };
     let srv = control::Server {
         engine: engine.clone(),
         info,
         frontend: probe,
+        resize,
     };
     control::spawn_server(&o.control, srv).map_err(|e| {
         format!(

@@ -278,6 +278,10 @@ impl<B: Backing> Backing for FaultyBacking<B> {
         self.inner.size()
     }
 
+    fn refresh_size(&self) -> io::Result<u64> {
+        self.inner.refresh_size()
+    }
+
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         let d = self.decide(FaultOp::Read);
         if !d.delay.is_zero() {

@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{AlignedBuf, Backing, IO_ALIGN};
 
@@ -34,8 +34,8 @@ pub struct FileBacking {
     file: File,
     /// The path it was opened from (for messages).
     path: PathBuf,
-    /// Size in bytes, fixed at open.
-    size: u64,
+    /// Size in bytes, from open or the last `refresh_size`.
+    size: AtomicU64,
     /// Whether `file` was opened with O_DIRECT.
     direct: bool,
     /// Whether `file` was opened read-only.
@@ -112,13 +112,7 @@ impl FileBacking {
                 }
             }
         }
-        let size = if file_type.is_block_device() {
-            block_device_size(&file).map_err(|e| {
-                io::Error::new(e.kind(), format!("{}: BLKGETSIZE64: {e}", path.display()))
-            })?
-        } else {
-            meta.len()
-        };
+        let size = store_size(&file, path)?;
         if !size.is_multiple_of(SECTOR) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -131,7 +125,7 @@ impl FileBacking {
         Ok(FileBacking {
             file,
             path: path.to_path_buf(),
-            size,
+            size: AtomicU64::new(size),
             direct,
             read_only,
             zero_fallback_logged: AtomicBool::new(false),
@@ -151,7 +145,7 @@ impl FileBacking {
     /// Check that `len` bytes at `off` lie inside the store and on sector
     /// boundaries.
     fn check_range(&self, off: u64, len: usize) -> io::Result<()> {
-        check_range(&self.path, self.size, off, len)
+        check_range(&self.path, self.size.load(Ordering::Acquire), off, len)
     }
 
     /// Whether `buf` can go to the kernel as it is (O_DIRECT needs an
@@ -159,6 +153,17 @@ impl FileBacking {
     fn needs_bounce(&self, addr: *const u8, len: usize) -> bool {
         self.direct
             && (!(addr as usize).is_multiple_of(IO_ALIGN) || !(len as u64).is_multiple_of(SECTOR))
+    }
+}
+
+/// The size of an open regular file or block device.
+fn store_size(file: &File, path: &Path) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        block_device_size(file)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: BLKGETSIZE64: {e}", path.display())))
+    } else {
+        Ok(meta.len())
     }
 }
 
@@ -314,7 +319,22 @@ fn pwrite_all(file: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> {
 
 impl Backing for FileBacking {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn refresh_size(&self) -> io::Result<u64> {
+        let size = store_size(&self.file, &self.path)?;
+        if !size.is_multiple_of(SECTOR) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: size {size} bytes is not a multiple of {SECTOR} bytes",
+                    self.path.display()
+                ),
+            ));
+        }
+        self.size.store(size, Ordering::Release);
+        Ok(size)
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {

@@ -34,6 +34,11 @@ pub const IO_ALIGN: usize = 4096;
 pub trait Backing: Send + Sync {
     /// Size in bytes.
     fn size(&self) -> u64;
+    /// Look at the store's size again (it may have grown), remember it and
+    /// return it.
+    fn refresh_size(&self) -> io::Result<u64> {
+        Ok(self.size())
+    }
     /// Read exactly `buf.len()` bytes at `off`.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
     /// Write all of `buf` at `off`.

@@ -124,8 +124,6 @@ pub struct BackingQueue {
     /// Whether we signalled the notifier ourselves since it was last
     /// drained (one signal is enough to wake the worker).
     kicked: bool,
-    /// Store size, for validating requests.
-    size: u64,
     /// The store; kept alive (and its descriptor open) until the engine has
     /// finished with it.
     backing: Arc<dyn Backing>,
@@ -207,7 +205,6 @@ impl BackingQueue {
             ready: VecDeque::new(),
             notifier,
             kicked: false,
-            size: backing.size(),
             backing,
         }
     }
@@ -235,7 +232,7 @@ impl BackingQueue {
     /// polling still comes round to it (a worker that polls right after
     /// submitting clears that signal without an extra wakeup).
     pub fn submit(&mut self, user_data: u64, op: IoOp) {
-        if let Err(e) = validate(&op, self.size) {
+        if let Err(e) = validate(&op, self.backing.size()) {
             self.complete_now(user_data, op, Err(e));
             return;
         }

@@ -99,7 +99,23 @@ pub enum Request {
     Drain,
     /// Drop everything cached (see `Engine::invalidate`).
     Invalidate,
+    /// Re-read the backing store's size and grow the disk to it.
+    Resize,
 }
+
+/// What a resize did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resized {
+    /// Size before, bytes.
+    pub old_bytes: u64,
+    /// Size now, bytes.
+    pub new_bytes: u64,
+    /// Was a connected frontend told (so the guest sees the new size)?
+    pub guest_notified: bool,
+}
+
+/// Grows the disk to the backing store's size; the server provides it.
+pub type Resizer = Arc<dyn Fn() -> Result<Resized, String> + Send + Sync>;
 
 /// A control reply.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +128,9 @@ pub struct Reply {
     /// For `status`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// For `resize`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resized: Option<Resized>,
 }
 
 /// Build a status report.
@@ -137,6 +156,8 @@ pub struct Server {
     pub info: ServeInfo,
     /// The frontend's state, read at each status.
     pub frontend: FrontendProbe,
+    /// Grows the disk (`pcache resize`).
+    pub resize: Resizer,
 }
 
 fn handle(srv: &Server, line: &str) -> Reply {
@@ -145,11 +166,13 @@ fn handle(srv: &Server, line: &str) -> Reply {
         ok: false,
         error: Some(e),
         status: None,
+        resized: None,
     };
     let ok = Reply {
         ok: true,
         error: None,
         status: None,
+        resized: None,
     };
     match serde_json::from_str::<Request>(line) {
         Err(e) => err(format!("bad request: {e}")),
@@ -173,6 +196,13 @@ fn handle(srv: &Server, line: &str) -> Reply {
         Ok(Request::Invalidate) => match engine.invalidate(Duration::from_secs(30)) {
             Ok(_) => ok,
             Err(e) => err(e.to_string()),
+        },
+        Ok(Request::Resize) => match (srv.resize)() {
+            Ok(r) => Reply {
+                resized: Some(r),
+                ..ok
+            },
+            Err(e) => err(e),
         },
     }
 }

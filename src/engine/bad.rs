@@ -91,9 +91,8 @@ impl Engine {
     /// order.
     pub fn bad_ranges(&self, limit: usize) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for (region, shard) in self.shards.iter().enumerate() {
-            let Some(shard) = shard.get() else { continue };
-            let base = region as u64 * REGION_BYTES;
+        for (region, shard) in self.shards.iter() {
+            let base = region * REGION_BYTES;
             let sh = shard.lock().expect("shard lock");
             for (s, e) in sh.map.iter().filter(|(_, e)| e.is_bad()) {
                 let off = base + s * SECTOR_BYTES;

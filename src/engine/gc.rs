@@ -63,7 +63,7 @@ impl Engine {
             }
             for (i, key) in view.iter().enumerate() {
                 let at = pos.key_at(i);
-                key.validate(self.n_segs, self.backing_bytes, at)?;
+                key.validate(self.n_segs, self.size(), at)?;
                 if key.flags & format::KEY_FLAG_BAD != 0 {
                     // Before key_tail can pass it (see bad.rs).
                     self.carry_bad(&key)?;
@@ -108,7 +108,7 @@ impl Engine {
     /// Drop index extents whose segment was reclaimed, so DRAM use follows
     /// the cache's contents rather than everything ever cached.
     fn sweep_stale(&self) {
-        for shard in self.shards.iter().filter_map(|s| s.get()) {
+        for (_, shard) in self.shards.iter() {
             let mut sh = shard.lock().expect("shard lock");
             sh.map
                 .retain(|e| e.is_dataless() || self.segs.gen(e.seg) as u32 == e.gen);

@@ -67,7 +67,7 @@ impl Engine {
         // key_tail to dirty_tail (= key_head): nothing is replayed again,
         // but ranges marked bad, which GC logs again and which stay.
         let freed = self.gc_once(true)?;
-        for shard in self.shards.iter().filter_map(|s| s.get()) {
+        for (_, shard) in self.shards.iter() {
             let mut sh = shard.lock().expect("shard lock");
             sh.map.retain(|e| e.is_bad());
             // A fill read before now may hold older data: drop it.

@@ -15,6 +15,8 @@
 //! | `pace.rs` | - | spreading guest writes over a writeback batch |
 //! | `invalidate.rs` | - | dropping everything cached, writes held back |
 //! | `verify.rs` | - | offline check of dirty data against its CRCs |
+//! | `resize.rs` | - | growing the disk online |
+//! | `shards.rs` | - | the table of index shards, growing with the disk |
 //! | `replay.rs` | `cache_key_replay` | rebuilding state at open |
 //! | `open.rs` | `cache.c`, `cache_dev.c` | format, open, tails, settings |
 //!
@@ -32,7 +34,9 @@ mod pace;
 mod policy;
 mod replay;
 mod req;
+mod resize;
 mod segment;
+mod shards;
 mod stats;
 mod verify;
 mod workers;
@@ -196,13 +200,14 @@ pub struct Engine {
     region: Arc<Region>,
     sb: Superblock,
     n_segs: u32,
-    backing_bytes: u64,
+    /// Size of the disk in bytes; grows online (`resize.rs`).
+    backing_bytes: std::sync::atomic::AtomicU64,
     data_crc: bool,
     read_only: bool,
     gc_percent: AtomicU8,
     settings: Mutex<Settings>,
     segs: SegTable,
-    shards: Box<[OnceLock<Box<Mutex<Shard>>>]>,
+    shards: shards::ShardTable,
     ksets: Box<[Mutex<OpenKset>]>,
     /// Guards key_head and the flush epoch; written by kset closes.
     log: Mutex<LogHead>,
@@ -244,7 +249,7 @@ impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("n_segs", &self.n_segs)
-            .field("backing_bytes", &self.backing_bytes)
+            .field("backing_bytes", &self.size())
             .finish_non_exhaustive()
     }
 }
@@ -262,7 +267,7 @@ impl Engine {
 
     /// Size of the cached device in bytes (= the backing store's size).
     pub fn size(&self) -> u64 {
-        self.backing_bytes
+        self.backing_bytes.load(Ordering::Acquire)
     }
 
     /// Number of segments.
@@ -379,11 +384,11 @@ impl Engine {
     }
 
     fn shard(&self, region: u64) -> Option<&Mutex<Shard>> {
-        self.shards.get(region as usize)?.get().map(|b| &**b)
+        self.shards.get(region)
     }
 
     fn shard_or_create(&self, region: u64) -> &Mutex<Shard> {
-        self.shards[region as usize].get_or_init(Default::default)
+        self.shards.get_or_create(region)
     }
 
     fn kset_for(&self, region: u64) -> &Mutex<OpenKset> {
@@ -394,14 +399,13 @@ impl Engine {
     pub fn extent_count(&self) -> u64 {
         self.shards
             .iter()
-            .filter_map(|s| s.get())
-            .map(|s| s.lock().expect("shard lock").map.len() as u64)
+            .map(|(_, s)| s.lock().expect("shard lock").map.len() as u64)
             .sum()
     }
 
     /// Check the engine's invariants (tests).
     pub fn assert_invariants(&self) {
-        for s in self.shards.iter().filter_map(|s| s.get()) {
+        for (_, s) in self.shards.iter() {
             #[cfg(debug_assertions)]
             s.lock().expect("shard lock").map.assert_invariants();
             #[cfg(not(debug_assertions))]

@@ -94,6 +94,13 @@ impl Engine {
                 opts.backing_bytes
             )));
         }
+        if opts.backing_bytes > format::MAX_DISK_BYTES {
+            return Err(Error::Refused(format!(
+                "backing store size {} is above the largest pcache fronts ({} bytes)",
+                opts.backing_bytes,
+                format::MAX_DISK_BYTES
+            )));
+        }
         if !opts.force {
             let sb = read_vec(region, SB_OFF, format::SB_BYTES);
             let magic = u64::from_le_bytes(sb[8..16].try_into().expect("8 bytes"));
@@ -137,6 +144,7 @@ impl Engine {
                 0
             },
             gc_percent: opts.gc_percent,
+            ..Default::default()
         };
         let start = PosOnMedia {
             seg: 0,
@@ -236,11 +244,11 @@ impl Engine {
             gens.push((gen.rec.gen, gen.slot as u8));
         }
 
-        let n_regions = sb.backing_bytes.div_ceil(REGION_BYTES) as usize;
+        let size = info.rec.disk_bytes(&sb)?;
         let engine = Engine {
             sb,
             n_segs,
-            backing_bytes: sb.backing_bytes,
+            backing_bytes: std::sync::atomic::AtomicU64::new(size),
             data_crc: info.rec.flags & CACHE_FLAG_DATA_CRC != 0,
             read_only: opts.read_only,
             gc_percent: AtomicU8::new(info.rec.gc_percent),
@@ -250,7 +258,7 @@ impl Engine {
                 seq: info.seq,
             }),
             segs: SegTable::new(gens),
-            shards: (0..n_regions).map(|_| OnceLock::new()).collect(),
+            shards: super::shards::ShardTable::new(size.div_ceil(REGION_BYTES)),
             // Eras are set from the slots once they are replayed.
             ksets: (0..KSET_SLOTS)
                 .map(|i| Mutex::new(OpenKset::new(i, 0)))

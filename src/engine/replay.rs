@@ -158,7 +158,7 @@ impl Engine {
     /// is stale, take its segment reference and queue it for the index.
     /// Returns whether it was taken.
     fn take_key(&self, key: &KeyOnMedia, at: u64, r: &mut Replay) -> Result<bool> {
-        key.validate(self.n_segs, self.backing_bytes, at)?;
+        key.validate(self.n_segs, self.size(), at)?;
         if key.is_dataless() {
             // No data, no segment reference: it only replaces what it covers.
             self.queue_for_index(key, r);

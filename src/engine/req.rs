@@ -113,7 +113,7 @@ impl Engine {
     pub fn write(&self, head: &mut DataHead, off: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
         let len = data.len() as u64;
-        check_range(off, len, self.backing_bytes)?;
+        check_range(off, len, self.size())?;
         let Some(_writing) = self.writing() else {
             // An invalidation runs: wait as for space.
             return Err(Error::CacheFull { done: 0 });
@@ -171,7 +171,7 @@ impl Engine {
     /// the rest once the key log has room.
     pub fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
-        check_range(off, len, self.backing_bytes)?;
+        check_range(off, len, self.size())?;
         let Some(_writing) = self.writing() else {
             return Err(Error::CacheFull { done: 0 });
         };
@@ -236,7 +236,7 @@ impl Engine {
     /// read from the backing store (into `buf[miss.buf_off..]`).
     pub fn read(&self, off: u64, buf: &mut [u8], misses: &mut Vec<Miss>) -> Result<()> {
         let len = buf.len() as u64;
-        check_range(off, len, self.backing_bytes)?;
+        check_range(off, len, self.size())?;
         let first_miss = misses.len();
         let mut done = 0u64;
         while done < len {

@@ -59,7 +59,7 @@ impl Engine {
             }
             for (i, key) in view.iter().enumerate() {
                 let at = pos.key_at(i);
-                key.validate(self.n_segs, self.backing_bytes, at)?;
+                key.validate(self.n_segs, self.size(), at)?;
                 self.verify_key(&key, &mut check);
             }
             pos.off += h.bytes() as u32;

@@ -394,7 +394,7 @@ impl Engine {
             epoch = Some(h.epoch);
             for (i, key) in view.iter().enumerate() {
                 let at = pos.key_at(i);
-                key.validate(self.n_segs, self.backing_bytes, at)?;
+                key.validate(self.n_segs, self.size(), at)?;
                 if key.is_clean() {
                     continue;
                 }

@@ -80,6 +80,11 @@ pub const SB_MAGIC: u64 = 0x70636163_68655F31; // "pcache_1"
 /// slots (and moved the segments after them); version 1 media are refused.
 pub const FORMAT_VERSION: u32 = 2;
 
+/// Largest disk (backing store) a cache can front: 256 TiB.
+pub const MAX_DISK_BYTES: u64 = 256 << 40;
+/// Largest cache mode number in cache_info.
+pub const MODE_MAX: u8 = 3;
+
 /// gc_percent written at format when none is given (70, as dm-pcache).
 pub const GC_PERCENT_DEFAULT: u8 = 70;
 /// Largest gc_percent accepted (90, as dm-pcache).

@@ -198,9 +198,15 @@ fn body_of<R: MetaRecord>(body: &[u8], offset: u64) -> Result<&[u8]> {
 /// 16  4  n_segs      segments owned by the cache (= superblock seg_num)
 /// 20  4  flags       CACHE_FLAG_*
 /// 24  1  gc_percent  0..=GC_PERCENT_MAX
-/// 25  7  reserved, 0
+/// 25  1  mode        cache mode, 0..=MODE_MAX (0 writeback)
+/// 26  6  disk_sectors  size of the disk in 512-byte sectors once grown
+///                      online; 0: the superblock's backing_bytes
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// A build older than `mode` and `disk_sectors` reads both as reserved: it
+/// runs the cache in write-back mode and, seeing the grown backing store
+/// differ from the superblock, refuses to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CacheInfo {
     /// Segments owned by the cache.
     pub n_segs: u32,
@@ -208,7 +214,37 @@ pub struct CacheInfo {
     pub flags: u32,
     /// GC starts when this percentage of segments is in use.
     pub gc_percent: u8,
+    /// Cache mode (0 writeback; see `engine::CacheMode`).
+    pub mode: u8,
+    /// The disk's size in sectors after it grew online; 0 if it never did.
+    pub disk_sectors: u64,
 }
+
+impl CacheInfo {
+    /// The size of the disk: `disk_sectors` once grown, else the size the
+    /// superblock was formatted for (a smaller `disk_sectors` is corrupt).
+    pub fn disk_bytes(&self, sb: &super::Superblock) -> Result<u64> {
+        if self.disk_sectors == 0 {
+            return Ok(sb.backing_bytes);
+        }
+        let bytes = self.disk_sectors * super::SECTOR_BYTES;
+        if bytes < sb.backing_bytes || bytes > super::MAX_DISK_BYTES {
+            return Err(Error::Corrupt {
+                what: Self::NAME,
+                offset: super::CACHE_INFO_OFF[0],
+                detail: format!(
+                    "disk size {bytes} is below the formatted {} or above {}",
+                    sb.backing_bytes,
+                    super::MAX_DISK_BYTES
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+/// Largest value of `disk_sectors` (48 bits).
+const DISK_SECTORS_MAX: u64 = (1 << 48) - 1;
 
 /// A position in the key log (key_tail, dirty_tail; 32 bytes on media).
 ///
@@ -253,7 +289,9 @@ impl MetaRecord for CacheInfo {
         put_u32(body, 0, self.n_segs);
         put_u32(body, 4, self.flags);
         body[8] = self.gc_percent;
-        body[9..16].fill(0);
+        body[9] = self.mode;
+        debug_assert!(self.disk_sectors <= DISK_SECTORS_MAX);
+        body[10..16].copy_from_slice(&self.disk_sectors.to_le_bytes()[..6]);
     }
 
     fn decode_body(body: &[u8], offset: u64) -> Result<Self> {
@@ -267,7 +305,16 @@ impl MetaRecord for CacheInfo {
             n_segs: le_u32(body, 0),
             flags: le_u32(body, 4),
             gc_percent: body[8],
+            mode: body[9],
+            disk_sectors: {
+                let mut b = [0u8; 8];
+                b[..6].copy_from_slice(&body[10..16]);
+                u64::from_le_bytes(b)
+            },
         };
+        if info.mode > super::MODE_MAX {
+            return Err(corrupt(format!("unknown cache mode {}", info.mode)));
+        }
         if info.n_segs == 0 || info.n_segs > super::MAX_SEGS {
             return Err(corrupt(format!(
                 "n_segs {} out of range 1..={}",

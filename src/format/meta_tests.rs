@@ -9,6 +9,8 @@ fn cache_info() -> CacheInfo {
         n_segs: 31,
         flags: CACHE_FLAG_DATA_CRC | CACHE_FLAG_INIT_DONE,
         gc_percent: 70,
+        mode: 2,
+        disk_sectors: 0x0000_8765_4321_0fed,
     }
 }
 
@@ -66,6 +68,7 @@ fn every_record_round_trips() {
             n_segs: MAX_SEGS,
             flags: 0,
             gc_percent: 0,
+            ..Default::default()
         },
         u64::MAX,
     );
@@ -86,7 +89,8 @@ fn records_have_the_documented_byte_layout() {
     assert_eq!(b[16..20], 31u32.to_le_bytes());
     assert_eq!(b[20..24], 3u32.to_le_bytes());
     assert_eq!(b[24], 70);
-    assert_eq!(b[25..32], [0; 7]);
+    assert_eq!(b[25], 2);
+    assert_eq!(b[26..32], [0xed, 0x0f, 0x21, 0x43, 0x65, 0x87]);
 
     let b = pos().encode(1);
     assert_eq!(b[4..8], 2u32.to_le_bytes());
@@ -203,9 +207,27 @@ fn seg_info_rejects_unknown_flags_and_exposes_type_and_link() {
 }
 
 #[test]
-fn reserved_bytes_are_not_checked_on_read() {
-    let buf = with_body(cache_info(), |b| b[25..32].fill(0xaa));
-    assert_eq!(CacheInfo::decode(&buf, 0).unwrap().0, cache_info());
+fn an_unknown_cache_mode_is_corrupt_and_the_disk_size_is_checked() {
+    let buf = with_body(cache_info(), |b| b[25] = 4);
+    assert!(detail(&CacheInfo::decode(&buf, 0).unwrap_err()).contains("unknown cache mode 4"));
+    let sb = crate::format::Superblock {
+        flags: 0,
+        version: 2,
+        seg_num: 31,
+        uuid: [0; 16],
+        cache_bytes: 1 << 30,
+        backing_bytes: 1 << 30,
+    };
+    let info = |disk_sectors| CacheInfo {
+        disk_sectors,
+        ..cache_info()
+    };
+    assert_eq!(info(0).disk_bytes(&sb).unwrap(), 1 << 30);
+    assert_eq!(info(4 << 21).disk_bytes(&sb).unwrap(), 4 << 30);
+    assert!(info((1 << 21) - 1).disk_bytes(&sb).is_err());
+    assert!(info(crate::format::MAX_DISK_BYTES / 512 + 1)
+        .disk_bytes(&sb)
+        .is_err());
 }
 
 /// Two replicas of `pos()` with sequence numbers `s0` and `s1`.
@@ -401,6 +423,7 @@ fn replicas_match_the_golden_bytes_in_format_md() {
         n_segs: 63,
         flags: CACHE_FLAG_DATA_CRC,
         gc_percent: 70,
+        ..Default::default()
     };
     assert_eq!(ci.encode(1), info);
 }

@@ -59,10 +59,12 @@ pub const VIRTIO_FEATURES: u64 = bits::SIZE_MAX
 pub const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// vhost-user protocol features: CONFIG (config space), MQ, REPLY_ACK and
-/// CONFIGURE_MEM_SLOTS (libblkio requires the last three), and
-/// INFLIGHT_SHMFD (requests in flight survive a restart of pcache).
+/// CONFIGURE_MEM_SLOTS (libblkio requires the last three), INFLIGHT_SHMFD
+/// (requests in flight survive a restart of pcache) and BACKEND_REQ (a
+/// grown disk is announced to the guest).
 pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
     .union(VhostUserProtocolFeatures::MQ)
+    .union(VhostUserProtocolFeatures::BACKEND_REQ)
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
     .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);

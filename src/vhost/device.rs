@@ -5,6 +5,7 @@
 //! each connection.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,6 +53,9 @@ pub struct Device {
     pub(super) space_fds: Vec<EventFd>,
     /// Set when the process is stopping: no new request is taken.
     pub(super) stopping: AtomicBool,
+    /// Our copy of the back-end request socket (`notify.rs`), once the
+    /// frontend sent one.
+    config_notifier: Mutex<Option<OwnedFd>>,
 }
 
 impl Device {
@@ -81,12 +85,29 @@ impl Device {
             queues,
             space_fds,
             stopping: AtomicBool::new(false),
+            config_notifier: Mutex::new(None),
         })
     }
 
     /// Size of the disk in bytes.
     pub(super) fn capacity(&self) -> u64 {
         self.engine.size()
+    }
+
+    /// The frontend gave us a back-end request socket.
+    pub(super) fn set_config_notifier(&self, fd: OwnedFd) {
+        *self.config_notifier.lock().expect("notifier lock") = Some(fd);
+    }
+
+    /// Tell the frontend the config space changed (the capacity grew), so
+    /// it raises a config interrupt in the guest. Ok(false) when it gave
+    /// no channel for that (BACKEND_REQ not negotiated).
+    pub fn notify_config_change(&self) -> io::Result<bool> {
+        let n = self.config_notifier.lock().expect("notifier lock");
+        match &*n {
+            Some(fd) => super::notify::send_config_change(fd).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Queues offered.

@@ -29,6 +29,7 @@ mod config;
 mod device;
 mod handler;
 mod inflight;
+mod notify;
 mod poll;
 mod queue;
 mod read;

@@ -36,6 +36,12 @@ pub struct Active {
 }
 
 impl Active {
+    /// Tell the frontend the config space changed (see
+    /// `Device::notify_config_change`).
+    pub fn notify_config_change(&self) -> io::Result<bool> {
+        self.dev.notify_config_change()
+    }
+
     /// Rings the frontend has started.
     pub fn started(&self) -> usize {
         self.dev
@@ -109,8 +115,15 @@ pub fn serve(
         conn,
         since: Instant::now(),
     });
+    let peek = stream.try_clone()?;
     let mut req = BackendReqHandler::from_stream(stream, handler.clone());
     let result = loop {
+        match super::notify::peek_backend_req_fd(&peek) {
+            Ok(Some(fd)) => dev.set_config_notifier(fd),
+            Ok(None) => {}
+            // The read that follows reports it.
+            Err(e) => tracing::debug!(error = %e, "peek at the next message"),
+        }
         match req.handle_request() {
             Ok(()) => {}
             Err(VuError::Disconnected | VuError::PartialMessage) => {
