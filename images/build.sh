@@ -2,7 +2,8 @@
 # Builds the small guest that qemu/run-guest.sh boots against a vhost-user-blk
 # socket:
 #   target/guest/vmlinuz           Debian's cloud kernel (linux-image-*-cloud-amd64)
-#   target/guest/initramfs.cpio.gz busybox-static, fio, mkfs.ext4/e2fsck with
+#   target/guest/initramfs.cpio.gz busybox-static, fio, util-linux's
+#                                  blkdiscard and fstrim, mkfs.ext4/e2fsck with
 #                                  their shared libraries, the virtio modules
 #                                  and an /init that runs one command
 #
@@ -88,6 +89,8 @@ need_cmd fio fio
 need_cmd cpio cpio
 need_cmd /usr/sbin/mke2fs e2fsprogs
 need_cmd /usr/sbin/e2fsck e2fsprogs
+need_cmd /usr/sbin/blkdiscard util-linux
+need_cmd /usr/sbin/fstrim util-linux
 need_cmd gzip gzip
 need_cmd dpkg-deb dpkg
 # For the tests of pcache under systemd (units, socket activation).
@@ -175,6 +178,8 @@ copy_with_libs "$(readlink -f "$(command -v fio)")"
 [[ -e $STAGE/usr/bin/fio ]] || ln -s "$(readlink -f "$(command -v fio)")" "$STAGE/usr/bin/fio"
 copy_with_libs /usr/sbin/mke2fs
 copy_with_libs /usr/sbin/e2fsck
+copy_with_libs /usr/sbin/blkdiscard
+copy_with_libs /usr/sbin/fstrim
 for l in mkfs.ext4 mkfs.ext2 mkfs.ext3; do ln -sf mke2fs "$STAGE/usr/sbin/$l"; done
 for l in fsck.ext4 fsck.ext2 fsck.ext3; do ln -sf e2fsck "$STAGE/usr/sbin/$l"; done
 [[ -f /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$STAGE/etc/"
