@@ -15,7 +15,6 @@ mod guest;
 use guest::{preflight, serve_cmd, Guest, Server};
 
 const MIB: u64 = 1 << 20;
-const DISK: u64 = 256 * MIB;
 const GROWN: u64 = 384 * MIB;
 
 /// The guest's script (util-linux's programs by path: busybox's shell
@@ -84,7 +83,7 @@ fn guest_zeroes_discards_trims_and_sees_its_disk_grow() {
                 "--cache-size",
                 "512M",
                 "--backing-size",
-                "256M",
+                "256M", // grown to GROWN below
                 "--format",
                 // Nothing reaches the disk before the test's drain.
                 "--writeback-idle-ms",
