@@ -78,6 +78,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show or change a running server's cache mode (writeback,
+    /// writethrough, writearound, none); leaving writeback writes
+    /// everything back first (progress on a terminal).
+    Mode {
+        /// Control socket.
+        #[arg(long, default_value = "pcache-data/pcache.ctl")]
+        control: PathBuf,
+        /// The mode to switch to; none given: print the mode.
+        #[arg(value_enum)]
+        mode: Option<crate::engine::CacheMode>,
+        /// Give up the drain after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Grow a running server's disk to its backing store's size now (after
     /// the file, device or image grew) and tell the guest. A disk never
     /// shrinks.
@@ -229,6 +246,18 @@ pub struct ServeArgs {
     /// batch for a new one].
     #[arg(long, value_enum)]
     pub writeback_order: Option<crate::engine::WritebackOrder>,
+    /// Cache mode, kept in the cache: writeback, writethrough (writes
+    /// complete on the cache and the backing store), writearound (writes
+    /// go to the backing store only; reads fill) or none (the cache is not
+    /// used). Leaving writeback writes everything back first [default: the
+    /// cache's, writeback for a new one].
+    #[arg(long, value_enum)]
+    pub mode: Option<crate::engine::CacheMode>,
+    /// A sequential run of requests past this size goes around the cache
+    /// (writes) or is not cached (reads), so a copy or a backup does not
+    /// push the hot set out (0 = off).
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    pub sequential_cutoff: u64,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -271,7 +300,9 @@ impl ServeArgs {
                 read_only: self.read_only,
                 serial: self.serial,
                 poll_us: self.poll_us,
+                sequential_cutoff: self.sequential_cutoff,
             },
+            mode: self.mode,
             data_crc: self.data_crc,
             gc_percent: self.gc_percent,
             writeback_order: self.writeback_order,
@@ -371,6 +402,12 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             seconds(timeout)?,
             json,
         )?),
+        Command::Mode {
+            control,
+            mode,
+            timeout,
+            json,
+        } => crate::control::mode::run(&control, mode, seconds(timeout)?, json),
         Command::Resize { control, json } => {
             let r = crate::control::request(&control, &crate::control::Request::Resize)?;
             let Some(d) = r.resized.filter(|_| r.ok) else {

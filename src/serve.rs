@@ -35,6 +35,9 @@ pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
 pub const DEFAULT_BACKING_BYTES: u64 = 8 << 30;
 /// How long a stop waits for requests the guest's queues have taken.
 const STOP_BUDGET: Duration = Duration::from_secs(10);
+/// How long `--mode` may take at start to write back a cache leaving
+/// write-back mode.
+const MODE_SWITCH_AT_START: Duration = Duration::from_secs(3600);
 
 /// Everything `serve` was asked for, defaults resolved.
 #[derive(Debug, Clone)]
@@ -59,6 +62,8 @@ pub struct ServeOptions {
     pub gc_percent: Option<u8>,
     /// Writeback order to set and persist (None keeps the cache's).
     pub writeback_order: Option<crate::engine::WritebackOrder>,
+    /// Cache mode to switch to at start (`--mode`).
+    pub mode: Option<crate::engine::CacheMode>,
     /// Control socket.
     pub control: PathBuf,
     /// Who may connect to the vhost socket.
@@ -189,6 +194,7 @@ fn open_cache_read_only(o: &ServeOptions) -> AnyResult<(Owner, Arc<Engine>)> {
         (o.gc_percent.is_some(), "--gc-percent"),
         (o.writeback_order.is_some(), "--writeback-order"),
         (o.data_crc, "--data-crc"),
+        (o.mode.is_some(), "--mode"),
     ];
     if let Some((_, flag)) = changes.iter().find(|(given, _)| *given) {
         return Err(format!("{flag} changes the cache, which --read-only never writes").into());
@@ -270,12 +276,19 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     let listening = listen(&o)?;
     let backing: Arc<dyn Backing> = Arc::new(backing);
     let workers = Workers::start(engine.clone(), backing.clone(), o.writeback);
+    if let Some(m) = o.mode.filter(|m| *m != engine.mode()) {
+        // Leaving write-back writes the cache back first (by the workers
+        // just started), before any guest connects.
+        println!("switching the cache to {m} mode");
+        engine.set_mode(m, MODE_SWITCH_AT_START)?;
+    }
     let info = ServeInfo {
         backing_path: o.backing.display().to_string(),
         num_queues: o.cfg.num_queues,
         socket: o.socket.display().to_string(),
         writeback: o.writeback,
         read_only: o.cfg.read_only,
+        sequential_cutoff: o.cfg.sequential_cutoff,
     };
     let stop = Arc::new(Stop::default());
     let probe: control::FrontendProbe = {

@@ -14,14 +14,17 @@ use throttle::{Limits, Throttle};
 const BLOCK: usize = 4096;
 const MIB: u64 = 1 << 20;
 
-/// A policy that would write nothing back for an hour.
-const LAZY: [&str; 6] = [
+/// A policy that would write nothing back for an hour, and the tests'
+/// sequential writes all cached (no sequential cutoff).
+const LAZY: [&str; 8] = [
     "--writeback-idle-ms",
     "3600000",
     "--writeback-max-age",
     "3600",
     "--writeback-high",
     "100",
+    "--sequential-cutoff",
+    "0",
 ];
 
 fn dirty_bytes(ctl: &str) -> u64 {

@@ -22,8 +22,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod drain;
+pub mod mode;
 
-use crate::engine::{Engine, StatsSnapshot};
+use crate::engine::{CacheMode, Engine, StatsSnapshot};
 use crate::report::Report;
 
 /// Facts about the running server that the engine does not know.
@@ -41,6 +42,9 @@ pub struct ServeInfo {
     /// store is written.
     #[serde(default)]
     pub read_only: bool,
+    /// Sequential cutoff in bytes (0: off).
+    #[serde(default)]
+    pub sequential_cutoff: u64,
 }
 
 /// What the frontend connection is doing right now.
@@ -66,6 +70,12 @@ pub struct Status {
     /// The cache, as `inspect` reports it.
     #[serde(flatten)]
     pub cache: Report,
+    /// Cache mode.
+    #[serde(default)]
+    pub mode: CacheMode,
+    /// A mode switch in progress goes to this mode (after a drain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switching_to: Option<CacheMode>,
     /// Read requests fully served from the cache.
     pub read_hits: u64,
     /// Read requests that needed the backing store.
@@ -101,6 +111,15 @@ pub enum Request {
     Invalidate,
     /// Re-read the backing store's size and grow the disk to it.
     Resize,
+    /// Switch the cache mode: `prepare` announces it (and starts a drain
+    /// when it leaves write-back), then without it the switch is made.
+    Mode {
+        /// Target mode.
+        mode: CacheMode,
+        /// Only announce it.
+        #[serde(default)]
+        prepare: bool,
+    },
 }
 
 /// What a resize did.
@@ -138,6 +157,8 @@ pub fn status(engine: &Engine, info: &ServeInfo, frontend: Frontend) -> Status {
     let stats = engine.stats().snapshot();
     Status {
         cache: Report::of(engine),
+        mode: engine.mode(),
+        switching_to: engine.switching_to(),
         read_hits: stats.read_hits,
         read_misses: stats.read_misses,
         failed: engine.has_failed(),
@@ -195,6 +216,21 @@ fn handle(srv: &Server, line: &str) -> Reply {
         // Drained by the client first, so little is left to write back.
         Ok(Request::Invalidate) => match engine.invalidate(Duration::from_secs(30)) {
             Ok(_) => ok,
+            Err(e) => err(e.to_string()),
+        },
+        Ok(Request::Mode {
+            mode,
+            prepare: true,
+        }) => match engine.prepare_mode(mode) {
+            Ok(()) => ok,
+            Err(e) => err(e.to_string()),
+        },
+        // The client drained it first, so little is left to write back.
+        Ok(Request::Mode {
+            mode,
+            prepare: false,
+        }) => match engine.set_mode(mode, Duration::from_secs(30)) {
+            Ok(()) => ok,
             Err(e) => err(e.to_string()),
         },
         Ok(Request::Resize) => match (srv.resize)() {

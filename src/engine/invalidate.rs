@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::{Engine, Error, Result};
 
 /// Resumes guest writes when dropped.
-struct Paused<'a>(&'a Engine);
+pub(super) struct Paused<'a>(&'a Engine);
 
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
@@ -44,12 +44,24 @@ impl Engine {
     /// segments freed.
     pub fn invalidate(&self, timeout: Duration) -> Result<u32> {
         self.check_writable()?;
+        let _resume = self.hold_writes_and_drain(timeout)?;
+        let freed = self.drop_cached()?;
+        tracing::info!(segments_freed = freed, "cache invalidated");
+        Ok(freed)
+    }
+
+    /// Hold guest writes back (they wait as for space) until the returned
+    /// guard is dropped, and write back everything dirty. Fails, resuming
+    /// writes, if that takes longer than `timeout`.
+    pub(super) fn hold_writes_and_drain(&self, timeout: Duration) -> Result<Paused<'_>> {
         if self.writes_paused.swap(true, SeqCst) {
-            return Err(Error::Busy("an invalidation is already running"));
+            return Err(Error::Busy(
+                "an invalidation or a mode switch is already running",
+            ));
         }
-        let _resume = Paused(self);
+        let paused = Paused(self);
         // Writes that got in before the pause finish first: their keys
-        // must be logged, and written back, before the index is emptied.
+        // must be logged, and written back, before the caller goes on.
         while self.writers.load(SeqCst) > 0 {
             std::thread::yield_now();
         }
@@ -59,13 +71,18 @@ impl Engine {
             self.check_writable()?;
             if t0.elapsed() >= timeout {
                 return Err(Error::Busy(
-                    "dirty data was still being written back at the timeout; nothing was dropped",
+                    "dirty data was still being written back at the timeout; nothing changed",
                 ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        // key_tail to dirty_tail (= key_head): nothing is replayed again,
-        // but ranges marked bad, which GC logs again and which stay.
+        Ok(paused)
+    }
+
+    /// With nothing dirty: free every segment up to dirty_tail (= key_head)
+    /// and empty the index, but for ranges marked bad (GC logs them again;
+    /// they stay). Returns the segments freed.
+    pub(super) fn drop_cached(&self) -> Result<u32> {
         let freed = self.gc_once(true)?;
         for (_, shard) in self.shards.iter() {
             let mut sh = shard.lock().expect("shard lock");
@@ -73,7 +90,6 @@ impl Engine {
             // A fill read before now may hold older data: drop it.
             sh.write_version += 1;
         }
-        tracing::info!(segments_freed = freed, "cache invalidated");
         Ok(freed)
     }
 }

@@ -2,7 +2,10 @@
 //! on-media key.
 
 use super::index::Extent;
-use crate::format::{KeyOnMedia, KEY_FLAG_BAD, KEY_FLAG_CLEAN, KEY_FLAG_ZERO, SECTOR_BYTES};
+use super::index::ExtentMap;
+use crate::format::{
+    KeyOnMedia, KEY_FLAG_BAD, KEY_FLAG_CLEAN, KEY_FLAG_FORGET, KEY_FLAG_ZERO, SECTOR_BYTES,
+};
 
 /// Extent flag: the data equals the backing store's (a read-miss fill).
 pub const EXT_CLEAN: u8 = 1;
@@ -10,6 +13,8 @@ pub const EXT_CLEAN: u8 = 1;
 pub const EXT_ZERO: u8 = 1 << 1;
 /// Extent flag: the range's newest data was lost; reads fail.
 pub const EXT_BAD: u8 = 1 << 2;
+/// Extent flag: the range is to be dropped from the index (never stored).
+pub const EXT_FORGET: u8 = 1 << 3;
 
 /// A cached extent as the index holds it: 24 bytes.
 ///
@@ -86,6 +91,8 @@ impl CacheExt {
                 EXT_ZERO
             } else if k.flags & KEY_FLAG_BAD != 0 {
                 EXT_BAD
+            } else if k.flags & KEY_FLAG_FORGET != 0 {
+                EXT_FORGET
             } else {
                 0
             },
@@ -94,7 +101,16 @@ impl CacheExt {
 
     /// Does the extent point at no data (ZERO or BAD)?
     pub fn is_dataless(&self) -> bool {
-        self.flags & (EXT_ZERO | EXT_BAD) != 0
+        self.flags & (EXT_ZERO | EXT_BAD | EXT_FORGET) != 0
+    }
+
+    /// Put this extent, replayed or logged at `start`, into `map`: a
+    /// FORGET one only clears its range.
+    pub fn apply(self, map: &mut ExtentMap<u16, CacheExt>, start: u64) {
+        map.insert(start, self);
+        if self.flags & EXT_FORGET != 0 {
+            map.remove(start);
+        }
     }
 
     /// Does the range read zeros?

@@ -14,6 +14,7 @@
 //! | `bad.rs` | - | ranges whose dirty data failed its CRC |
 //! | `pace.rs` | - | spreading guest writes over a writeback batch |
 //! | `invalidate.rs` | - | dropping everything cached, writes held back |
+//! | `mode.rs` | - | cache modes, writes that go to the backing store |
 //! | `verify.rs` | - | offline check of dirty data against its CRCs |
 //! | `resize.rs` | - | growing the disk online |
 //! | `shards.rs` | - | the table of index shards, growing with the disk |
@@ -29,6 +30,7 @@ mod index;
 mod invalidate;
 mod key;
 mod kset;
+mod mode;
 mod open;
 mod pace;
 mod policy;
@@ -44,6 +46,7 @@ mod writeback;
 
 pub use index::{Extent, ExtentMap};
 pub use key::CacheExt;
+pub use mode::CacheMode;
 pub use open::{FormatOptions, OpenOptions};
 pub use policy::{Gate, Observation, Reason, WritebackPolicy};
 pub use req::{DataHead, Miss};
@@ -205,6 +208,10 @@ pub struct Engine {
     data_crc: bool,
     read_only: bool,
     gc_percent: AtomicU8,
+    /// `CacheMode` code (persisted in cache_info).
+    mode: AtomicU8,
+    /// A mode switch in progress goes here.
+    mode_target: Mutex<Option<CacheMode>>,
     settings: Mutex<Settings>,
     segs: SegTable,
     shards: shards::ShardTable,

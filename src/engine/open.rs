@@ -252,6 +252,8 @@ impl Engine {
             data_crc: info.rec.flags & CACHE_FLAG_DATA_CRC != 0,
             read_only: opts.read_only,
             gc_percent: AtomicU8::new(info.rec.gc_percent),
+            mode: AtomicU8::new(info.rec.mode),
+            mode_target: Mutex::new(None),
             settings: Mutex::new(Settings {
                 info: info.rec,
                 slot: info.slot,

@@ -79,7 +79,7 @@ impl Engine {
             for (region, start, ext) in batch {
                 if region % threads == t {
                     let mut sh = self.shard_or_create(*region).lock().expect("shard lock");
-                    sh.map.insert(*start, *ext);
+                    ext.apply(&mut sh.map, *start);
                 }
             }
         };

@@ -111,6 +111,18 @@ impl Engine {
     /// On `Err(CacheFull { done })` the first `done` bytes are cached; retry
     /// the rest once space frees up (see [`Engine::wait_for_space`]).
     pub fn write(&self, head: &mut DataHead, off: u64, data: &[u8]) -> Result<()> {
+        self.write_flagged(head, off, data, 0)
+    }
+
+    /// [`Engine::write`], logging keys with `flags` (CLEAN: the backing
+    /// store already holds the data).
+    pub(super) fn write_flagged(
+        &self,
+        head: &mut DataHead,
+        off: u64,
+        data: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         self.check_writable()?;
         let len = data.len() as u64;
         check_range(off, len, self.size())?;
@@ -143,7 +155,7 @@ impl Engine {
             let key = KeyOnMedia {
                 off: pos,
                 len: a.len,
-                flags: 0,
+                flags,
                 seg: a.seg,
                 seg_off: a.off,
                 gen: a.gen,
@@ -218,8 +230,10 @@ impl Engine {
             self.kset_close(&mut ks)?;
         }
         let start = (key.off & (REGION_BYTES - 1)) / SECTOR_BYTES;
-        sh.map.insert(start, CacheExt::from_key(key));
-        if !key.is_clean() {
+        CacheExt::from_key(key).apply(&mut sh.map, start);
+        // Anything but a fill makes fills read before it stale (a
+        // write-through write logs clean data too).
+        if fill_version.is_none() {
             sh.write_version += 1;
         }
         self.kset_push(&mut ks, key);
@@ -237,6 +251,18 @@ impl Engine {
     pub fn read(&self, off: u64, buf: &mut [u8], misses: &mut Vec<Miss>) -> Result<()> {
         let len = buf.len() as u64;
         check_range(off, len, self.size())?;
+        if self.mode() == super::CacheMode::None {
+            // The cache is not used: all of it from the backing store.
+            misses.push(Miss {
+                off,
+                len,
+                buf_off: 0,
+                version: 0,
+            });
+            stats::add(&self.stats.read_miss_bytes, len);
+            stats::add(&self.stats.read_misses, 1);
+            return Ok(());
+        }
         let first_miss = misses.len();
         let mut done = 0u64;
         while done < len {
@@ -394,7 +420,10 @@ impl Engine {
     /// Best effort: skipped when the cache is full or a write reached the
     /// region since the miss was found.
     pub fn fill(&self, head: &mut DataHead, miss: &Miss, data: &[u8]) {
-        if self.check_writable().is_err() || data.len() as u64 != miss.len {
+        if self.check_writable().is_err()
+            || data.len() as u64 != miss.len
+            || self.mode() == super::CacheMode::None
+        {
             return;
         }
         let mut done = 0u64;

@@ -19,6 +19,10 @@ pub struct Stats {
     pub fill_bytes: AtomicU64,
     /// Bytes the guest zeroed or discarded.
     pub zeroed_bytes: AtomicU64,
+    /// Bytes of sequential write streams sent around the cache.
+    pub write_bypass_bytes: AtomicU64,
+    /// Bytes of sequential read streams not filled into the cache.
+    pub read_nofill_bytes: AtomicU64,
     /// Flushes completed.
     pub flushes: AtomicU64,
     /// Times a request found the cache full.
@@ -73,6 +77,12 @@ pub struct StatsSnapshot {
     /// See [`Stats::zeroed_bytes`].
     #[serde(default)]
     pub zeroed_bytes: u64,
+    /// See [`Stats::write_bypass_bytes`].
+    #[serde(default)]
+    pub write_bypass_bytes: u64,
+    /// See [`Stats::read_nofill_bytes`].
+    #[serde(default)]
+    pub read_nofill_bytes: u64,
     /// See [`Stats::flushes`].
     pub flushes: u64,
     /// See [`Stats::cache_full`].
@@ -122,6 +132,8 @@ impl Stats {
             write_bytes: g(&self.write_bytes),
             fill_bytes: g(&self.fill_bytes),
             zeroed_bytes: g(&self.zeroed_bytes),
+            write_bypass_bytes: g(&self.write_bypass_bytes),
+            read_nofill_bytes: g(&self.read_nofill_bytes),
             flushes: g(&self.flushes),
             cache_full: g(&self.cache_full),
             writes_paced: g(&self.writes_paced),

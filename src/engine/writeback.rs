@@ -37,8 +37,8 @@ use super::index::{Extent, ExtentMap};
 use super::{stats, Engine, Error, Result, Tail};
 use crate::backing::{AlignedBuf, BackingQueue, BufPool, Completion, IoOp};
 use crate::format::{
-    self, data_off, PosOnMedia, KEY_FLAG_BAD, KEY_FLAG_UNMAP, KEY_FLAG_ZERO, KSET_MAX_BYTES,
-    SECTOR_BYTES,
+    self, data_off, PosOnMedia, KEY_FLAG_BAD, KEY_FLAG_FORGET, KEY_FLAG_UNMAP, KEY_FLAG_ZERO,
+    KSET_MAX_BYTES, SECTOR_BYTES,
 };
 
 /// Most bytes of backing writes in flight at once.
@@ -407,7 +407,8 @@ impl Engine {
                     map.insert(start, WbExt::dataless(&key, WbKind::Zero { unmap }));
                     continue;
                 }
-                if key.flags & KEY_FLAG_BAD != 0 {
+                if key.flags & (KEY_FLAG_BAD | KEY_FLAG_FORGET) != 0 {
+                    // Nothing to write: lost data, or already on the store.
                     map.insert(start, WbExt::dataless(&key, WbKind::Skip));
                     continue;
                 }

@@ -25,6 +25,9 @@
 //!                                      deallocate the range)
 //!                         bit 4 BAD   (the range's newest data was lost;
 //!                                      reads fail; no data)
+//!                         bit 5 FORGET (the range is no longer cached:
+//!                                      reads go to the backing store,
+//!                                      which holds its newest data)
 //! 16   4     seg        cache segment holding the data
 //! 20   4     seg_off    offset in that segment's data area
 //! 24   8     gen        segment gen when the data was written
@@ -32,7 +35,7 @@
 //! 36   4     reserved, 0
 //! ```
 //!
-//! A ZERO or BAD key is dataless: seg, seg_off, gen and data_crc are 0 and
+//! A ZERO, BAD or FORGET key is dataless: seg, seg_off, gen and data_crc are 0 and
 //! it holds no segment reference. Such keys keep their place in log order
 //! like writes, so replay, writeback and GC see them where the guest put
 //! them.
@@ -54,7 +57,11 @@ pub const KEY_FLAG_UNMAP: u32 = 1 << 3;
 /// Key flag: the newest data of the range failed its CRC before it reached
 /// the backing store; reads fail until the guest writes the range again.
 pub const KEY_FLAG_BAD: u32 = 1 << 4;
-const KEY_FLAGS_KNOWN: u32 = KEY_FLAG_CLEAN | KEY_FLAG_ZERO | KEY_FLAG_UNMAP | KEY_FLAG_BAD;
+/// Key flag: the range is no longer cached (a write went around the cache
+/// to the backing store); no data.
+pub const KEY_FLAG_FORGET: u32 = 1 << 5;
+const KEY_FLAGS_KNOWN: u32 =
+    KEY_FLAG_CLEAN | KEY_FLAG_ZERO | KEY_FLAG_UNMAP | KEY_FLAG_BAD | KEY_FLAG_FORGET;
 
 /// A key as stored in a kset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -86,9 +93,9 @@ impl KeyOnMedia {
         }
     }
 
-    /// Does the key carry no data (ZERO or BAD)?
+    /// Does the key carry no data (ZERO, BAD or FORGET)?
     pub fn is_dataless(&self) -> bool {
-        self.flags & (KEY_FLAG_ZERO | KEY_FLAG_BAD) != 0
+        self.flags & (KEY_FLAG_ZERO | KEY_FLAG_BAD | KEY_FLAG_FORGET) != 0
     }
 
     /// Was the data filled from the backing store (nothing to write back)?
@@ -129,7 +136,7 @@ impl KeyOnMedia {
     /// Check every field against the geometry: len > 0 and a multiple of
     /// 512, off a multiple of 512, off+len <= backing_bytes without overflow,
     /// the key does not cross a 4 MiB region, no unknown flags and at most
-    /// one of CLEAN, ZERO and BAD (UNMAP only with ZERO); for a key with
+    /// one of CLEAN, ZERO, BAD and FORGET (UNMAP only with ZERO); for a key with
     /// data, seg < n_segs, seg_off multiple of 512 and seg_off+len <=
     /// SEG_DATA_BYTES; for a dataless one, all four data fields 0.
     /// `what`/`offset` name the key in the error.
@@ -171,7 +178,7 @@ impl KeyOnMedia {
         if unknown != 0 {
             return bad(format!("unknown flags {unknown:#x} in {:#x}", self.flags));
         }
-        let kinds = [KEY_FLAG_CLEAN, KEY_FLAG_ZERO, KEY_FLAG_BAD]
+        let kinds = [KEY_FLAG_CLEAN, KEY_FLAG_ZERO, KEY_FLAG_BAD, KEY_FLAG_FORGET]
             .iter()
             .filter(|f| self.flags & **f != 0)
             .count();

@@ -494,6 +494,9 @@ fn dataless_keys_validate_without_data_fields() {
     KeyOnMedia::dataless(4096, 512, KEY_FLAG_BAD)
         .validate(NSEGS, BACKING, 0)
         .unwrap();
+    KeyOnMedia::dataless(4096, 512, KEY_FLAG_FORGET)
+        .validate(NSEGS, BACKING, 0)
+        .unwrap();
     // Dataless keys still obey the logical checks.
     rejects(
         KeyOnMedia::dataless(REGION_BYTES - 512, 1024, KEY_FLAG_ZERO),
@@ -522,6 +525,7 @@ fn dataless_keys_with_data_fields_or_mixed_kinds_are_rejected() {
         KEY_FLAG_CLEAN | KEY_FLAG_ZERO,
         KEY_FLAG_UNMAP,
         KEY_FLAG_BAD | KEY_FLAG_UNMAP,
+        KEY_FLAG_FORGET | KEY_FLAG_ZERO,
     ] {
         rejects(
             KeyOnMedia::dataless(0, 512, flags),

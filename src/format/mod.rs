@@ -22,7 +22,7 @@ mod superblock;
 
 pub use kset::{encode_kset, encode_last};
 pub use kset::{KeyOnMedia, KsetEnd, KsetHeader, KsetView, KSET_FLAG_LAST};
-pub use kset::{KEY_FLAG_BAD, KEY_FLAG_CLEAN, KEY_FLAG_UNMAP, KEY_FLAG_ZERO};
+pub use kset::{KEY_FLAG_BAD, KEY_FLAG_CLEAN, KEY_FLAG_FORGET, KEY_FLAG_UNMAP, KEY_FLAG_ZERO};
 pub use layout::*;
 pub use meta::{
     pick_latest, CacheInfo, Latest, MetaRecord, PosOnMedia, SegGen, SegInfo, CACHE_FLAG_DATA_CRC,

@@ -37,11 +37,18 @@ pub struct ServeConfig {
     /// adapts below that (`poll.rs`). Saves a wake-up per request when
     /// requests arrive close together.
     pub poll_us: u32,
+    /// A sequential run of requests past this many bytes goes around the
+    /// cache (writes) or is not filled in (reads); 0: never.
+    pub sequential_cutoff: u64,
 }
 
 /// The device of one frontend connection.
 pub struct Device {
     pub(super) engine: Arc<Engine>,
+    /// For the writes that go to the backing store themselves (modes
+    /// other than write-back, sequential streams); reads use each queue's
+    /// asynchronous backing queue.
+    pub(super) backing: Arc<dyn Backing>,
     pub(super) cfg: ServeConfig,
     pub(super) mem: Gm,
     pub(super) event_idx: AtomicBool,
@@ -78,6 +85,7 @@ impl Device {
         Ok(Device {
             writeback: AtomicBool::new(!engine.guest_writethrough()),
             engine,
+            backing,
             cfg,
             mem,
             event_idx: AtomicBool::new(false),

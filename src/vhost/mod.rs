@@ -12,6 +12,7 @@
 //! - `queue.rs`: one queue's pipeline: requests against the engine, writes
 //!   deferred while the cache is full, stopping.
 //! - `read.rs`: read misses: backing reads, completion, cache fills.
+//! - `stream.rs`: recognising sequential streams (the sequential cutoff).
 //! - `worker.rs`: one thread per queue, an epoll loop.
 //! - `handler.rs`: the frontend's messages (memory, features, rings,
 //!   inflight), on the vhost crate's request-handler trait.
@@ -36,6 +37,7 @@ mod read;
 mod request;
 mod ring;
 mod session;
+mod stream;
 mod worker;
 
 #[cfg(any(test, feature = "fuzzing"))]

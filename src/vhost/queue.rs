@@ -28,6 +28,7 @@ use super::request::{
     needs_range, parse, status, RequestKind, HEADER_BYTES, ID_BYTES, RANGE_BYTES,
 };
 use super::ring::Ring;
+use super::stream::Streams;
 use crate::backing::{AlignedBuf, Backing, BackingQueue, BufPool, Completion};
 use crate::engine::{DataHead, Error as EngineError, Miss};
 
@@ -45,6 +46,8 @@ pub(super) struct Deferred {
     pub(super) done: u64,
     /// A paced write runs no earlier than this.
     pub(super) not_before: Option<Instant>,
+    /// The write is part of a long sequential stream (`stream.rs`).
+    pub(super) sequential: bool,
 }
 
 /// Per-queue state, owned by that queue's worker thread.
@@ -72,6 +75,8 @@ pub struct QueueState {
     pub(super) poll: PollWindow,
     /// Fires when the first paced write is due (non-blocking).
     pub(super) timer: TimerFd,
+    /// Sequential streams seen on this queue.
+    pub(super) streams: Streams,
 }
 
 impl QueueState {
@@ -102,6 +107,7 @@ impl QueueState {
             fills: Vec::new(),
             poll: PollWindow::default(),
             timer,
+            streams: Streams::default(),
         })
     }
 
@@ -294,6 +300,7 @@ impl Device {
                 let mut buf = std::mem::take(&mut qs.scratch);
                 // Every byte is overwritten (hits now, misses on completion).
                 buf.resize(len as usize, 0);
+                let fill = !qs.streams.read.note(off, len, self.cfg.sequential_cutoff);
                 if let Err(e) = self.engine.read(off, &mut buf, &mut misses) {
                     tracing::warn!(off, len, error = %e, "read failed");
                     let _ = st.write_all(&[status::IOERR]);
@@ -314,10 +321,10 @@ impl Device {
                     let _ = st.write_all(&[status::IOERR]);
                     return Some((head, 1));
                 }
-                queue_misses(qs, chain, buf, misses);
+                queue_misses(qs, chain, buf, misses, fill);
                 None
             }
-            RequestKind::Write { len, .. } => {
+            RequestKind::Write { off, len } => {
                 // Copied out first: the usual layout, written straight from
                 // guest memory, took `start_simple`.
                 let mut data = std::mem::take(&mut qs.scratch);
@@ -326,12 +333,13 @@ impl Device {
                     let _ = st.write_all(&[status::IOERR]);
                     return Some((head, 1));
                 }
+                let seq = qs.streams.write.note(off, len, self.cfg.sequential_cutoff);
                 let wait = self.engine.pace(len);
                 let not_before = (!wait.is_zero()).then(|| Instant::now() + wait);
-                self.run_or_defer(qs, chain, kind, data, not_before)
+                self.run_or_defer(qs, chain, kind, data, not_before, seq)
             }
             RequestKind::Flush | RequestKind::Zeroes { .. } => {
-                self.run_or_defer(qs, chain, kind, Vec::new(), None)
+                self.run_or_defer(qs, chain, kind, Vec::new(), None, false)
             }
             RequestKind::GetId => {
                 let mut id = [0u8; ID_BYTES];
@@ -432,6 +440,7 @@ impl Device {
                 // as with any device DMA; we only store into them.
                 let direct = unsafe { std::slice::from_raw_parts_mut(p, l) };
                 let mut misses = Vec::new();
+                let fill = !qs.streams.read.note(off, len, self.cfg.sequential_cutoff);
                 if let Err(e) = self.engine.read(off, direct, &mut misses) {
                     tracing::warn!(off, len, error = %e, "read failed");
                     set(status::IOERR);
@@ -447,7 +456,7 @@ impl Device {
                     return Ok(Some((head, 1)));
                 }
                 let buf = hits_to_keep(direct, &misses);
-                queue_misses(qs, chain, buf, misses);
+                queue_misses(qs, chain, buf, misses, fill);
                 Ok(None)
             }
             RequestKind::Write { off, len } => {
@@ -457,15 +466,16 @@ impl Device {
                 // SAFETY: as for a read; we only load from these bytes, and a
                 // guest changing them meanwhile gets a mix, as it asked for.
                 let direct = unsafe { std::slice::from_raw_parts(p as *const u8, l) };
+                let seq = qs.streams.write.note(off, len, self.cfg.sequential_cutoff);
                 // Paced while a writeback batch runs (see engine/pace.rs).
                 let wait = self.engine.pace(len);
                 if !qs.deferred.is_empty() || !wait.is_zero() {
                     let data = direct.to_vec();
                     let not_before = (!wait.is_zero()).then(|| Instant::now() + wait);
-                    return Ok(self.run_or_defer(qs, chain, kind, data, not_before));
+                    return Ok(self.run_or_defer(qs, chain, kind, data, not_before, seq));
                 }
                 let mut done = 0;
-                if let Some(s) = self.write_from(&mut qs.head, off, len, direct, &mut done) {
+                if let Some(s) = self.write_from(&mut qs.head, off, len, direct, &mut done, seq) {
                     set(s);
                     return Ok(Some((head, 1)));
                 }
@@ -476,10 +486,11 @@ impl Device {
                     data,
                     done,
                     not_before: None,
+                    sequential: seq,
                 });
                 Ok(None)
             }
-            RequestKind::Flush => Ok(self.run_or_defer(qs, chain, kind, Vec::new(), None)),
+            RequestKind::Flush => Ok(self.run_or_defer(qs, chain, kind, Vec::new(), None, false)),
             RequestKind::GetId | RequestKind::Zeroes { .. } => Err(chain),
         }
     }
@@ -494,6 +505,7 @@ impl Device {
         kind: RequestKind,
         data: Vec<u8>,
         not_before: Option<Instant>,
+        sequential: bool,
     ) -> Option<(u16, u32)> {
         let mut d = Deferred {
             chain,
@@ -501,6 +513,7 @@ impl Device {
             data,
             done: 0,
             not_before,
+            sequential,
         };
         if !qs.deferred.is_empty() {
             qs.deferred.push_back(d);
@@ -529,15 +542,17 @@ impl Device {
     fn try_run(&self, head: &mut DataHead, d: &mut Deferred) -> Option<u8> {
         match d.kind {
             RequestKind::Write { off, len } => {
-                self.write_from(head, off, len, &d.data, &mut d.done)
+                self.write_from(head, off, len, &d.data, &mut d.done, d.sequential)
             }
-            RequestKind::Flush => match self.engine.flush() {
+            RequestKind::Flush => match self.engine.flush_with(&*self.backing) {
                 Ok(()) => Some(status::OK),
                 Err(EngineError::CacheFull { .. }) => None,
                 Err(e) => Some(fail("flush", &e)),
             },
             RequestKind::Zeroes { off, len, unmap } => {
-                let r = self.engine.write_zeroes(off + d.done, len - d.done, unmap);
+                let r = self
+                    .engine
+                    .zeroes_with(&*self.backing, off + d.done, len - d.done, unmap);
                 self.finish_write(r, off, len, &mut d.done, "write-zeroes")
             }
             RequestKind::Read { .. } | RequestKind::GetId => Some(status::IOERR),
@@ -554,10 +569,15 @@ impl Device {
         len: u64,
         data: &[u8],
         done: &mut u64,
+        sequential: bool,
     ) -> Option<u8> {
-        let r = self
-            .engine
-            .write(head, off + *done, &data[*done as usize..]);
+        let r = self.engine.write_with(
+            head,
+            &*self.backing,
+            off + *done,
+            &data[*done as usize..],
+            sequential,
+        );
         self.finish_write(r, off, len, done, "write")
     }
 

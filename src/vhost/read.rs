@@ -30,11 +30,20 @@ pub(super) struct PendingRead {
     misses: Vec<Miss>,
     left: usize,
     failed: bool,
+    /// Fill the cache with what the misses read (not for a long
+    /// sequential stream).
+    fill: bool,
 }
 
 /// Send a read's misses (at most [`MAX_MISSES`]) to the backing queue; the
 /// request completes when the last one is back.
-pub(super) fn queue_misses(qs: &mut QueueState, chain: Chain, buf: Vec<u8>, misses: Vec<Miss>) {
+pub(super) fn queue_misses(
+    qs: &mut QueueState,
+    chain: Chain,
+    buf: Vec<u8>,
+    misses: Vec<Miss>,
+    fill: bool,
+) {
     let id = qs.next_id;
     qs.next_id += 1;
     for (i, m) in misses.iter().enumerate() {
@@ -61,6 +70,7 @@ pub(super) fn queue_misses(qs: &mut QueueState, chain: Chain, buf: Vec<u8>, miss
             misses,
             left,
             failed: false,
+            fill,
         },
     );
 }
@@ -90,6 +100,7 @@ impl Device {
                 continue;
             };
             let m = p.misses[i];
+            let fill = p.fill;
             // The data of a miss that is the whole request goes to the
             // guest straight from the backing buffer.
             let mut whole = None;
@@ -97,7 +108,12 @@ impl Device {
                 (Ok(()), IoOp::Read { buf, .. }) if p.buf.is_empty() => whole = Some(buf),
                 (Ok(()), IoOp::Read { buf, .. }) => {
                     p.buf[m.buf_off..m.buf_off + m.len as usize].copy_from_slice(&buf);
-                    qs.fills.push((m, buf));
+                    if fill {
+                        qs.fills.push((m, buf));
+                    } else {
+                        self.engine.note_unfilled(m.len);
+                        qs.bufs.give(buf);
+                    }
                 }
                 (Err(e), _) => {
                     tracing::warn!(off = m.off, len = m.len, error = %e, "backing read failed");
@@ -117,7 +133,12 @@ impl Device {
                 }
             }
             if let Some(buf) = whole {
-                qs.fills.push((m, buf));
+                if fill {
+                    qs.fills.push((m, buf));
+                } else {
+                    self.engine.note_unfilled(m.len);
+                    qs.bufs.give(buf);
+                }
             }
         }
         qs.completions = done;

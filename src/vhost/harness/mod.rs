@@ -254,6 +254,7 @@ impl Harness {
                 read_only: o.read_only,
                 serial: o.serial.clone(),
                 poll_us: 0,
+                sequential_cutoff: 0,
             },
             gm.clone(),
         )?;
