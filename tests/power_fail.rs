@@ -118,6 +118,7 @@ fn power_failures_and_process_deaths_at_random_points_lose_nothing_promised() {
     let mut buf = vec![0u8; 256 * SECTOR as usize];
     let (mut mid_op, mut discarded_total) = (0u64, 0usize);
     let (mut deaths, mut staged_total) = (0u64, 0u64);
+    let mut zeroes = 0u64;
     for point in 0..points {
         let kind = if rng.gen_bool(0.5) {
             Crash::Power
@@ -133,7 +134,7 @@ fn power_failures_and_process_deaths_at_random_points_lose_nothing_promised() {
         let mut in_progress: Option<(u64, u64, u64)> = None;
         for _ in 0..rng.gen_range(1..40) {
             match rng.gen_range(0..100) {
-                0..=59 => {
+                0..=53 => {
                     let n = if rng.gen_bool(0.9) {
                         rng.gen_range(1..=16)
                     } else {
@@ -175,6 +176,36 @@ fn power_failures_and_process_deaths_at_random_points_lose_nothing_promised() {
                         }
                     }
                     writes += 1;
+                }
+                54..=59 => {
+                    // Write-zeroes or discard: reads zeros (id 0) after.
+                    let n = rng.gen_range(1..=1024u64).min(SECTORS);
+                    let s = rng.gen_range(0..=SECTORS - n);
+                    for i in s..s + n {
+                        since.entry(i).or_default().push(0);
+                    }
+                    let mut done = 0u64;
+                    loop {
+                        let (off, len) = (s * SECTOR + done, n * SECTOR - done);
+                        match e.write_zeroes(off, len, rng.gen_bool(0.5)) {
+                            Ok(()) => break,
+                            Err(Error::CacheFull { done: d }) => {
+                                done += d;
+                                e.flush().unwrap();
+                                let _ = e.writeback_once(&mut q).unwrap();
+                                e.gc_once(true).unwrap();
+                            }
+                            Err(err) => panic!("seed {seed} point {point}: zeroes: {err}"),
+                        }
+                    }
+                    if region.power_failed() {
+                        in_progress = Some((s, n, 0));
+                    } else {
+                        for i in s..s + n {
+                            cur[i as usize] = 0;
+                        }
+                    }
+                    zeroes += 1;
                 }
                 60..=74 => {
                     e.flush().unwrap();
@@ -277,7 +308,7 @@ fn power_failures_and_process_deaths_at_random_points_lose_nothing_promised() {
     }
     println!(
         "crash points (seed {seed}): {points} ({mid_op} inside an operation, {deaths} process deaths), \
-         {writes} writes, {flushes} flushes, {pending_total} unpersisted words at crash time, \
+         {writes} writes, {zeroes} zeroes, {flushes} flushes, {pending_total} unpersisted words at crash time, \
          {reverted_total} reverted, {discarded_total} stored after the crash discarded, \
          {staged_total} keys replayed from kset slots"
     );

@@ -325,6 +325,7 @@ impl Status {
             "cache        {} ({} bytes, {} segments, {} used = {:.0}%)\n\
              backing      {} ({} bytes)\n\
              socket       {} ({} queues)\n\
+             mode         {}\n\
              gc_percent   {}\n\
              data_crc     {}\n\
              write cache  {} (the guest's choice)\n\
@@ -348,6 +349,19 @@ impl Status {
             self.cache.backing_bytes,
             self.serve.socket,
             self.serve.num_queues,
+            match self.switching_to {
+                Some(to) => format!("{} (switching to {to}: writing back first)", self.mode),
+                None => self.mode.to_string(),
+            } + &if self.serve.sequential_cutoff > 0 {
+                format!(
+                    "; sequential cutoff {} bytes ({} bytes of writes went around the cache, {} bytes of reads were not cached)",
+                    self.serve.sequential_cutoff,
+                    self.stats.write_bypass_bytes,
+                    self.stats.read_nofill_bytes
+                )
+            } else {
+                "; no sequential cutoff".into()
+            },
             self.cache.gc_percent,
             if self.cache.data_crc { "on" } else { "off" },
             self.cache.guest_write_cache,

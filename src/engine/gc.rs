@@ -10,10 +10,15 @@
 use super::{stats, Engine, Error, Result};
 use crate::format::{self, data_off, KSET_MAX_BYTES};
 
-/// Persist key_tail at least this often (in ksets) during a GC pass. A
-/// crash between dropping references and persisting key_tail is safe: the
-/// keys replayed again are stale if their segment was freed, and take their
-/// reference again if not.
+/// Persist key_tail at least this often (in ksets) during a GC pass.
+///
+/// The references of the keys passed are dropped only once key_tail is
+/// persisted past them, so a data segment is never freed (its gen bumped)
+/// while a key of it can still be replayed. Otherwise a crash could replay
+/// an older key of a sector (of a segment still in use, or a dataless one)
+/// without the newer key that replaced it, which would be skipped as stale:
+/// the sector would read older data. References live in memory only, so a
+/// crash after the persist and before the drops loses nothing.
 const TAIL_PERSIST_KSETS: usize = 32;
 
 impl Engine {
@@ -34,8 +39,24 @@ impl Engine {
         let mut tail = self.key_tail.lock().expect("key_tail lock");
         let mut pos = tail.pos;
         let mut freed = 0u32;
+        let mut log_freed = 0u32;
         let mut data_freed = false;
         let mut since_persist = 0usize;
+        // References of keys key_tail passed, dropped once it is persisted.
+        let mut passed: Vec<u32> = Vec::new();
+        let mut drop_refs = |passed: &mut Vec<u32>| -> Result<()> {
+            for seg in passed.drain(..) {
+                let before = self.segs.used();
+                self.segs
+                    .put_ref(&self.region, seg)
+                    .map_err(Error::Persist)?;
+                if self.segs.used() < before {
+                    freed += 1;
+                    data_freed = true;
+                }
+            }
+            Ok(())
+        };
         let mut buf = [0u8; KSET_MAX_BYTES];
         let used_before = self.segs.used();
         while pos.lsn < dirty.lsn && self.gc_wanted(forced) {
@@ -57,8 +78,9 @@ impl Engine {
                 // reused and overwritten.
                 self.write_tail(&mut tail, format::KEY_TAIL_OFF, pos)?;
                 since_persist = 0;
+                drop_refs(&mut passed)?;
                 self.segs.free(old);
-                freed += 1;
+                log_freed += 1;
                 continue;
             }
             for (i, key) in view.iter().enumerate() {
@@ -71,16 +93,10 @@ impl Engine {
                 if key.is_dataless() {
                     continue; // holds no reference
                 }
-                // A key holds a reference only while its gen is current.
+                // A key holds a reference only while its gen is current
+                // (which it stays while the reference is held).
                 if key.gen == self.segs.gen(key.seg) {
-                    let before = self.segs.used();
-                    self.segs
-                        .put_ref(&self.region, key.seg)
-                        .map_err(Error::Persist)?;
-                    if self.segs.used() < before {
-                        freed += 1;
-                        data_freed = true;
-                    }
+                    passed.push(key.seg);
                 }
             }
             pos.off += h.bytes() as u32;
@@ -89,11 +105,15 @@ impl Engine {
             if since_persist >= TAIL_PERSIST_KSETS {
                 self.write_tail(&mut tail, format::KEY_TAIL_OFF, pos)?;
                 since_persist = 0;
+                drop_refs(&mut passed)?;
             }
         }
         if pos != tail.pos {
             self.write_tail(&mut tail, format::KEY_TAIL_OFF, pos)?;
         }
+        drop_refs(&mut passed)?;
+        drop(drop_refs);
+        freed += log_freed;
         drop(tail);
         if data_freed {
             self.sweep_stale();

@@ -8,9 +8,12 @@
 //!
 //! Each key whose gen equals its segment's gen goes into the index (log
 //! order is write order for overlapping keys) and takes a segment reference
-//! that GC drops later. A dataless key (zeros, or a range marked bad) goes
-//! into the index with no reference. A key with an older gen is stale (GC reclaimed its
-//! segment and crashed before persisting key_tail) and is skipped.
+//! that GC drops later. A dataless key (zeros, a range marked bad or
+//! forgotten) goes into the index with no reference, or clears its range.
+//! A key with an older gen is stale and is skipped: its segment was
+//! reclaimed (GC persists key_tail past a key before it can free the key's
+//! segment, so only caches written by builds before that find such keys,
+//! and kset slots holding keys of a segment reclaimed since).
 //! Differs from dm-pcache: the gen is checked before any data CRC, so a
 //! stale key in a reused segment never fails the open.
 //!
