@@ -112,7 +112,6 @@ impl Engine {
             self.write_tail(&mut tail, format::KEY_TAIL_OFF, pos)?;
         }
         drop_refs(&mut passed)?;
-        drop(drop_refs);
         freed += log_freed;
         drop(tail);
         if data_freed {
