@@ -160,7 +160,14 @@ fn a_guest_verifies_every_write_across_ten_restarts_of_pcache() {
     let sock = dir.path().join("vub.sock");
     let ctl = sock.with_extension("ctl");
     let serve = |n: usize| {
-        let cmd = serve_cmd_on(&cache, &disk, &sock, QUEUES, &["--cache-size", "512M"]);
+        // The sequential pass must fill the cache: no sequential cutoff.
+        let cmd = serve_cmd_on(
+            &cache,
+            &disk,
+            &sock,
+            QUEUES,
+            &["--cache-size", "512M", "--sequential-cutoff", "0"],
+        );
         Server::start(slow.wrap(&cmd), dir.path(), &sock, &format!("serve-{n}"))
     };
     let mut server = serve(0);

@@ -11,6 +11,10 @@ use common::{check_block, fill_block, pcache, text, Client, Disk};
 const BLOCK: usize = 4096;
 const MIB: u64 = 1 << 20;
 
+/// Sequential writes all cached (no sequential cutoff), for the tests of
+/// what the cache keeps across a stop or a kill.
+const CACHED: [&str; 2] = ["--sequential-cutoff", "0"];
+
 /// Write every block of the disk at QD32, then read it all back.
 fn write_all_blocks(c: &mut Client, q: usize, blocks: u64, version: u64) {
     let qd = 32usize;
@@ -208,7 +212,7 @@ fn misses_in_flight_together_come_from_the_backing_store_then_hit() {
 #[test]
 fn sigterm_persists_and_a_restart_reads_everything_back() {
     let disk = Disk::new(32 * MIB, None);
-    let server = disk.serve(&[]);
+    let server = disk.serve(&CACHED);
     let mut c = Client::connect(&disk.socket, 1, 8 << 20);
     let blocks = 32 * MIB / BLOCK as u64;
     write_all_blocks(&mut c, 0, blocks, 3);
@@ -225,7 +229,7 @@ fn sigterm_persists_and_a_restart_reads_everything_back() {
 #[test]
 fn sigkill_after_a_completed_flush_loses_nothing_written_before_it() {
     let disk = Disk::new(32 * MIB, None);
-    let server = disk.serve(&[]);
+    let server = disk.serve(&CACHED);
     let mut c = Client::connect(&disk.socket, 1, 8 << 20);
     let blocks = 32 * MIB / BLOCK as u64;
     write_all_blocks(&mut c, 0, blocks, 5);
@@ -244,7 +248,7 @@ fn ten_thousand_completed_writes_without_a_flush_survive_sigkill() {
     // 10,000 distinct 4 KiB blocks (40 MiB, more than 78 ksets of keys),
     // each written once at QD32; no FLUSH, then the process dies.
     let disk = Disk::new(48 * MIB, None);
-    let server = disk.serve(&[]);
+    let server = disk.serve(&CACHED);
     let mut c = Client::connect(&disk.socket, 1, 8 << 20);
     let blocks = 10_000;
     write_all_blocks(&mut c, 0, blocks, 11);
