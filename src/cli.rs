@@ -266,6 +266,7 @@ impl ServeArgs {
             format: self.format,
             cfg: crate::vhost::ServeConfig {
                 num_queues: self.num_queues,
+                counters: crate::vhost::Counters::new(self.num_queues),
                 queue_size: self.queue_size,
                 blk_size: self.block_size,
                 read_only: self.read_only,
