@@ -22,6 +22,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod drain;
+mod latency;
+
+pub use latency::{Latency, LatencyProbe};
 
 use crate::engine::{Engine, StatsSnapshot};
 use crate::report::Report;
@@ -78,6 +81,9 @@ pub struct Status {
     /// The frontend connection, now.
     #[serde(default)]
     pub frontend: Frontend,
+    /// Completion latency of the guest's requests.
+    #[serde(default)]
+    pub latency: Latency,
     /// All engine counters.
     pub stats: StatsSnapshot,
 }
@@ -134,7 +140,7 @@ pub struct Reply {
 }
 
 /// Build a status report.
-pub fn status(engine: &Engine, info: &ServeInfo, frontend: Frontend) -> Status {
+pub fn status(engine: &Engine, info: &ServeInfo, frontend: Frontend, latency: Latency) -> Status {
     let stats = engine.stats().snapshot();
     Status {
         cache: Report::of(engine),
@@ -143,6 +149,7 @@ pub fn status(engine: &Engine, info: &ServeInfo, frontend: Frontend) -> Status {
         failed: engine.has_failed(),
         serve: info.clone(),
         frontend,
+        latency,
         stats,
     }
 }
@@ -156,6 +163,8 @@ pub struct Server {
     pub info: ServeInfo,
     /// The frontend's state, read at each status.
     pub frontend: FrontendProbe,
+    /// The requests' latency, read at each status.
+    pub latency: LatencyProbe,
     /// Grows the disk (`pcache resize`).
     pub resize: Resizer,
 }
@@ -177,7 +186,7 @@ fn handle(srv: &Server, line: &str) -> Reply {
     match serde_json::from_str::<Request>(line) {
         Err(e) => err(format!("bad request: {e}")),
         Ok(Request::Status) => Reply {
-            status: Some(status(engine, info, (srv.frontend)())),
+            status: Some(status(engine, info, (srv.frontend)(), (srv.latency)())),
             ..ok
         },
         Ok(Request::GcPercent { value }) => match engine.set_gc_percent(value) {
@@ -299,6 +308,7 @@ impl Status {
              bad ranges   {}\n\
              reads        {} hits, {} misses\n\
              frontend     {}\n\
+             latency      {}\n\
              writeback    {} bytes written in {} batches, {} errors, {} order; runs {}\n\
              pressure     {} writes paced behind writeback, {} found the cache full\n\
              durability   {}\n\
@@ -333,6 +343,7 @@ impl Status {
             } else {
                 "none connected".into()
             },
+            self.latency.text(),
             self.stats.writeback_bytes,
             self.stats.writeback_batches,
             self.stats.writeback_errors,
