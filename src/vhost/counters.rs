@@ -213,8 +213,8 @@ impl Track {
         }
     }
 
-    /// The request at `head` was taken just now.
-    pub fn begin(&mut self, head: u16) {
+    /// The request at `head` was taken at `at`.
+    pub fn begin(&mut self, head: u16, at: Instant) {
         let i = head as usize;
         if i >= self.max_heads {
             return;
@@ -225,7 +225,7 @@ impl Track {
             self.slots.resize(n, IDLE);
         }
         self.slots[i] = Slot {
-            taken: Some(Instant::now()),
+            taken: Some(at),
             ..IDLE
         };
     }
@@ -249,20 +249,22 @@ impl Track {
         }
     }
 
-    /// Count an answered request. One never begun (or answered twice) is
-    /// not counted.
-    pub fn done(&mut self, d: &Done) {
+    /// Count a request answered now; returns now. One never begun (or
+    /// answered twice) is not counted.
+    pub fn done(&mut self, d: &Done) -> Instant {
+        let now = Instant::now();
         let Some(s) = self.slots.get_mut(d.head as usize) else {
-            return;
+            return now;
         };
         let Some(taken) = s.taken.take() else {
-            return;
+            return now;
         };
         let c = &self.counters.queues[self.q];
         let (op, out) = (s.op as usize, Outcome::of_status(d.status) as usize);
         c.requests[op][out].fetch_add(1, Ordering::Relaxed);
         c.bytes[op][out].fetch_add(s.bytes, Ordering::Relaxed);
-        c.latency.record(taken.elapsed());
+        c.latency.record(now.saturating_duration_since(taken));
+        now
     }
 }
 
@@ -280,20 +282,20 @@ mod tests {
     fn requests_are_counted_by_op_and_outcome_once() {
         let c = Counters::new(2);
         let mut t = Track::new(c.clone(), 1, 1024);
-        t.begin(300);
+        t.begin(300, Instant::now());
         t.header(300, Some(&hdr(types::IN)));
         t.parsed(300, &RequestKind::Read { off: 0, len: 4096 });
         let d = Done::new(300, 4097, status::OK);
         t.done(&d);
         t.done(&d); // a second answer of one request is not counted
-        t.begin(3);
+        t.begin(3, Instant::now());
         t.header(3, Some(&hdr(99)));
         t.done(&Done::new(3, 1, status::UNSUPP));
-        t.begin(4);
+        t.begin(4, Instant::now());
         t.header(4, None);
         t.done(&Done::unanswered(4));
         t.done(&Done::new(5, 1, status::OK)); // never begun
-        t.begin(1024); // past the largest ring: not tracked
+        t.begin(1024, Instant::now()); // past the largest ring: not tracked
         t.done(&Done::unanswered(1024));
 
         let q = &c.queues()[1];

@@ -199,9 +199,10 @@ impl Device {
     fn drain_avail(&self, qs: &mut QueueState, ring: &Ring) -> io::Result<()> {
         let mem = self.mem.memory();
         let mut pending = 0;
+        let mut taken = Instant::now();
         // What a previous backend left taken runs first, in its order.
         while let Some(chain) = qs.resubmit.pop_front() {
-            if self.run_chain(qs, ring, chain) {
+            if self.run_chain_at(qs, ring, chain, &mut taken) {
                 ring.signal_every_batch(&mut pending)?;
             }
         }
@@ -209,7 +210,7 @@ impl Device {
             let Some(chain) = ring.pop(&mem) else {
                 break;
             };
-            if self.run_chain(qs, ring, chain) {
+            if self.run_chain_at(qs, ring, chain, &mut taken) {
                 ring.signal_every_batch(&mut pending)?;
             }
         }
@@ -222,13 +223,30 @@ impl Device {
     /// Start one taken chain; put it in the used ring if it completed.
     /// Returns whether it did.
     pub(super) fn run_chain(&self, qs: &mut QueueState, ring: &Ring, chain: Chain) -> bool {
-        qs.track.begin(chain.head_index());
+        self.run_chain_at(qs, ring, chain, &mut Instant::now())
+    }
+
+    /// `run_chain` for a chain taken at `*taken`, which then becomes when
+    /// the chain was answered or began to wait: in a batch, the next chain
+    /// is taken as the one before it is done with, so counting a request's
+    /// latency costs one clock read.
+    fn run_chain_at(
+        &self,
+        qs: &mut QueueState,
+        ring: &Ring,
+        chain: Chain,
+        taken: &mut Instant,
+    ) -> bool {
+        qs.track.begin(chain.head_index(), *taken);
         match self.start(qs, chain) {
             Some(done) => {
-                qs.track.done(&done);
+                *taken = qs.track.done(&done);
                 ring.put_used(done.head, done.len)
             }
-            None => false,
+            None => {
+                *taken = Instant::now();
+                false
+            }
         }
     }
 
