@@ -22,12 +22,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod drain;
-mod latency;
-
-pub use latency::{Latency, LatencyProbe};
 
 use crate::engine::{Engine, StatsSnapshot};
 use crate::report::Report;
+
+mod latency;
+pub use latency::{Latency, LatencyProbe};
 
 /// Facts about the running server that the engine does not know.
 #[derive(Debug, Clone, Serialize, Deserialize)]
