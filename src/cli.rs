@@ -206,6 +206,10 @@ pub struct ServeArgs {
     /// Control socket [default: the vhost socket with extension .ctl].
     #[arg(long)]
     pub control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (ADDR is IP:PORT,
+    /// e.g. 127.0.0.1:9477).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Most microseconds a queue busy-polls after it runs dry before it
     /// sleeps. The window adapts: it grows while requests keep arriving
     /// within it and shrinks to nothing on an idle disk (0 = never poll).
@@ -293,8 +297,10 @@ impl ServeArgs {
                 .backing_size
                 .or(default_backing.then_some(crate::serve::DEFAULT_BACKING_BYTES)),
             format: self.format,
+            metrics: self.metrics,
             cfg: crate::vhost::ServeConfig {
                 num_queues: self.num_queues,
+                counters: crate::vhost::Counters::new(self.num_queues),
                 queue_size: self.queue_size,
                 blk_size: self.block_size,
                 read_only: self.read_only,

@@ -10,6 +10,7 @@
 //! - [`backing`]: the disk behind the cache, sync and async, plus test doubles.
 //! - [`vhost`]: the vhost-user-blk backend; the only code that knows virtio.
 //! - [`control`]: the runtime control socket (status, gc_percent, flush).
+//! - [`metrics`]: Prometheus metrics over HTTP (`serve --metrics`).
 //! - [`media`]: opening the cache and the backing store for a command, and
 //!   the lock that makes one process a cache's owner.
 //! - [`sockets`]: binding the vhost-user socket (never over a live one).
@@ -26,6 +27,7 @@ pub mod crc;
 pub mod engine;
 pub mod format;
 pub mod media;
+pub mod metrics;
 pub mod pmem;
 pub mod report;
 pub mod serve;

@@ -10,6 +10,7 @@
 //! region for the next process.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -70,6 +71,8 @@ pub struct ServeOptions {
     pub access: crate::sockets::Access,
     /// When to write back.
     pub writeback: WritebackPolicy,
+    /// Where to serve Prometheus metrics (`--metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -273,6 +276,9 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         // It grew while pcache was down.
         engine.grow(backing_bytes)?;
     }
+    // Bound before the vhost socket: once a frontend can connect, scrapes
+    // are answered.
+    let metrics = o.metrics.map(crate::metrics::http::bind).transpose()?;
     let listening = listen(&o)?;
     let backing: Arc<dyn Backing> = Arc::new(backing);
     let workers = Workers::start(engine.clone(), backing.clone(), o.writeback);
@@ -313,10 +319,18 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         let (stop, engine, backing) = (stop.clone(), engine.clone(), backing.clone());
         Arc::new(move || resize(&engine, &*backing, &stop))
     };
+    let latency: control::LatencyProbe = {
+        let counters = o.cfg.counters.clone();
+        Arc::new(move || control::Latency::of(&counters.latency()))
+    };
+    if let Some(l) = metrics {
+        serve_metrics(l, &o, &engine, probe.clone())?;
+    }
     let srv = control::Server {
         engine: engine.clone(),
         info,
         frontend: probe,
+        latency,
         resize,
     };
     control::spawn_server(&o.control, srv).map_err(|e| {
@@ -405,6 +419,25 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         eprintln!("pcache: stopped, cache persisted");
     }
     Ok(code)
+}
+
+/// Answer scrapes on `l` (`--metrics`).
+fn serve_metrics(
+    l: std::net::TcpListener,
+    o: &ServeOptions,
+    engine: &Arc<Engine>,
+    frontend: control::FrontendProbe,
+) -> AnyResult<()> {
+    let addr = l.local_addr()?;
+    let registry = crate::metrics::registry(crate::metrics::Sources {
+        engine: engine.clone(),
+        counters: o.cfg.counters.clone(),
+        frontend,
+        read_only: o.cfg.read_only,
+    });
+    crate::metrics::http::spawn(l, move || crate::metrics::render(&registry).ok())?;
+    println!("pcache: metrics at http://{addr}/metrics");
+    Ok(())
 }
 
 /// Publishes the session being served to the signal thread (and refuses to

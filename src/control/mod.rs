@@ -27,6 +27,9 @@ pub mod mode;
 use crate::engine::{CacheMode, Engine, StatsSnapshot};
 use crate::report::Report;
 
+mod latency;
+pub use latency::{Latency, LatencyProbe};
+
 /// Facts about the running server that the engine does not know.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServeInfo {
@@ -88,6 +91,9 @@ pub struct Status {
     /// The frontend connection, now.
     #[serde(default)]
     pub frontend: Frontend,
+    /// Completion latency of the guest's requests.
+    #[serde(default)]
+    pub latency: Latency,
     /// All engine counters.
     pub stats: StatsSnapshot,
 }
@@ -153,7 +159,7 @@ pub struct Reply {
 }
 
 /// Build a status report.
-pub fn status(engine: &Engine, info: &ServeInfo, frontend: Frontend) -> Status {
+pub fn status(engine: &Engine, info: &ServeInfo, frontend: Frontend, latency: Latency) -> Status {
     let stats = engine.stats().snapshot();
     Status {
         cache: Report::of(engine),
@@ -164,6 +170,7 @@ pub fn status(engine: &Engine, info: &ServeInfo, frontend: Frontend) -> Status {
         failed: engine.has_failed(),
         serve: info.clone(),
         frontend,
+        latency,
         stats,
     }
 }
@@ -177,6 +184,8 @@ pub struct Server {
     pub info: ServeInfo,
     /// The frontend's state, read at each status.
     pub frontend: FrontendProbe,
+    /// The requests' latency, read at each status.
+    pub latency: LatencyProbe,
     /// Grows the disk (`pcache resize`).
     pub resize: Resizer,
 }
@@ -198,7 +207,7 @@ fn handle(srv: &Server, line: &str) -> Reply {
     match serde_json::from_str::<Request>(line) {
         Err(e) => err(format!("bad request: {e}")),
         Ok(Request::Status) => Reply {
-            status: Some(status(engine, info, (srv.frontend)())),
+            status: Some(status(engine, info, (srv.frontend)(), (srv.latency)())),
             ..ok
         },
         Ok(Request::GcPercent { value }) => match engine.set_gc_percent(value) {
@@ -336,6 +345,7 @@ impl Status {
              bad ranges   {}\n\
              reads        {} hits, {} misses\n\
              frontend     {}\n\
+             latency      {}\n\
              writeback    {} bytes written in {} batches, {} errors, {} order; runs {}\n\
              pressure     {} writes paced behind writeback, {} found the cache full\n\
              durability   {}\n\
@@ -383,6 +393,7 @@ impl Status {
             } else {
                 "none connected".into()
             },
+            self.latency.text(),
             self.stats.writeback_bytes,
             self.stats.writeback_batches,
             self.stats.writeback_errors,

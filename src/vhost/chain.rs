@@ -59,20 +59,44 @@ impl SimpleLayout {
     }
 }
 
-/// Write the status byte of a request with no data to return; (head, used
-/// length).
-pub fn complete(chain: &Chain, st: u8) -> (u16, u32) {
+/// A request answered: its head and used length, for the used ring, and
+/// the status it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    /// Head of its descriptor chain.
+    pub head: u16,
+    /// Bytes written into the chain, status byte included.
+    pub len: u32,
+    /// The status byte written.
+    pub status: u8,
+}
+
+impl Done {
+    /// Answered with `status`, `len` bytes written.
+    pub fn new(head: u16, len: u32, status: u8) -> Done {
+        Done { head, len, status }
+    }
+
+    /// Returned with nothing written, not even a status (its chain has no
+    /// writable byte, or lies outside guest memory): counted as an error.
+    pub fn unanswered(head: u16) -> Done {
+        Done::new(head, 0, status::IOERR)
+    }
+}
+
+/// Write the status byte of a request with no data to return.
+pub fn complete(chain: &Chain, st: u8) -> Done {
     let mem = chain.memory();
     if let Ok(mut w) = chain.clone().writer(mem) {
         let n = w.available_bytes();
         if n > 0 {
             if let Ok(mut s) = w.split_at(n - 1) {
                 let _ = s.write_all(&[st]);
-                return (chain.head_index(), 1);
+                return Done::new(chain.head_index(), 1, st);
             }
         }
     }
-    (chain.head_index(), 0)
+    Done::unanswered(chain.head_index())
 }
 
 /// Copy a finished read's `data` to the guest and write its status
@@ -82,7 +106,7 @@ pub fn complete(chain: &Chain, st: u8) -> (u16, u32) {
 /// rewritten while the read was in flight: nothing about its layout at
 /// start can be assumed (it may have no writable byte left, or fewer than
 /// the data needs).
-pub fn finish_read(chain: &Chain, failed: bool, data: &[u8]) -> (u16, u32) {
+pub fn finish_read(chain: &Chain, failed: bool, data: &[u8]) -> Done {
     let head = chain.head_index();
     let mem = chain.memory();
     // The usual layout, mapped once; anything else takes the Writer below.
@@ -98,7 +122,7 @@ pub fn finish_read(chain: &Chain, failed: bool, data: &[u8]) -> (u16, u32) {
         ) {
             if failed || l != data.len() {
                 let _ = st.write_obj(status::IOERR, 0);
-                return (head, 1);
+                return Done::new(head, 1, status::IOERR);
             }
             // SAFETY: `get_slice` checked the bytes lie in one mapped region,
             // kept mapped by the chain's guard on the memory table; we only
@@ -106,23 +130,24 @@ pub fn finish_read(chain: &Chain, failed: bool, data: &[u8]) -> (u16, u32) {
             let dst = unsafe { std::slice::from_raw_parts_mut(dst.ptr_guard_mut().as_ptr(), l) };
             dst.copy_from_slice(data);
             let _ = st.write_obj(status::OK, 0);
-            return (head, l as u32 + 1);
+            return Done::new(head, l as u32 + 1, status::OK);
         }
     }
     let Ok(mut w) = chain.clone().writer(mem) else {
-        return (head, 0);
+        return Done::unanswered(head);
     };
     let Some(data_w) = w.available_bytes().checked_sub(1) else {
-        return (head, 0);
+        return Done::unanswered(head);
     };
     let Ok(mut st) = w.split_at(data_w) else {
-        return (head, 0);
+        return Done::unanswered(head);
     };
     if failed {
         let _ = st.write_all(&[status::IOERR]);
-        return (head, 1);
+        return Done::new(head, 1, status::IOERR);
     }
     let ok = data_w == data.len() && w.write_all(data).is_ok();
-    let _ = st.write_all(&[if ok { status::OK } else { status::IOERR }]);
-    (head, w.bytes_written() as u32 + 1)
+    let s = if ok { status::OK } else { status::IOERR };
+    let _ = st.write_all(&[s]);
+    Done::new(head, w.bytes_written() as u32 + 1, s)
 }

@@ -14,6 +14,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::{bits, BlkConfig, PROTOCOL_FEATURES, PROTOCOL_FEATURES_BIT, VIRTIO_FEATURES};
+use super::counters::{Counters, Track};
 use super::queue::QueueState;
 use super::Gm;
 use crate::backing::Backing;
@@ -24,6 +25,10 @@ use crate::engine::Engine;
 pub struct ServeConfig {
     /// Request queues offered.
     pub num_queues: u16,
+    /// Every queue's request counters and latencies, shared by every
+    /// connection (they count for the life of the process); at least
+    /// `num_queues` queues.
+    pub counters: Arc<Counters>,
     /// Largest queue size accepted.
     pub queue_size: u16,
     /// Logical block size advertised (512 or 4096).
@@ -76,8 +81,9 @@ impl Device {
     ) -> io::Result<Device> {
         let mut queues = Vec::new();
         let mut space_fds = Vec::new();
-        for _ in 0..cfg.num_queues {
-            queues.push(Mutex::new(QueueState::new(backing.clone())?));
+        for q in 0..cfg.num_queues as usize {
+            let track = Track::new(cfg.counters.clone(), q, cfg.queue_size);
+            queues.push(Mutex::new(QueueState::new(backing.clone(), track)?));
             let fd = EventFd::new(EFD_NONBLOCK)?;
             engine.add_space_fd(fd.as_raw_fd());
             space_fds.push(fd);

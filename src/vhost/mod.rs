@@ -14,6 +14,8 @@
 //! - `read.rs`: read misses: backing reads, completion, cache fills.
 //! - `stream.rs`: recognising sequential streams (the sequential cutoff).
 //! - `worker.rs`: one thread per queue, an epoll loop.
+//! - `counters.rs`, `latency.rs`: requests, bytes and completion latency
+//!   per queue, for metrics and status.
 //! - `handler.rs`: the frontend's messages (memory, features, rings,
 //!   inflight), on the vhost crate's request-handler trait.
 //! - `session.rs`: one connection, from accept to close.
@@ -27,9 +29,11 @@
 
 mod chain;
 mod config;
+mod counters;
 mod device;
 mod handler;
 mod inflight;
+mod latency;
 mod notify;
 mod poll;
 mod queue;
@@ -46,8 +50,10 @@ pub mod harness;
 mod tests;
 
 pub use config::{BlkConfig, PROTOCOL_FEATURES, VIRTIO_FEATURES};
+pub use counters::{Counters, Op, Outcome, QueueCounters};
 pub use device::{Device, ServeConfig};
 pub use inflight::{InflightQueue, InflightRegion, Recovered};
+pub use latency::{Buckets, Histogram, BOUNDS_NS};
 pub use request::{parse, Reject, RequestKind};
 pub use session::{serve, Active, SessionHook};
 

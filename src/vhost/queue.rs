@@ -20,7 +20,8 @@ use vhost_user_backend::VringT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::chain::{complete, Chain, SimpleLayout};
+use super::chain::{complete, Chain, Done, SimpleLayout};
+use super::counters::Track;
 use super::device::Device;
 use super::poll::PollWindow;
 use super::read::{hits_to_keep, queue_misses, PendingRead, MAX_MISSES};
@@ -63,6 +64,8 @@ pub struct QueueState {
     pub(super) deferred: VecDeque<Deferred>,
     pub(super) next_id: u64,
     pub(super) completions: Vec<Completion>,
+    /// The requests in flight, for the queue's counters.
+    pub(super) track: Track,
     /// Data buffer reused by requests that complete at once (most of
     /// them), so they neither allocate nor zero a buffer.
     pub(super) scratch: Vec<u8>,
@@ -80,8 +83,9 @@ pub struct QueueState {
 }
 
 impl QueueState {
-    /// An idle queue whose misses go to `backing`.
-    pub fn new(backing: Arc<dyn Backing>) -> io::Result<QueueState> {
+    /// An idle queue whose misses go to `backing`, counting its requests
+    /// through `track`.
+    pub fn new(backing: Arc<dyn Backing>, track: Track) -> io::Result<QueueState> {
         let timer = TimerFd::new()?;
         // Read only when epoll says it fired; a timer re-armed since must
         // not block the worker.
@@ -102,6 +106,7 @@ impl QueueState {
             deferred: VecDeque::new(),
             next_id: 1,
             completions: Vec::new(),
+            track,
             scratch: Vec::new(),
             bufs: BufPool::new(MISS_BUFS_HELD),
             fills: Vec::new(),
@@ -200,9 +205,10 @@ impl Device {
     fn drain_avail(&self, qs: &mut QueueState, ring: &Ring) -> io::Result<()> {
         let mem = self.mem.memory();
         let mut pending = 0;
+        let mut taken = Instant::now();
         // What a previous backend left taken runs first, in its order.
         while let Some(chain) = qs.resubmit.pop_front() {
-            if self.run_chain(qs, ring, chain) {
+            if self.run_chain_at(qs, ring, chain, &mut taken) {
                 ring.signal_every_batch(&mut pending)?;
             }
         }
@@ -210,7 +216,7 @@ impl Device {
             let Some(chain) = ring.pop(&mem) else {
                 break;
             };
-            if self.run_chain(qs, ring, chain) {
+            if self.run_chain_at(qs, ring, chain, &mut taken) {
                 ring.signal_every_batch(&mut pending)?;
             }
         }
@@ -223,9 +229,30 @@ impl Device {
     /// Start one taken chain; put it in the used ring if it completed.
     /// Returns whether it did.
     pub(super) fn run_chain(&self, qs: &mut QueueState, ring: &Ring, chain: Chain) -> bool {
+        self.run_chain_at(qs, ring, chain, &mut Instant::now())
+    }
+
+    /// `run_chain` for a chain taken at `*taken`, which then becomes when
+    /// the chain was answered or began to wait: in a batch, the next chain
+    /// is taken as the one before it is done with, so counting a request's
+    /// latency costs one clock read.
+    fn run_chain_at(
+        &self,
+        qs: &mut QueueState,
+        ring: &Ring,
+        chain: Chain,
+        taken: &mut Instant,
+    ) -> bool {
+        qs.track.begin(chain.head_index(), *taken);
         match self.start(qs, chain) {
-            Some((head, len)) => ring.put_used(head, len),
-            None => false,
+            Some(done) => {
+                *taken = qs.track.done(&done);
+                ring.put_used(done.head, done.len)
+            }
+            None => {
+                *taken = Instant::now();
+                false
+            }
         }
     }
 
@@ -242,9 +269,9 @@ impl Device {
         !qs.completions.is_empty() && self.finish_reads(qs, ring)
     }
 
-    /// Start one request. Returns (head, used length) when it completed at
+    /// Start one request. Returns how it was answered when it completed at
     /// once; None when it waits for the backing store or for space.
-    fn start(&self, qs: &mut QueueState, chain: Chain) -> Option<(u16, u32)> {
+    fn start(&self, qs: &mut QueueState, chain: Chain) -> Option<Done> {
         let chain = match self.start_simple(qs, chain) {
             Ok(done) => return done,
             Err(chain) => chain,
@@ -257,16 +284,16 @@ impl Device {
                 // Buffers outside guest memory: nothing can be written back,
                 // not even a status. Return the chain so the ring moves on.
                 tracing::warn!(head, "request with descriptors outside guest memory");
-                return Some((head, 0));
+                return Some(Done::unanswered(head));
             }
         };
         if w.available_bytes() == 0 {
             tracing::warn!(head, "request without a status byte");
-            return Some((head, 0));
+            return Some(Done::unanswered(head));
         }
         let data_w = w.available_bytes() - 1;
         let Ok(mut st) = w.split_at(data_w) else {
-            return Some((head, 0));
+            return Some(Done::unanswered(head));
         };
         let mut hdr = [0u8; HEADER_BYTES];
         let header =
@@ -277,6 +304,7 @@ impl Device {
             && readable >= RANGE_BYTES
             && r.read_exact(&mut range).is_ok())
         .then_some(range);
+        qs.track.header(head, header.as_ref());
         let kind = match parse(
             header,
             range,
@@ -289,9 +317,10 @@ impl Device {
             Err(why) => {
                 tracing::debug!(head, ?why, "rejected request");
                 let _ = st.write_all(&[why.status()]);
-                return Some((head, 1));
+                return Some(Done::new(head, 1, why.status()));
             }
         };
+        qs.track.parsed(head, &kind);
         match kind {
             RequestKind::Read { off, len } => {
                 // Through a buffer of our own: the usual layout, read
@@ -304,7 +333,7 @@ impl Device {
                 if let Err(e) = self.engine.read(off, &mut buf, &mut misses) {
                     tracing::warn!(off, len, error = %e, "read failed");
                     let _ = st.write_all(&[status::IOERR]);
-                    return Some((head, 1));
+                    return Some(Done::new(head, 1, status::IOERR));
                 }
                 if misses.is_empty() {
                     let s = if w.write_all(&buf).is_ok() {
@@ -314,12 +343,12 @@ impl Device {
                     };
                     let _ = st.write_all(&[s]);
                     keep_scratch(qs, buf);
-                    return Some((head, len as u32 + 1));
+                    return Some(Done::new(head, len as u32 + 1, s));
                 }
                 if misses.len() > MAX_MISSES {
                     tracing::warn!(off, len, n = misses.len(), "read with too many misses");
                     let _ = st.write_all(&[status::IOERR]);
-                    return Some((head, 1));
+                    return Some(Done::new(head, 1, status::IOERR));
                 }
                 queue_misses(qs, chain, buf, misses, fill);
                 None
@@ -331,7 +360,7 @@ impl Device {
                 data.resize(len as usize, 0);
                 if r.read_exact(&mut data).is_err() {
                     let _ = st.write_all(&[status::IOERR]);
-                    return Some((head, 1));
+                    return Some(Done::new(head, 1, status::IOERR));
                 }
                 let seq = qs.streams.write.note(off, len, self.cfg.sequential_cutoff);
                 let wait = self.engine.pace(len);
@@ -348,8 +377,9 @@ impl Device {
                 id[..n].copy_from_slice(&s[..n]);
                 let n = data_w.min(ID_BYTES);
                 let ok = w.write_all(&id[..n]).is_ok();
-                let _ = st.write_all(&[if ok { status::OK } else { status::IOERR }]);
-                Some((head, n as u32 + 1))
+                let s = if ok { status::OK } else { status::IOERR };
+                let _ = st.write_all(&[s]);
+                Some(Done::new(head, n as u32 + 1, s))
             }
         }
     }
@@ -362,7 +392,7 @@ impl Device {
     /// done, for any other layout, an ID request or memory it cannot map:
     /// `start` then takes the general path.
     #[allow(clippy::result_large_err)] // the chain goes back by value, once
-    fn start_simple(&self, qs: &mut QueueState, chain: Chain) -> Result<Option<(u16, u32)>, Chain> {
+    fn start_simple(&self, qs: &mut QueueState, chain: Chain) -> Result<Option<Done>, Chain> {
         let Some(SimpleLayout {
             hdr,
             data,
@@ -405,6 +435,7 @@ impl Device {
             Some((_, l, true)) => (0, l),
             None => (0, 0),
         };
+        qs.track.header(head, Some(&header));
         let kind = match parse(
             Some(header),
             None,
@@ -418,9 +449,10 @@ impl Device {
             Err(why) => {
                 tracing::debug!(head, ?why, "rejected request");
                 set(why.status());
-                return Ok(Some((head, 1)));
+                return Ok(Some(Done::new(head, 1, why.status())));
             }
         };
+        qs.track.parsed(head, &kind);
         // The data, if it points the way the request moves data (a read's
         // must be device-writable, a write's device-readable) and so is
         // the length parse took. A read whose only data is readable, say,
@@ -444,16 +476,16 @@ impl Device {
                 if let Err(e) = self.engine.read(off, direct, &mut misses) {
                     tracing::warn!(off, len, error = %e, "read failed");
                     set(status::IOERR);
-                    return Ok(Some((head, 1)));
+                    return Ok(Some(Done::new(head, 1, status::IOERR)));
                 }
                 if misses.is_empty() {
                     set(status::OK);
-                    return Ok(Some((head, len as u32 + 1)));
+                    return Ok(Some(Done::new(head, len as u32 + 1, status::OK)));
                 }
                 if misses.len() > MAX_MISSES {
                     tracing::warn!(off, len, n = misses.len(), "read with too many misses");
                     set(status::IOERR);
-                    return Ok(Some((head, 1)));
+                    return Ok(Some(Done::new(head, 1, status::IOERR)));
                 }
                 let buf = hits_to_keep(direct, &misses);
                 queue_misses(qs, chain, buf, misses, fill);
@@ -477,7 +509,7 @@ impl Device {
                 let mut done = 0;
                 if let Some(s) = self.write_from(&mut qs.head, off, len, direct, &mut done, seq) {
                     set(s);
-                    return Ok(Some((head, 1)));
+                    return Ok(Some(Done::new(head, 1, s)));
                 }
                 let data = direct.to_vec();
                 qs.deferred.push_back(Deferred {
@@ -506,7 +538,7 @@ impl Device {
         data: Vec<u8>,
         not_before: Option<Instant>,
         sequential: bool,
-    ) -> Option<(u16, u32)> {
+    ) -> Option<Done> {
         let mut d = Deferred {
             chain,
             kind,
@@ -630,9 +662,10 @@ impl Device {
             }
             match self.try_run(&mut qs.head, &mut d) {
                 Some(st) => {
-                    let (head, len) = complete(&d.chain, st);
+                    let done = complete(&d.chain, st);
+                    qs.track.done(&done);
                     if let Some(r) = ring {
-                        used |= r.put_used(head, len);
+                        used |= r.put_used(done.head, done.len);
                     }
                 }
                 None => {
@@ -739,9 +772,10 @@ impl Device {
         }
         let ring = qs.ring.take();
         while let Some(d) = qs.deferred.pop_front() {
-            let (head, len) = complete(&d.chain, status::IOERR);
+            let done = complete(&d.chain, status::IOERR);
+            qs.track.done(&done);
             if let Some(r) = &ring {
-                r.put_used(head, len);
+                r.put_used(done.head, done.len);
             }
         }
         if let Some(r) = &ring {

@@ -125,8 +125,9 @@ impl Device {
             if p.left == 0 {
                 let p = qs.reads.remove(&id).expect("present");
                 let data = whole.as_deref().unwrap_or(&p.buf);
-                let (head, len) = finish_read(&p.chain, p.failed, data);
-                if ring.put_used(head, len) {
+                let done = finish_read(&p.chain, p.failed, data);
+                qs.track.done(&done);
+                if ring.put_used(done.head, done.len) {
                     used = true;
                     // An error here resurfaces at the caller's final notify.
                     let _ = ring.signal_every_batch(&mut pending);

@@ -10,6 +10,7 @@ use super::harness::{
 };
 use super::request::status;
 use crate::vhost::request::types;
+use crate::vhost::{Op, Outcome as Answer};
 
 const SERIAL: &str = "pcache-hostile-0001";
 
@@ -561,6 +562,20 @@ fn random_chains(
             }
         }
     }
+    // Every chain answered is counted once, whichever path answered it.
+    let q = &h.counters().queues()[0];
+    let count = |outcome| {
+        Op::ALL
+            .iter()
+            .map(|op| q.requests(*op, outcome))
+            .sum::<u64>()
+    };
+    let total: u64 = Answer::ALL.iter().map(|o| count(*o)).sum();
+    let dropped = seen.get(&Class::Dropped).copied().unwrap_or(0);
+    assert_eq!(total, (cases - dropped) as u64, "{seen:?}");
+    assert_eq!(q.latency().snapshot().count(), total);
+    let unsupp = seen.get(&Class::Rejected(status::UNSUPP)).copied();
+    assert_eq!(count(Answer::Unsupp), unsupp.unwrap_or(0) as u64);
     seen
 }
 
@@ -599,4 +614,38 @@ fn random_chains_on_a_read_only_disk() {
     let seen = random_chains(&mut h, 0x0bad_c0de_0000_0002, 1_000);
     assert!(!seen.contains_key(&Class::Write), "{seen:?}");
     assert!(!seen.contains_key(&Class::Zeroes), "{seen:?}");
+}
+
+#[test]
+fn answered_requests_are_counted_by_op_and_outcome() {
+    let mut h = rw();
+    let cap = h.capacity() / 512;
+    assert!(h.write_mem(0x4000, &[0x5A; 4096]));
+    let got = request(&mut h, hdr(types::OUT, 8), &[Desc::r(0x4000, 4096)]);
+    assert_eq!(got, (1, status::OK));
+    // A hit, then a miss, which waits for the backing store.
+    let got = request(&mut h, hdr(types::IN, 8), &[Desc::w(0x4000, 4096)]);
+    assert_eq!(got, (4097, status::OK));
+    let got = request(&mut h, hdr(types::IN, 64), &[Desc::w(0x4000, 4096)]);
+    assert_eq!(got, (4097, status::OK));
+    let got = request(&mut h, hdr(types::IN, cap), &[Desc::w(0x4000, 512)]);
+    assert_eq!(got, (1, status::IOERR));
+    let got = request(&mut h, hdr(7, 0), &[Desc::w(0x4000, 512)]);
+    assert_eq!(got, (1, status::UNSUPP));
+    assert_eq!(request(&mut h, hdr(types::FLUSH, 0), &[]), (1, status::OK));
+
+    let q = &h.counters().queues()[0];
+    assert_eq!(q.requests(Op::Write, Answer::Ok), 1);
+    assert_eq!(q.bytes(Op::Write, Answer::Ok), 4096);
+    assert_eq!(q.requests(Op::Read, Answer::Ok), 2);
+    assert_eq!(q.bytes(Op::Read, Answer::Ok), 8192);
+    assert_eq!(q.requests(Op::Read, Answer::IoErr), 1);
+    assert_eq!(
+        q.bytes(Op::Read, Answer::IoErr),
+        0,
+        "rejected before its length counts"
+    );
+    assert_eq!(q.requests(Op::Other, Answer::Unsupp), 1);
+    assert_eq!(q.requests(Op::Flush, Answer::Ok), 1);
+    assert_eq!(q.latency().snapshot().count(), 6);
 }

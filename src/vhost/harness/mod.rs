@@ -39,6 +39,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 mod case;
 
+use super::counters::Counters;
 use super::device::{Device, ServeConfig};
 use super::ring::Ring;
 use super::Vring;
@@ -249,6 +250,7 @@ impl Harness {
             backing,
             ServeConfig {
                 num_queues: 1,
+                counters: Counters::new(1),
                 queue_size: QUEUE_SIZE,
                 blk_size: 512,
                 read_only: o.read_only,
@@ -290,6 +292,11 @@ impl Harness {
             last_pending: (0, 0),
             shadow: vec![0; o.backing_bytes as usize],
         })
+    }
+
+    /// The queue's request counters.
+    pub fn counters(&self) -> &Counters {
+        &self.blk.cfg.counters
     }
 
     /// Bytes of guest memory.
