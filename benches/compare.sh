@@ -310,7 +310,10 @@ run_qsd_file() {
 
 run_pcache() {
     local r=$1
-    # Hits: a fresh cache holding the working set (written sequentially).
+    # Hits: a fresh cache holding the working set (written sequentially,
+    # so without the sequential cutoff, which would send the fill around
+    # the cache).
+    PCACHE_EXTRA="--sequential-cutoff 0"
     start_server pcache
     client pcache fill "$r" --rw write --bs "$SEQ_BS" --qd 32 --size "$WS_BYTES" --runtime 0 --ramp 0 --total "$WS_BYTES"
     client pcache r32 "$r" "${R4[@]}" --qd 32 --size "$WS_BYTES" "${T[@]}"
@@ -318,6 +321,7 @@ run_pcache() {
     client pcache r32q2 "$r" "${R4[@]}" --qd 32 --queues 2 --size "$WS_BYTES" "${T[@]}"
     save_status hits "$r"
     # Writes: a fresh cache for each, so each stays within capacity.
+    PCACHE_EXTRA=""
     local p
     for p in w32 w32imm w1 wf1 wf1poll w32q2; do
         # w32imm: the same writes with writeback at once (dm-pcache's way)
@@ -372,11 +376,14 @@ json.dump(r, open(out, "w"))
 print(f"  pcache  drain        r{rnd}: {d0} dirty bytes drained in {t:.2f} s = {r['mb_s']} MB/s ({env})", file=sys.stderr)
 EOF
     save_status drain "$r"
-    # Burst: 1.5 x the cache, sequential SEQ_BS at QD32, into a fresh cache.
+    # Burst: 1.5 x the cache, sequential SEQ_BS at QD32, into a fresh cache
+    # (into the cache: no sequential cutoff).
+    PCACHE_EXTRA="--sequential-cutoff 0"
     start_server pcache
     client pcache burst "$r" --rw write --bs "$SEQ_BS" --qd 32 --runtime 0 --ramp 0 --total "$BURST_BYTES"
     save_status burst "$r"
     stop_server
+    PCACHE_EXTRA=""
 }
 
 # --- go --------------------------------------------------------------------

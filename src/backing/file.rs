@@ -762,6 +762,19 @@ mod tests {
                 super::super::IoOp::Read { buf, .. } => assert!(buf.iter().all(|&x| x == 0x5a)),
                 other => panic!("{other:?}"),
             }
+            // Zeroing on a block device (fallocate, or zeros written where
+            // the loop driver refuses), with and without unmap.
+            let bk = q.backing().clone();
+            for unmap in [false, true] {
+                bk.write_at(&[0x77; 8192], 1 << 20).expect("write");
+                bk.write_zeroes(1 << 20, 8192, unmap).expect("write_zeroes");
+                let mut got = vec![1u8; 8192];
+                bk.read_at(&mut got, 1 << 20).expect("read");
+                assert!(
+                    got.iter().all(|&x| x == 0),
+                    "unmap {unmap}, sector {sector}"
+                );
+            }
             eprintln!("{}: {:?}, {}", dev.0, q.engine(), q.backing().describe());
         }
     }

@@ -48,11 +48,12 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    /// Count one latency.
+    /// Count one latency. Only the queue's lock holder records, so a plain
+    /// load and store do (see [`bump`]).
     pub fn record(&self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.counts[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        bump(&self.counts[bucket_of(ns)], 1);
+        bump(&self.sum_ns, ns);
     }
 
     /// The counts now. Each is read on its own while requests go on, so
@@ -63,6 +64,13 @@ impl Histogram {
             sum_ns: self.sum_ns.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Add `n` to a counter that one thread at a time writes (readers only
+/// load it): a load and a store, without the locked read-modify-write of
+/// `fetch_add`, whose cost showed on 4 KiB hits at QD32.
+pub fn bump(a: &AtomicU64, n: u64) {
+    a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
 /// The bucket a latency of `ns` falls in.
