@@ -333,22 +333,23 @@ impl Engine {
             });
         };
         let mut hits: smallvec_lite::Inline<(u64, u64, u32, u64)> = Default::default();
+        // The piece at sector `s` of the region, `n` sectors, cannot be read.
+        let lost = |s: u64, n: u64| Error::DataCorrupt {
+            off: base + s * SECTOR_BYTES,
+            len: n * SECTOR_BYTES,
+        };
         for &(s, n, e) in pieces.iter() {
             let Some((ext_start, ext)) = e else {
                 gap(s, n, misses);
                 continue;
             };
             if ext.is_bad() {
-                let off = base + s * SECTOR_BYTES;
                 tracing::warn!(
-                    off,
+                    off = base + s * SECTOR_BYTES,
                     len = n * SECTOR_BYTES,
                     "read of a range whose newest data was lost (failed its CRC before writeback)"
                 );
-                result = Err(Error::DataCorrupt {
-                    off,
-                    len: n * SECTOR_BYTES,
-                });
+                result = Err(lost(s, n));
                 break;
             }
             if ext.is_zero() {
@@ -381,10 +382,7 @@ impl Engine {
                     len = n * SECTOR_BYTES,
                     "cached dirty data failed its CRC; failing the read"
                 );
-                result = Err(Error::DataCorrupt {
-                    off,
-                    len: n * SECTOR_BYTES,
-                });
+                result = Err(lost(s, n));
                 break;
             }
             let b = ((s - start) * SECTOR_BYTES) as usize;
