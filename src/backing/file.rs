@@ -553,9 +553,7 @@ mod tests {
     #[test]
     fn tmpfs_mode_matches_what_the_kernel_allows() {
         // /dev/shm is tmpfs: whichever mode we got must match a direct probe.
-        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
-            return;
-        };
+        let dir = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) for this test");
         let path = make_file(dir.path(), "disk", 1 << 20);
         let probe = open_file(&path, false, libc::O_DIRECT).is_ok();
         let b = FileBacking::open(&path, false).expect("open");
