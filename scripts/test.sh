@@ -18,4 +18,14 @@ fi
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+
+# A throwaway Ceph cluster for the RBD tests (scripts/ceph-cluster.sh
+# installs ceph-mon, ceph-osd, ceph-common and librbd-dev when missing),
+# stopped however the tests end.
+CEPH_DIR=$(mktemp -d /tmp/pcache-ceph.XXXXXX)
+rmdir "$CEPH_DIR"
+trap 'scripts/ceph-cluster.sh stop "$CEPH_DIR"' EXIT
+PCACHE_TEST_CEPH_CONF=$(scripts/ceph-cluster.sh start "$CEPH_DIR")
+export PCACHE_TEST_CEPH_CONF
+
 cargo test --all-targets

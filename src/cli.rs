@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::backing::{Backing, BackingQueue};
+use crate::backing::{BackingQueue, BackingSpec};
 use crate::engine::{FormatOptions, WritebackPolicy};
 use crate::format;
 use crate::media::{self, Lock};
@@ -114,9 +114,10 @@ pub enum Command {
         /// Size of a new cache file: at least 512M, a multiple of 16M.
         #[arg(long, value_parser = parse_size)]
         cache_size: Option<u64>,
-        /// Backing store (file or block device) the cache will front.
+        /// Backing store the cache will front: a file, a block device or
+        /// rbd:POOL/IMAGE[:conf=PATH][:id=NAME].
         #[arg(long)]
-        backing: PathBuf,
+        backing: BackingSpec,
         /// Keep a crc32c of all cached data and check it on every hit.
         #[arg(long)]
         data_crc: bool,
@@ -152,9 +153,9 @@ pub enum Command {
         /// Cache medium.
         #[arg(long)]
         cache: PathBuf,
-        /// Backing store recorded in the cache.
+        /// Backing store the cache fronts (a path or rbd:POOL/IMAGE...).
         #[arg(long)]
-        backing: PathBuf,
+        backing: BackingSpec,
     },
 }
 
@@ -167,9 +168,15 @@ pub struct ServeArgs {
     /// Cache medium: a file or /dev/daxX.Y [default: pcache-data/cache.img].
     #[arg(long)]
     pub cache: Option<PathBuf>,
-    /// Backing file or block device [default: pcache-data/disk.img].
+    /// Backing store: a file, a block device, or an RBD image as
+    /// rbd:POOL/IMAGE[:conf=PATH][:id=NAME] (QEMU's syntax)
+    /// [default: pcache-data/disk.img].
     #[arg(long)]
-    pub backing: Option<PathBuf>,
+    pub backing: Option<BackingSpec>,
+    /// Seconds a read from an RBD image may wait for the cluster before
+    /// the guest gets an I/O error (writes wait as long as it takes).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub backing_read_timeout: u64,
     /// Size of a cache file to create (at least 512M, a multiple of 16M)
     /// [default: 1G].
     #[arg(long, value_parser = parse_size)]
@@ -291,7 +298,10 @@ impl ServeArgs {
                 .unwrap_or_else(|| crate::control::default_path(&socket)),
             socket,
             cache: self.cache.unwrap_or_else(|| dir.join("cache.img")),
-            backing: self.backing.unwrap_or_else(|| dir.join("disk.img")),
+            backing: self
+                .backing
+                .unwrap_or_else(|| BackingSpec::File(dir.join("disk.img"))),
+            backing_read_timeout: Duration::from_secs(self.backing_read_timeout),
             cache_size: self.cache_size,
             backing_size: self
                 .backing_size
@@ -466,7 +476,7 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             gc_percent,
             force,
         } => {
-            let b = media::open_backing(&backing, true)?;
+            let b = media::open_backing(&backing, &cache, true, None)?;
             media::prepare_cache_file(&cache, cache_size, force)?;
             let _owner = media::lock(&cache, Lock::Exclusive, "Cache")?;
             let sb = media::format_cache(
@@ -484,7 +494,7 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
                 cache.display(),
                 sb.seg_num,
                 (sb.seg_num as u64 * format::SEG_BYTES) >> 20,
-                backing.display(),
+                backing,
                 sb.backing_bytes,
                 if data_crc { "on" } else { "off" },
                 gc_percent
@@ -527,8 +537,8 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
         Command::Writeback { cache, backing } => {
             let _owner = media::lock(&cache, Lock::Exclusive, "Cache")?;
             let engine = media::open_cache(&cache)?;
-            let b = media::open_backing(&backing, false)?;
-            media::check_backing_size(&engine, &b, &backing)?;
+            let b = media::open_backing(&backing, &cache, false, None)?;
+            media::check_backing_size(&engine, &*b, &backing)?;
             let start = engine.stats().snapshot().dirty_bytes;
             let bar = indicatif::ProgressBar::new(start);
             bar.set_style(
@@ -537,14 +547,14 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
                 )
                 .expect("static template"),
             );
-            let mut q = BackingQueue::new(Arc::new(b), 64);
+            let mut q = BackingQueue::new(Arc::from(b), 64);
             engine.writeback_all(&mut q, |left| bar.set_position(start.saturating_sub(left)))?;
             bar.finish();
             println!(
                 "{}: clean; {} bytes written back to {}",
                 cache.display(),
                 engine.stats().snapshot().writeback_bytes,
-                backing.display()
+                backing
             );
             Ok(0)
         }

@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backing::{Backing, FileBacking};
+use crate::backing::{Backing, BackingSpec};
 use crate::engine::{Engine, FormatOptions, OpenOptions as EngineOpen};
 use crate::format::{self, check_new_cache_size, Superblock};
 use crate::pmem::{Region, RegionOptions};
@@ -204,20 +204,49 @@ pub fn open_cache_read_only(cache: &Path) -> AnyResult<Arc<Engine>> {
     Ok(Engine::open(region, &EngineOpen { read_only: true })?)
 }
 
-/// Open the backing store at `path`.
-pub fn open_backing(path: &Path, read_only: bool) -> AnyResult<FileBacking> {
-    FileBacking::open(path, read_only)
-        .map_err(|e| format!("Cannot open backing store {}: {e}", path.display()).into())
+/// Open the backing store `spec` for the cache at `cache` (whose lock the
+/// caller holds, unless `read_only`). An RBD image's reads wait at most
+/// `read_timeout` for the cluster.
+pub fn open_backing(
+    spec: &BackingSpec,
+    cache: &Path,
+    read_only: bool,
+    read_timeout: Option<std::time::Duration>,
+) -> AnyResult<Box<dyn Backing>> {
+    let o = crate::backing::OpenOptions {
+        read_only,
+        read_timeout,
+        lock_record: (!read_only).then(|| lock_record(cache)).flatten(),
+    };
+    crate::backing::open(spec, &o)
+        .map_err(|e| format!("Cannot open backing store {spec}: {e}").into())
+}
+
+/// Where the RBD lock owner of the pcache using `cache` is recorded: beside
+/// a cache file (`CACHE.rbd-owner`). None for a device: a restart after a
+/// crash then waits for the cluster to time the dead owner out.
+fn lock_record(cache: &Path) -> Option<std::path::PathBuf> {
+    let meta = std::fs::metadata(cache).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    let mut name = cache.file_name()?.to_os_string();
+    name.push(".rbd-owner");
+    Some(cache.with_file_name(name))
 }
 
 /// Refuse a backing store smaller than the disk the cache holds (a larger
 /// one grew: `serve` grows the disk to it).
-pub fn check_backing_size(engine: &Engine, backing: &dyn Backing, path: &Path) -> AnyResult<()> {
+pub fn check_backing_size(
+    engine: &Engine,
+    backing: &dyn Backing,
+    spec: &BackingSpec,
+) -> AnyResult<()> {
     let size = backing.size();
     if size < engine.size() {
         return Err(format!(
             "Backing store {} is {} bytes but the cache holds a disk of {} bytes (a disk never shrinks); refusing to use it",
-            path.display(),
+            spec,
             size,
             engine.size()
         )

@@ -13,7 +13,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +21,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backing::{Backing, FileBacking};
+use crate::backing::{Backing, BackingSpec};
 use crate::control::{self, ServeInfo};
 use crate::engine::{Engine, FormatOptions, Workers, WritebackPolicy};
 use crate::format;
@@ -48,7 +48,9 @@ pub struct ServeOptions {
     /// Cache medium.
     pub cache: PathBuf,
     /// Backing store.
-    pub backing: PathBuf,
+    pub backing: BackingSpec,
+    /// How long a read from an RBD image may wait for the cluster.
+    pub backing_read_timeout: Duration,
     /// Size for a new cache file.
     pub cache_size: Option<u64>,
     /// Size for a new backing file.
@@ -78,31 +80,52 @@ pub struct ServeOptions {
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Open or create the backing store.
-fn open_backing(o: &ServeOptions) -> AnyResult<FileBacking> {
-    if !o.backing.exists() && o.cfg.read_only {
+fn open_backing(o: &ServeOptions) -> AnyResult<Box<dyn Backing>> {
+    if let BackingSpec::File(path) = &o.backing {
+        create_backing_file(path, o)?;
+    } else if o.backing_size.is_some() {
         return Err(format!(
-            "Backing store {} does not exist (--read-only creates nothing)",
-            o.backing.display()
+            "--backing-size creates backing files, not RBD images: create {} with `rbd create --size`",
+            o.backing
         )
         .into());
     }
-    if !o.backing.exists() {
-        let Some(size) = o.backing_size else {
-            return Err(format!(
-                "Backing store {} does not exist; give --backing-size to create it",
-                o.backing.display()
-            )
-            .into());
-        };
-        if size == 0 || size % 512 != 0 {
-            return Err(format!("--backing-size {size} is not a positive multiple of 512").into());
-        }
-        let f = std::fs::File::create(&o.backing)
-            .map_err(|e| format!("Cannot create backing file {}: {e}", o.backing.display()))?;
-        f.set_len(size)?;
-        println!("created {} ({size} bytes, sparse)", o.backing.display());
+    media::open_backing(
+        &o.backing,
+        &o.cache,
+        o.cfg.read_only,
+        Some(o.backing_read_timeout),
+    )
+}
+
+/// Create the backing file at `path` if it does not exist and
+/// `--backing-size` says how big.
+fn create_backing_file(path: &Path, o: &ServeOptions) -> AnyResult<()> {
+    if path.exists() {
+        return Ok(());
     }
-    media::open_backing(&o.backing, o.cfg.read_only)
+    if o.cfg.read_only {
+        return Err(format!(
+            "Backing store {} does not exist (--read-only creates nothing)",
+            path.display()
+        )
+        .into());
+    }
+    let Some(size) = o.backing_size else {
+        return Err(format!(
+            "Backing store {} does not exist; give --backing-size to create it",
+            path.display()
+        )
+        .into());
+    };
+    if size == 0 || size % 512 != 0 {
+        return Err(format!("--backing-size {size} is not a positive multiple of 512").into());
+    }
+    let f = std::fs::File::create(path)
+        .map_err(|e| format!("Cannot create backing file {}: {e}", path.display()))?;
+    f.set_len(size)?;
+    println!("created {} ({size} bytes, sparse)", path.display());
+    Ok(())
 }
 
 /// `pcache resize`: grow the disk to the backing store's size now, and tell
@@ -133,17 +156,67 @@ fn resize(engine: &Engine, backing: &dyn Backing, stop: &Stop) -> Result<control
     })
 }
 
-/// Take the cache (creating the file if it is new), format it when it is
-/// new or `--format` was given, and open it.
-fn open_cache(o: &ServeOptions, backing_bytes: u64) -> AnyResult<(Owner, Arc<Engine>)> {
+/// Grow the disk by itself when the store says it grew (an RBD image
+/// resized with `rbd resize`). The store's callback only pokes a thread,
+/// which runs the same resize as `pcache resize`; the thread ends with the
+/// process and holds the store only weakly, so it is still dropped (an RBD
+/// image closed and unlocked) at a clean stop.
+fn watch_backing_size(backing: &Arc<dyn Backing>, engine: &Arc<Engine>, stop: &Arc<Stop>) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let poke = Box::new(move || {
+        // Full means a resize is already due: nothing to add.
+        let _ = tx.try_send(());
+    });
+    match backing.watch_size(poke) {
+        Ok(false) => return,
+        Ok(true) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the backing store's size; grow it with `pcache resize`");
+            return;
+        }
+    }
+    let (weak, engine, stop) = (Arc::downgrade(backing), engine.clone(), stop.clone());
+    let spawned = std::thread::Builder::new()
+        .name("pcache-resize".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                let Some(backing) = weak.upgrade() else {
+                    return;
+                };
+                match resize(&engine, &*backing, &stop) {
+                    Ok(r) if r.new_bytes != r.old_bytes => {
+                        println!("the backing store grew: {} -> {} bytes", r.old_bytes, r.new_bytes)
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "the backing store changed but the disk cannot follow"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the resize thread; grow the disk with `pcache resize`");
+    }
+}
+
+/// Take the cache's lock, creating the file if it is new (true then). It
+/// comes before the backing store: holding the cache proves the pcache
+/// that used it before is gone, which lets an RBD image's stale lock go.
+fn take_cache(o: &ServeOptions) -> AnyResult<(Owner, bool)> {
     if o.cfg.read_only {
-        return open_cache_read_only(o);
+        return Ok((take_cache_read_only(o)?, false));
     }
     let is_new = !o.cache.exists();
     if is_new {
         media::prepare_cache_file(&o.cache, o.cache_size.or(Some(DEFAULT_CACHE_BYTES)), true)?;
     }
-    let owner = media::lock(&o.cache, Lock::Exclusive, "Cache")?;
+    Ok((media::lock(&o.cache, Lock::Exclusive, "Cache")?, is_new))
+}
+
+/// Format the cache (whose lock we hold) when it is new or `--format` was
+/// given, and open it.
+fn open_cache(o: &ServeOptions, is_new: bool, backing_bytes: u64) -> AnyResult<Arc<Engine>> {
+    if o.cfg.read_only {
+        return media::open_cache_read_only(&o.cache);
+    }
     let state = media::holds_pcache(&o.cache)?;
     let must_format = match &state {
         None => true,
@@ -173,7 +246,7 @@ fn open_cache(o: &ServeOptions, backing_bytes: u64) -> AnyResult<(Owner, Arc<Eng
         println!(
             "formatted {} for {} ({backing_bytes} bytes)",
             o.cache.display(),
-            o.backing.display()
+            o.backing
         );
     }
     let engine = media::open_cache(&o.cache)?;
@@ -185,12 +258,12 @@ fn open_cache(o: &ServeOptions, backing_bytes: u64) -> AnyResult<(Owner, Arc<Eng
             engine.set_gc_percent(p)?;
         }
     }
-    Ok((owner, engine))
+    Ok(engine)
 }
 
 /// `--read-only`: open an existing cache without writing to it, and refuse
 /// every option that would change it.
-fn open_cache_read_only(o: &ServeOptions) -> AnyResult<(Owner, Arc<Engine>)> {
+fn take_cache_read_only(o: &ServeOptions) -> AnyResult<Owner> {
     let changes = [
         (o.format, "--format"),
         (o.cache_size.is_some(), "--cache-size"),
@@ -228,7 +301,7 @@ fn open_cache_read_only(o: &ServeOptions) -> AnyResult<(Owner, Arc<Engine>)> {
             .into())
         }
     }
-    Ok((owner, media::open_cache_read_only(&o.cache)?))
+    Ok(owner)
 }
 
 /// The listening socket: inherited from systemd, or bound at `o.socket`.
@@ -268,10 +341,20 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     if let Some(dir) = o.cache.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let backing = open_backing(&o)?;
+    let (_owner, is_new) = take_cache(&o)?;
+    let backing = match open_backing(&o) {
+        Ok(b) => b,
+        Err(e) => {
+            if is_new {
+                // Leave nothing behind for a start that did not happen.
+                let _ = std::fs::remove_file(&o.cache);
+            }
+            return Err(e);
+        }
+    };
     let backing_bytes = backing.size();
-    let (_owner, engine) = open_cache(&o, backing_bytes)?;
-    media::check_backing_size(&engine, &backing, &o.backing)?;
+    let engine = open_cache(&o, is_new, backing_bytes)?;
+    media::check_backing_size(&engine, &*backing, &o.backing)?;
     if backing_bytes > engine.size() && !o.cfg.read_only {
         // It grew while pcache was down.
         engine.grow(backing_bytes)?;
@@ -280,7 +363,7 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     // are answered.
     let metrics = o.metrics.map(crate::metrics::http::bind).transpose()?;
     let listening = listen(&o)?;
-    let backing: Arc<dyn Backing> = Arc::new(backing);
+    let backing: Arc<dyn Backing> = Arc::from(backing);
     let workers = Workers::start(engine.clone(), backing.clone(), o.writeback);
     if let Some(m) = o.mode.filter(|m| *m != engine.mode()) {
         // Leaving write-back writes the cache back first (by the workers
@@ -289,7 +372,7 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         engine.set_mode(m, MODE_SWITCH_AT_START)?;
     }
     let info = ServeInfo {
-        backing_path: o.backing.display().to_string(),
+        backing_path: o.backing.to_string(),
         num_queues: o.cfg.num_queues,
         socket: o.socket.display().to_string(),
         writeback: o.writeback,
@@ -319,6 +402,7 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         let (stop, engine, backing) = (stop.clone(), engine.clone(), backing.clone());
         Arc::new(move || resize(&engine, &*backing, &stop))
     };
+    watch_backing_size(&backing, &engine, &stop);
     let latency: control::LatencyProbe = {
         let counters = o.cfg.counters.clone();
         Arc::new(move || control::Latency::of(&counters.latency()))
@@ -370,11 +454,7 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
             })?;
     }
     print_hint(&o, backing_bytes, listening.bound.is_some());
-    let status = format!(
-        "serving {} through {}",
-        o.backing.display(),
-        o.cache.display()
-    );
+    let status = format!("serving {} through {}", o.backing, o.cache.display());
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 
     while let Some(stream) = accept(&listening.listener, &wake, &stop)? {
@@ -411,6 +491,9 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         }
     };
     workers.stop();
+    if let Err(e) = backing.release() {
+        tracing::warn!(error = %e, "releasing the backing store at stop");
+    }
     let _ = std::fs::remove_file(&o.control);
     drop(listening);
     if engine.is_read_only() {
@@ -527,7 +610,7 @@ fn print_hint(o: &ServeOptions, backing_bytes: u64, bound: bool) {
          -device vhost-user-blk-pci,chardev=pcache0,num-queues={queues}\n\
          (guest memory must be shared; num-queues at most {}, and QEMU's default is one per vCPU; \
          status: pcache status --control {})",
-        o.backing.display(),
+        o.backing,
         backing_bytes,
         o.cache.display(),
         sock.display(),

@@ -99,6 +99,7 @@ fn drain_in_front_of_a_slow_disk_times_out_with_exit_code_1() {
         backing: dir.path().join("disk.img"),
         socket: dir.path().join("vhost.sock"),
         dir,
+        image: None,
     };
     std::fs::File::create(&disk.backing)
         .unwrap()

@@ -6,7 +6,7 @@
 mod common;
 
 use blkio::ReqFlags;
-use common::{check_block, fill_block, pcache, text, Client, Disk};
+use common::{fill_block, pcache, text, verify_all_blocks, write_all_blocks, Client, Disk};
 
 const BLOCK: usize = 4096;
 const MIB: u64 = 1 << 20;
@@ -14,53 +14,6 @@ const MIB: u64 = 1 << 20;
 /// Sequential writes all cached (no sequential cutoff), for the tests of
 /// what the cache keeps across a stop or a kill.
 const CACHED: [&str; 2] = ["--sequential-cutoff", "0"];
-
-/// Write every block of the disk at QD32, then read it all back.
-fn write_all_blocks(c: &mut Client, q: usize, blocks: u64, version: u64) {
-    let qd = 32usize;
-    let mut next = 0u64;
-    let mut inflight = 0usize;
-    while next < blocks || inflight > 0 {
-        while inflight < qd && next < blocks {
-            let slot = (next as usize % qd) * BLOCK;
-            fill_block(&mut c.mem()[slot..slot + BLOCK], next, version);
-            let p = c.ptr(slot);
-            c.queues[q].write(
-                next * BLOCK as u64,
-                p,
-                BLOCK,
-                next as usize,
-                ReqFlags::empty(),
-            );
-            next += 1;
-            inflight += 1;
-        }
-        for (ud, ret) in c.reap(q, 1) {
-            assert_eq!(ret, 0, "write of block {ud} failed");
-            inflight -= 1;
-        }
-    }
-}
-
-fn verify_all_blocks(c: &mut Client, q: usize, blocks: u64, version_of: impl Fn(u64) -> u64) {
-    let chunk = 64usize; // blocks per read
-    let mut b = 0u64;
-    while b < blocks {
-        let n = chunk.min((blocks - b) as usize);
-        assert_eq!(
-            c.read_sync(q, b * BLOCK as u64, 0, n * BLOCK),
-            0,
-            "read at block {b}"
-        );
-        for i in 0..n {
-            let blk = b + i as u64;
-            let got = check_block(&c.mem()[i * BLOCK..(i + 1) * BLOCK], blk)
-                .unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(got, version_of(blk), "block {blk}");
-        }
-        b += n as u64;
-    }
-}
 
 #[test]
 fn whole_disk_written_and_read_back_with_checksums() {

@@ -1,11 +1,14 @@
 //! The backing store: the disk behind the cache.
 //!
 //! [`Backing`] is the small synchronous trait every store implements: a raw
-//! file or block device ([`FileBacking`]), and the test doubles
+//! file or block device ([`FileBacking`]), a Ceph RBD image
+//! ([`RbdBacking`]), and the test doubles
 //! ([`MemBacking`], which can lose unflushed writes, and [`FaultyBacking`],
 //! which injects errors and delays). [`BackingQueue`] is the asynchronous
 //! side: one per worker thread, on io_uring when the store exposes a file
-//! descriptor and the kernel allows it, on a small thread pool otherwise.
+//! descriptor and the kernel allows it, on librbd's asynchronous calls for
+//! an RBD image, on a small thread pool otherwise. [`BackingSpec`] is what
+//! `--backing` names, and [`open`] opens it.
 //!
 //! This module knows nothing about the cache.
 
@@ -14,12 +17,16 @@ mod faulty;
 mod file;
 mod mem;
 mod queue;
+mod rbd;
+mod spec;
 
 pub use aligned::{AlignedBuf, BufPool};
 pub use faulty::{FaultKind, FaultOp, FaultPlan, FaultyBacking};
 pub use file::FileBacking;
 pub use mem::MemBacking;
 pub use queue::{BackingQueue, Completion, IoOp, QueueEngine};
+pub use rbd::{RbdBacking, RbdHandle, RbdSpec, DEFAULT_READ_TIMEOUT};
+pub use spec::BackingSpec;
 
 use std::io;
 use std::os::fd::RawFd;
@@ -60,6 +67,51 @@ pub trait Backing: Send + Sync {
     fn uring_fd(&self) -> Option<(RawFd, bool)> {
         None
     }
+    /// The image handle, for a store that is an RBD image: the queue then
+    /// uses librbd's asynchronous calls.
+    fn rbd(&self) -> Option<RbdHandle> {
+        None
+    }
+    /// Call `f` (from another thread) whenever the store may have changed
+    /// size behind our back. Returns false if the store cannot tell; files
+    /// cannot (an operator runs `pcache resize`).
+    fn watch_size(&self, f: Box<dyn Fn() + Send + Sync>) -> io::Result<bool> {
+        let _ = f;
+        Ok(false)
+    }
+    /// Let go of the store at a clean stop, before the process exits: make
+    /// writes durable and release what we hold (an RBD image's exclusive
+    /// lock, so the next owner need not wait for it to time out). Nothing
+    /// may be written afterwards.
+    fn release(&self) -> io::Result<()> {
+        self.flush()
+    }
+}
+
+/// How to open a backing store.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Open read-only (an RBD image is then not locked).
+    pub read_only: bool,
+    /// How long an RBD read may wait for the cluster ([`DEFAULT_READ_TIMEOUT`]
+    /// if `None`).
+    pub read_timeout: Option<std::time::Duration>,
+    /// Where an RBD image's lock owner is recorded (see
+    /// [`RbdBacking::open`]); the caller holds the cache whose previous
+    /// owner wrote it.
+    pub lock_record: Option<std::path::PathBuf>,
+}
+
+/// Open the store `spec` names.
+pub fn open(spec: &BackingSpec, o: &OpenOptions) -> io::Result<Box<dyn Backing>> {
+    Ok(match spec {
+        BackingSpec::File(p) => Box::new(FileBacking::open(p, o.read_only)?),
+        BackingSpec::Rbd(r) => {
+            let mut b = RbdBacking::open(r, o.read_only, o.lock_record.as_deref())?;
+            b.set_read_timeout(o.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT));
+            Box::new(b)
+        }
+    })
 }
 
 /// Write zeros over `len` bytes at `off`, a megabyte at a time: the fallback

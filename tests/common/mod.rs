@@ -2,12 +2,17 @@
 //! to it with a real vhost-user-blk client (libblkio's `blkio` crate).
 #![allow(dead_code)]
 
+pub mod ceph;
+
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// The block size of [`fill_block`] data.
+pub const TEST_BLOCK: usize = 4096;
 
 /// A running `pcache serve`.
 pub struct Server {
@@ -20,8 +25,11 @@ pub struct Server {
 pub struct Disk {
     pub dir: tempfile::TempDir,
     pub cache: PathBuf,
+    /// The backing file (unused for an RBD disk).
     pub backing: PathBuf,
     pub socket: PathBuf,
+    /// The RBD image behind the cache, for a disk made by [`Disk::rbd`].
+    pub image: Option<ceph::Image>,
 }
 
 impl Disk {
@@ -45,6 +53,34 @@ impl Disk {
             backing,
             socket: dir.path().join("vhost.sock"),
             dir,
+            image: None,
+        }
+    }
+
+    /// A fresh directory and a new zeroed RBD image of `bytes` on the test
+    /// cluster; the cache lives on tmpfs when there is one.
+    pub fn rbd(tag: &str, bytes: u64) -> Disk {
+        let image = ceph::Image::create(tag, bytes);
+        Disk::on_image(image)
+    }
+
+    /// A fresh directory in front of `image`.
+    pub fn on_image(image: ceph::Image) -> Disk {
+        let dir = tempfile::tempdir().unwrap();
+        Disk {
+            cache: dir.path().join("cache.img"),
+            backing: dir.path().join("unused"),
+            socket: dir.path().join("vhost.sock"),
+            dir,
+            image: Some(image),
+        }
+    }
+
+    /// What `--backing` says for this disk.
+    pub fn backing_arg(&self) -> String {
+        match &self.image {
+            Some(i) => i.spec(),
+            None => self.backing.display().to_string(),
         }
     }
 
@@ -67,7 +103,7 @@ impl Disk {
             "--cache".into(),
             self.cache.display().to_string(),
             "--backing".into(),
-            self.backing.display().to_string(),
+            self.backing_arg(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         args
@@ -285,6 +321,54 @@ pub fn check_block(buf: &[u8], block: u64) -> Result<u64, String> {
         return Err(format!("block {block} version {v} fails its checksum"));
     }
     Ok(v)
+}
+
+/// Write every block of the disk at QD32 (block b gets version `version`).
+pub fn write_all_blocks(c: &mut Client, q: usize, blocks: u64, version: u64) {
+    let qd = 32usize;
+    let mut next = 0u64;
+    let mut inflight = 0usize;
+    while next < blocks || inflight > 0 {
+        while inflight < qd && next < blocks {
+            let slot = (next as usize % qd) * TEST_BLOCK;
+            fill_block(&mut c.mem()[slot..slot + TEST_BLOCK], next, version);
+            let p = c.ptr(slot);
+            c.queues[q].write(
+                next * TEST_BLOCK as u64,
+                p,
+                TEST_BLOCK,
+                next as usize,
+                ReqFlags::empty(),
+            );
+            next += 1;
+            inflight += 1;
+        }
+        for (ud, ret) in c.reap(q, 1) {
+            assert_eq!(ret, 0, "write of block {ud} failed");
+            inflight -= 1;
+        }
+    }
+}
+
+/// Read every block back and check it holds `version_of(block)`.
+pub fn verify_all_blocks(c: &mut Client, q: usize, blocks: u64, version_of: impl Fn(u64) -> u64) {
+    let chunk = 64usize; // blocks per read
+    let mut b = 0u64;
+    while b < blocks {
+        let n = chunk.min((blocks - b) as usize);
+        assert_eq!(
+            c.read_sync(q, b * TEST_BLOCK as u64, 0, n * TEST_BLOCK),
+            0,
+            "read at block {b}"
+        );
+        for i in 0..n {
+            let blk = b + i as u64;
+            let got = check_block(&c.mem()[i * TEST_BLOCK..(i + 1) * TEST_BLOCK], blk)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(got, version_of(blk), "block {blk}");
+        }
+        b += n as u64;
+    }
 }
 
 /// Run the `pcache` binary under test with `args` and collect its output.

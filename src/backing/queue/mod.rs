@@ -1,10 +1,11 @@
 //! [`BackingQueue`]: asynchronous I/O to the backing store, one queue per
 //! worker thread.
 //!
-//! Two engines behind one interface, this file being the interface:
+//! Three engines behind one interface, this file being the interface:
 //! - io_uring (`uring.rs`), when the store exposes a file descriptor and
 //!   the kernel lets us set up a ring: reads, writes and fdatasyncs go
 //!   straight to the kernel, batched per `poll`/`wait` call;
+//! - librbd's asynchronous calls (`rbd.rs`) for an RBD image;
 //! - a pool of four threads calling the [`Backing`] trait methods
 //!   (`pool.rs`), for test doubles and for kernels (or seccomp profiles)
 //!   without io_uring.
@@ -24,9 +25,11 @@ use std::sync::Arc;
 use super::{AlignedBuf, Backing};
 
 mod pool;
+mod rbd;
 mod uring;
 
 use pool::Pool;
+use rbd::Rbd;
 use uring::Uring;
 
 /// Offsets and lengths must be multiples of this.
@@ -103,6 +106,8 @@ pub enum QueueEngine {
     Uring,
     /// A pool of threads calling the [`Backing`] methods.
     ThreadPool,
+    /// librbd's asynchronous calls.
+    Rbd,
 }
 
 /// The asynchronous side of a backing store, owned by one worker thread.
@@ -137,12 +142,15 @@ enum Engine {
     Uring(Box<Uring>),
     /// The thread pool.
     Pool(Pool),
+    /// librbd.
+    Rbd(Rbd),
 }
 
 // Log the engine choice once per process, not once per worker.
 static LOGGED_URING: AtomicBool = AtomicBool::new(false);
 static LOGGED_URING_FAILED: AtomicBool = AtomicBool::new(false);
 static LOGGED_NO_FD: AtomicBool = AtomicBool::new(false);
+static LOGGED_RBD: AtomicBool = AtomicBool::new(false);
 
 /// Whether this is the first time `flag` is asked about.
 fn first_time(flag: &AtomicBool) -> bool {
@@ -167,8 +175,14 @@ impl BackingQueue {
             }
         };
         let notifier_fd = notifier.as_ref().map(|fd| fd.as_raw_fd());
-        let engine = match backing.uring_fd() {
-            Some((fd, direct)) => match Uring::new(fd, depth, notifier_fd) {
+        let engine = match (backing.rbd(), backing.uring_fd()) {
+            (Some(handle), _) => {
+                if first_time(&LOGGED_RBD) {
+                    tracing::info!(backing = %backing.describe(), "backing I/O uses librbd's asynchronous calls");
+                }
+                Engine::Rbd(Rbd::new(handle, notifier.clone()))
+            }
+            (None, Some((fd, direct))) => match Uring::new(fd, depth, notifier_fd) {
                 Ok(uring) => {
                     if first_time(&LOGGED_URING) {
                         tracing::info!(
@@ -191,7 +205,7 @@ impl BackingQueue {
                     Engine::Pool(Pool::new(backing.clone(), notifier.clone()))
                 }
             },
-            None => {
+            (None, None) => {
                 if first_time(&LOGGED_NO_FD) {
                     tracing::info!(
                         backing = %backing.describe(),
@@ -216,6 +230,7 @@ impl BackingQueue {
         match self.engine {
             Engine::Uring(_) => QueueEngine::Uring,
             Engine::Pool(_) => QueueEngine::ThreadPool,
+            Engine::Rbd(_) => QueueEngine::Rbd,
         }
     }
 
@@ -252,6 +267,7 @@ impl BackingQueue {
                 self.signal_notifier();
             }
             Engine::Pool(p) => p.submit(user_data, op),
+            Engine::Rbd(r) => r.submit(user_data, op),
         }
     }
 
@@ -276,6 +292,7 @@ impl BackingQueue {
             + match &self.engine {
                 Engine::Uring(u) => u.live,
                 Engine::Pool(p) => p.outstanding,
+                Engine::Rbd(r) => r.outstanding,
             }
     }
 
@@ -297,6 +314,10 @@ impl BackingQueue {
             Engine::Uring(u) => u.poll(out).is_err(),
             Engine::Pool(p) => {
                 p.try_reap(out);
+                false
+            }
+            Engine::Rbd(r) => {
+                r.try_reap(out);
                 false
             }
         };
@@ -322,6 +343,10 @@ impl BackingQueue {
                     p.try_reap(out);
                     Ok(())
                 }
+                Engine::Rbd(r) => {
+                    r.try_reap(out);
+                    Ok(())
+                }
             };
             if out.len() - start >= min || self.in_flight() == 0 {
                 if result.is_err() {
@@ -334,6 +359,7 @@ impl BackingQueue {
             match &mut self.engine {
                 Engine::Uring(u) => u.block(result.is_err()),
                 Engine::Pool(p) => p.block(out),
+                Engine::Rbd(r) => r.block(out),
             }
         }
     }
@@ -393,6 +419,7 @@ impl Drop for BackingQueue {
         match &mut self.engine {
             Engine::Uring(u) => u.drain_for_drop(),
             Engine::Pool(p) => p.shutdown(),
+            Engine::Rbd(r) => r.shutdown(),
         }
     }
 }

@@ -1,0 +1,266 @@
+//! `pcache serve` in front of a Ceph RBD image on the test cluster
+//! (`scripts/ceph-cluster.sh`, started by `scripts/test.sh`), driven by a
+//! real vhost-user-blk client: the whole disk written and read back, what
+//! the image alone holds after `pcache writeback` (read through
+//! qemu-storage-daemon's own rbd driver), SIGKILL after a FLUSH, misses
+//! served from the image, the exclusive lock, and `rbd resize` reaching the
+//! disk while pcache serves.
+//!
+//! Without a cluster these tests fail and say how to start one.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::ceph::{self, Image};
+use common::{
+    check_block, fill_block, pcache, status, text, verify_all_blocks, write_all_blocks, Client,
+    Disk, TEST_BLOCK as BLOCK,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// qemu-storage-daemon exporting `image` over vhost-user-blk with its own
+/// rbd driver (no pcache), killed on drop.
+struct Qsd(Child);
+
+impl Qsd {
+    fn start(image: &Image, sock: &Path) -> Qsd {
+        let (pool, name) = image.name.split_once('/').expect("pool/name");
+        let conf = ceph::conf();
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=rbd,node-name=disk,pool={pool},image={name},conf={},user=admin,cache.direct=on",
+                conf.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                sock.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start qemu-storage-daemon (apt-get install qemu-system-common qemu-block-extra)");
+        let mut q = Qsd(child);
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            if let Ok(Some(st)) = q.0.try_wait() {
+                panic!("qemu-storage-daemon exited before listening: {st} (is qemu-block-extra installed?)");
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "qemu-storage-daemon did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        q
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn whole_image_through_the_cache_then_written_back_is_what_qemus_rbd_driver_reads() {
+    let disk = Disk::rbd("whole", 64 * MIB);
+    let server = disk.serve(&["--num-queues", "2", "--sequential-cutoff", "0"]);
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    assert_eq!(c.capacity, 64 * MIB);
+    let blocks = 64 * MIB / BLOCK as u64;
+    write_all_blocks(&mut c, 0, blocks, 1);
+    verify_all_blocks(&mut c, 0, blocks, |_| 1);
+    drop(c);
+    server.stop();
+
+    // A clean restart serves the same data.
+    let server = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    verify_all_blocks(&mut c, 0, blocks, |_| 1);
+    drop(c);
+    server.stop();
+
+    let o = pcache(&[
+        "writeback",
+        "--cache",
+        &disk.cache.display().to_string(),
+        "--backing",
+        &disk.backing_arg(),
+    ]);
+    assert!(o.status.success(), "pcache writeback: {}", text(&o));
+
+    // The image alone, through QEMU's own rbd driver.
+    let sock = disk.dir.path().join("qsd.sock");
+    let image = disk.image.as_ref().expect("an rbd disk");
+    let _qsd = Qsd::start(image, &sock);
+    let mut c = Client::connect(&sock, 1, 8 << 20);
+    assert_eq!(c.capacity, 64 * MIB);
+    verify_all_blocks(&mut c, 0, blocks, |_| 1);
+}
+
+#[test]
+fn sigkill_after_a_flush_loses_nothing_and_the_next_pcache_takes_the_lock_at_once() {
+    let disk = Disk::rbd("kill", 32 * MIB);
+    let blocks = 32 * MIB / BLOCK as u64;
+    let server = disk.serve(&["--sequential-cutoff", "0", "--writeback-high", "0"]);
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    write_all_blocks(&mut c, 0, blocks, 3);
+    assert_eq!(c.flush_sync(0), 0);
+    drop(c);
+    server.kill();
+
+    // The dead pcache still holds the image's lock as far as Ceph knows;
+    // the next one on the same cache breaks it instead of waiting ~30 s
+    // for the cluster to time the dead client out.
+    let t = Instant::now();
+    let server = disk.serve(&[]);
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "restart after SIGKILL took {took:?}: the dead owner's lock was not broken"
+    );
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    verify_all_blocks(&mut c, 0, blocks, |_| 3);
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn misses_in_flight_together_come_from_the_image_then_hit() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let blocks = 16 * MIB / BLOCK as u64;
+    let mut bytes = vec![0u8; (16 * MIB) as usize];
+    for b in 0..blocks {
+        fill_block(
+            &mut bytes[b as usize * BLOCK..(b as usize + 1) * BLOCK],
+            b,
+            7,
+        );
+    }
+    std::fs::write(&src, &bytes).unwrap();
+    let disk = Disk::on_image(Image::import("miss", &src));
+    let server = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1, 8 << 20);
+    // 32 single-block reads in flight at once, all misses.
+    for i in 0..32usize {
+        let p = c.ptr(i * BLOCK);
+        c.queues[0].read(
+            i as u64 * 97 * BLOCK as u64,
+            p,
+            BLOCK,
+            i,
+            blkio::ReqFlags::empty(),
+        );
+    }
+    let mut done = 0;
+    while done < 32 {
+        for (i, ret) in c.reap(0, 1) {
+            assert_eq!(ret, 0, "miss {i} failed");
+            let got = check_block(&c.mem()[i * BLOCK..(i + 1) * BLOCK], i as u64 * 97).unwrap();
+            assert_eq!(got, 7);
+            done += 1;
+        }
+    }
+    let misses = status(&server)["read_misses"].as_u64().expect("misses");
+    assert!(misses >= 32, "status counted {misses} misses");
+    verify_all_blocks(&mut c, 0, blocks, |_| 7);
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn the_exclusive_lock_refuses_a_second_pcache_and_qemus_writes() {
+    let disk = Disk::rbd("lock", 16 * MIB);
+    let server = disk.serve(&[]);
+    let image = disk.image.as_ref().expect("an rbd disk");
+
+    // A second pcache (another cache) on the same image.
+    let other = tempfile::tempdir().unwrap();
+    let o = pcache(&[
+        "serve",
+        "--socket",
+        &other.path().join("s.sock").display().to_string(),
+        "--cache",
+        &other.path().join("cache.img").display().to_string(),
+        "--cache-size",
+        "512M",
+        "--backing",
+        &disk.backing_arg(),
+    ]);
+    let out = text(&o);
+    assert!(
+        !o.status.success(),
+        "a second pcache served the image: {out}"
+    );
+    assert!(
+        out.contains("exclusive lock is held by another client"),
+        "unclear refusal: {out}"
+    );
+    assert!(
+        !other.path().join("cache.img").exists(),
+        "the refused start left a cache file"
+    );
+
+    // QEMU's own driver opens the image, but its writes are refused.
+    let sock = other.path().join("qsd.sock");
+    let qsd = Qsd::start(image, &sock);
+    let mut c = Client::connect(&sock, 1, 1 << 20);
+    assert_ne!(
+        c.write_sync(0, 0, 0, BLOCK),
+        0,
+        "QEMU wrote behind pcache's back"
+    );
+    drop(c);
+    drop(qsd);
+
+    // Once pcache stops cleanly the lock is free at once.
+    server.stop();
+    let qsd = Qsd::start(image, &sock);
+    let mut c = Client::connect(&sock, 1, 1 << 20);
+    assert_eq!(
+        c.write_sync(0, 0, 0, BLOCK),
+        0,
+        "the lock was not released at stop"
+    );
+    drop(c);
+    drop(qsd);
+}
+
+#[test]
+fn rbd_resize_while_serving_grows_the_disk() {
+    let disk = Disk::rbd("grow", 32 * MIB);
+    let server = disk.serve(&[]);
+    let c = Client::connect(&disk.socket, 1, 1 << 20);
+    assert_eq!(c.capacity, 32 * MIB);
+    drop(c);
+    let image = disk.image.as_ref().expect("an rbd disk");
+    ceph::rbd(&["resize", "--no-progress", "--size", "96M", &image.name]);
+    assert_eq!(image.size(), 96 * MIB);
+    let t = Instant::now();
+    loop {
+        let size = status(&server)["backing_bytes"].as_u64();
+        if size == Some(96 * MIB) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the disk is still {size:?} bytes 20 s after `rbd resize`"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    assert_eq!(c.capacity, 96 * MIB);
+    // The new end is usable.
+    fill_block(&mut c.mem()[..BLOCK], 96 * MIB / BLOCK as u64 - 1, 1);
+    assert_eq!(c.write_sync(0, 96 * MIB - BLOCK as u64, 0, BLOCK), 0);
+    drop(c);
+    server.stop();
+}
