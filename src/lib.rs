@@ -7,7 +7,8 @@
 //!   writeback, GC, replay); knows sectors, not virtio.
 //! - [`format`]: every on-media record, byte by byte; no threads, no I/O.
 //! - [`pmem`]: the mapped cache medium and its persistence primitives.
-//! - [`backing`]: the disk behind the cache, sync and async, plus test doubles.
+//! - [`backing`]: the disk behind the cache (a file, a block device, a Ceph
+//!   RBD image), sync and async.
 //! - [`vhost`]: the vhost-user-blk backend; the only code that knows virtio.
 //! - [`control`]: the runtime control socket (status, gc_percent, flush).
 //! - [`metrics`]: Prometheus metrics over HTTP (`serve --metrics`).
@@ -17,6 +18,8 @@
 //! - [`serve`]: `pcache serve`, tying the above together.
 //! - [`report`]: the view of an open cache shown by inspect and status.
 //! - [`cli`]: the command line.
+//! - `testing` (feature `test-doubles`, for the tests): backing stores that
+//!   lose unflushed writes or inject faults.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -32,5 +35,7 @@ pub mod pmem;
 pub mod report;
 pub mod serve;
 pub mod sockets;
+#[cfg(any(test, feature = "test-doubles"))]
+pub mod testing;
 pub mod util;
 pub mod vhost;

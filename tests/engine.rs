@@ -5,10 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use pcache::backing::{Backing, BackingQueue, FileBacking, MemBacking};
+use pcache::backing::{Backing, BackingQueue, FileBacking};
 use pcache::engine::{DataHead, Engine, Error, FormatOptions, OpenOptions};
 use pcache::format;
 use pcache::pmem::{Region, RegionOptions};
+use pcache::testing::MemBacking;
 
 const CACHE_BYTES: u64 = 512 << 20;
 

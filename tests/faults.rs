@@ -7,13 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pcache::backing::{
-    Backing, BackingQueue, FaultKind, FaultOp, FaultPlan, FaultyBacking, MemBacking,
-};
+use pcache::backing::{Backing, BackingQueue};
 use pcache::engine::{
     DataHead, Engine, Error, FormatOptions, OpenOptions, Progress, Workers, WritebackPolicy,
 };
 use pcache::pmem::{Region, RegionOptions};
+use pcache::testing::{FaultKind, FaultOp, FaultPlan, FaultyBacking, MemBacking};
 
 const DISK: u64 = 32 << 20;
 

@@ -14,7 +14,9 @@ use std::time::Instant;
 
 #[path = "common/guest.rs"]
 mod guest;
-use guest::{md5s, preflight, serve_cmd, Guest, Server};
+use guest::{md5s, preflight, serve_cmd, serve_cmd_on, Guest, Server};
+
+mod common;
 
 const QUEUES: &str = "2";
 
@@ -41,9 +43,18 @@ fn write_cache(sock: &Path) -> String {
     r.status.expect("a status").cache.guest_write_cache
 }
 
-fn start(dir: &Path, sock: &Path, name: &str, extra: &[&str]) -> Server {
-    Server::start(serve_cmd(dir, sock, QUEUES, extra), dir, sock, name)
+/// `pcache serve` on `dir`'s cache in front of `backing` (an `rbd:` name)
+/// or of `dir`'s disk.img.
+fn start(dir: &Path, sock: &Path, backing: Option<&str>, name: &str, extra: &[&str]) -> Server {
+    let cmd = match backing {
+        Some(b) => serve_cmd_on(&dir.join("cache.img"), Path::new(b), sock, QUEUES, extra),
+        None => serve_cmd(dir, sock, QUEUES, extra),
+    };
+    Server::start(cmd, dir, sock, name)
 }
+
+/// One guest at a time: two TCG guests at once would starve each other.
+static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn write_cmd() -> String {
     let mut c = String::from(
@@ -100,18 +111,29 @@ fn read_cmd() -> String {
 
 #[test]
 fn guest_fio_and_ext4_survive_a_server_restart() {
+    fio_ext4_restart(None);
+}
+
+/// The same with the disk on an RBD image of the test cluster.
+#[test]
+fn guest_fio_and_ext4_survive_a_server_restart_on_rbd() {
+    let image = common::ceph::Image::create("guest", 1 << 30);
+    fio_ext4_restart(Some(&image.spec()));
+}
+
+fn fio_ext4_restart(backing: Option<&str>) {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     preflight();
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("vub.sock");
 
     // a + b: a fresh cache, fio with verification, then ext4 with files.
-    let server = start(
-        dir.path(),
-        &sock,
-        "serve-1",
-        &["--cache-size", "512M", "--backing-size", "1G", "--format"],
-    );
+    let mut first = vec!["--cache-size", "512M", "--format"];
+    if backing.is_none() {
+        first.extend(["--backing-size", "1G"]);
+    }
+    let server = start(dir.path(), &sock, backing, "serve-1", &first);
     let (st, lines) = run_guest(&sock, &write_cmd(), "guest-1 (fio + mkfs + write)");
     assert!(
         st.success(),
@@ -137,7 +159,7 @@ fn guest_fio_and_ext4_survive_a_server_restart() {
 
     // d: replay the same cache, read the files back. The guest's write
     // cache choice held across the restart (QEMU does not repeat it).
-    let server = start(dir.path(), &sock, "serve-2", &[]);
+    let server = start(dir.path(), &sock, backing, "serve-2", &[]);
     assert_eq!(write_cache(&sock), "off", "the choice was lost at restart");
     let (st, lines) = run_guest(&sock, &read_cmd(), "guest-2 (fsck + read)");
     assert!(
@@ -155,7 +177,8 @@ fn guest_fio_and_ext4_survive_a_server_restart() {
     );
     server.stop();
     println!(
-        "guest test: TIMING total {:.1} s; md5s matched: {written:?}",
+        "guest test on {}: TIMING total {:.1} s; md5s matched: {written:?}",
+        backing.unwrap_or("a file"),
         t0.elapsed().as_secs_f64()
     );
 }

@@ -36,12 +36,35 @@ fn sigkill_at_random_moments_never_loses_a_completed_write() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(50);
+    kill_loop(Disk::new(DISK, None), kills, &[]);
+}
+
+/// The same in front of an RBD image on the test cluster, with writeback
+/// running all along so restarts also read what reached the image (each
+/// restart takes over the dead pcache's image lock).
+#[test]
+fn sigkill_at_random_moments_never_loses_a_completed_write_on_rbd() {
+    let kills: usize = std::env::var("PCACHE_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    kill_loop(
+        Disk::rbd("killloop", DISK),
+        kills,
+        &["--writeback-high", "0"],
+    );
+}
+
+/// Kill `pcache serve` (with `extra` flags) `kills` times under load on
+/// `disk`, checking every block after each restart.
+fn kill_loop(disk: Disk, kills: usize, extra: &[&str]) {
     let seed: u64 = std::env::var("PCACHE_KILL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0xdead_beef);
     let mut rng = StdRng::seed_from_u64(seed);
-    let disk = Disk::new(DISK, None);
+    let mut args = vec!["--num-queues", "1"];
+    args.extend_from_slice(extra);
     let blocks = DISK / BLOCK as u64;
     let mut m = BlockModel {
         done: vec![0; blocks as usize],
@@ -52,7 +75,7 @@ fn sigkill_at_random_moments_never_loses_a_completed_write() {
     let mut total_flushes = 0u64;
     let started = Instant::now();
     for round in 0..kills {
-        let server = disk.serve(&["--num-queues", "1"]);
+        let server = disk.serve(&args);
         let mut c = Client::connect(&disk.socket, 1, QD * BLOCK);
         // Verify what the previous kill left, and settle the model.
         verify(&mut c, &mut m, blocks, seed, round);
@@ -105,14 +128,15 @@ fn sigkill_at_random_moments_never_loses_a_completed_write() {
         }
         drop(c);
     }
-    let server = disk.serve(&[]);
+    let server = disk.serve(extra);
     let mut c = Client::connect(&disk.socket, 1, QD * BLOCK);
     verify(&mut c, &mut m, blocks, seed, kills);
     drop(c);
     server.stop();
     println!(
-        "kill loop seed {seed}: {kills} kills survived, {total_writes} writes, {total_flushes} flushes, \
+        "kill loop on {} seed {seed}: {kills} kills survived, {total_writes} writes, {total_flushes} flushes, \
          {} MiB verified after each kill, {:.1} s",
+        disk.backing_arg(),
         DISK >> 20,
         started.elapsed().as_secs_f64()
     );

@@ -14,11 +14,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use pcache::backing::{Backing, BackingQueue, MemBacking};
+use pcache::backing::{Backing, BackingQueue};
 use pcache::engine::{
     DataHead, Engine, Error, FormatOptions, OpenOptions, Workers, WritebackPolicy,
 };
 use pcache::pmem::{Region, RegionOptions};
+use pcache::testing::MemBacking;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -25,11 +25,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use pcache::backing::{Backing, BackingQueue, MemBacking};
+use pcache::backing::{Backing, BackingQueue};
 use pcache::engine::{
     DataHead, Engine, Error, FormatOptions, OpenOptions, Progress, WritebackOrder,
 };
 use pcache::pmem::{Region, RegionOptions};
+use pcache::testing::MemBacking;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

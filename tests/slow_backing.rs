@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pcache::backing::{Backing, FaultKind, FaultOp, FaultPlan, FaultyBacking, MemBacking};
+use pcache::backing::Backing;
 use pcache::engine::{DataHead, Engine, FormatOptions, OpenOptions, Workers, WritebackPolicy};
 use pcache::pmem::{Region, RegionOptions};
+use pcache::testing::{FaultKind, FaultOp, FaultPlan, FaultyBacking, MemBacking};
 
 const CACHE: u64 = 512 << 20;
 const DISK: u64 = 256 << 20;

@@ -181,7 +181,7 @@ fn check_kind(path: &Path, file_type: &std::fs::FileType) -> io::Result<()> {
 
 /// Check that `len` bytes at `off` lie inside a store of `size` bytes, on
 /// 512-byte boundaries; `InvalidInput` otherwise.
-pub(super) fn check_range(path: &Path, size: u64, off: u64, len: usize) -> io::Result<()> {
+pub(crate) fn check_range(path: &Path, size: u64, off: u64, len: usize) -> io::Result<()> {
     let len64 = len as u64;
     if !off.is_multiple_of(SECTOR) || !len64.is_multiple_of(SECTOR) {
         return Err(io::Error::new(

@@ -1,10 +1,9 @@
 //! The backing store: the disk behind the cache.
 //!
 //! [`Backing`] is the small synchronous trait every store implements: a raw
-//! file or block device ([`FileBacking`]), a Ceph RBD image
-//! ([`RbdBacking`]), and the test doubles
-//! ([`MemBacking`], which can lose unflushed writes, and [`FaultyBacking`],
-//! which injects errors and delays). [`BackingQueue`] is the asynchronous
+//! file or block device ([`FileBacking`]) and a Ceph RBD image
+//! ([`RbdBacking`]); the test doubles live in `crate::testing`.
+//! [`BackingQueue`] is the asynchronous
 //! side: one per worker thread, on io_uring when the store exposes a file
 //! descriptor and the kernel allows it, on librbd's asynchronous calls for
 //! an RBD image, on a small thread pool otherwise. [`BackingSpec`] is what
@@ -13,17 +12,15 @@
 //! This module knows nothing about the cache.
 
 mod aligned;
-mod faulty;
 mod file;
-mod mem;
 mod queue;
 mod rbd;
 mod spec;
 
 pub use aligned::{AlignedBuf, BufPool};
-pub use faulty::{FaultKind, FaultOp, FaultPlan, FaultyBacking};
+#[cfg(any(test, feature = "test-doubles"))]
+pub(crate) use file::check_range;
 pub use file::FileBacking;
-pub use mem::MemBacking;
 pub use queue::{BackingQueue, Completion, IoOp, QueueEngine};
 pub use rbd::{RbdBacking, RbdHandle, RbdSpec, DEFAULT_READ_TIMEOUT};
 pub use spec::BackingSpec;

@@ -144,7 +144,9 @@ pub struct RegionOptions {
     /// Map read-only (inspect, check).
     pub read_only: bool,
     /// Record every store between persistence barriers, so tests can
-    /// simulate a power failure ([`Region::simulate_power_failure`]).
+    /// simulate a power failure (`Region::simulate_power_failure`; feature
+    /// `test-doubles`).
+    #[cfg(any(test, feature = "test-doubles"))]
     pub track_stores: bool,
 }
 
@@ -160,6 +162,7 @@ pub struct Region {
     durability: Durability,
     read_only: bool,
     dirty: Box<[AtomicU64]>,
+    #[cfg(any(test, feature = "test-doubles"))]
     tracker: Option<tracked::Tracker>,
     path: PathBuf,
     _file: File,
@@ -281,6 +284,7 @@ impl Region {
             durability,
             read_only: opts.read_only,
             dirty,
+            #[cfg(any(test, feature = "test-doubles"))]
             tracker: opts.track_stores.then(tracked::Tracker::default),
             path: path.to_owned(),
             _file: file,
@@ -425,6 +429,7 @@ impl Region {
             }
             PersistMode::Msync => self.msync_dirty(),
         };
+        #[cfg(any(test, feature = "test-doubles"))]
         if let Some(t) = &self.tracker {
             t.barrier();
         }
@@ -440,12 +445,20 @@ impl Region {
         if let PersistMode::CacheLine(_) = self.mode {
             // SAFETY: sfence has no memory-safety preconditions.
             unsafe { std::arch::x86_64::_mm_sfence() };
+            #[cfg(any(test, feature = "test-doubles"))]
             if let Some(t) = &self.tracker {
                 t.barrier();
             }
         }
     }
 
+    /// Tell the tracker (if any) that `len` bytes at `o` are about to be
+    /// stored.
+    #[cfg(not(any(test, feature = "test-doubles")))]
+    #[inline(always)]
+    fn track(&self, _o: usize, _len: usize) {}
+
+    #[cfg(any(test, feature = "test-doubles"))]
     fn track(&self, o: usize, len: usize) {
         let Some(t) = &self.tracker else { return };
         if len == 0 {
@@ -461,6 +474,7 @@ impl Region {
         });
     }
 
+    #[cfg(any(test, feature = "test-doubles"))]
     /// Arm a silent power failure after `stores` more stores (tests; needs
     /// `track_stores`). See [`tracked`].
     pub fn arm_power_failure(&self, stores: u64) {
@@ -470,11 +484,13 @@ impl Region {
             .arm(stores);
     }
 
+    #[cfg(any(test, feature = "test-doubles"))]
     /// Has an armed power failure happened?
     pub fn power_failed(&self) -> bool {
         self.tracker.as_ref().is_some_and(|t| t.is_dead())
     }
 
+    #[cfg(any(test, feature = "test-doubles"))]
     /// Simulate a power failure (tests; needs `track_stores`): every 8-byte
     /// word stored since the last barrier keeps its new value or reverts to
     /// the old one, chosen by a generator seeded with `seed`. Call only
@@ -492,6 +508,7 @@ impl Region {
         })
     }
 
+    #[cfg(any(test, feature = "test-doubles"))]
     /// Simulate the death of the process (tests; needs `track_stores`):
     /// stores after an armed crash are undone, every store before it stays.
     /// Call only while no other thread uses the region.
@@ -650,6 +667,7 @@ fn devdax_size(meta: &std::fs::Metadata) -> io::Result<u64> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{p}: not a number")))
 }
 
+#[cfg(any(test, feature = "test-doubles"))]
 pub mod tracked;
 
 #[cfg(test)]

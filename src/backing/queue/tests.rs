@@ -1,6 +1,7 @@
 //! Tests of the backing queue, on both engines.
-use super::super::{FaultKind, FaultOp, FaultPlan, FaultyBacking, FileBacking, MemBacking};
+use super::super::FileBacking;
 use super::*;
+use crate::testing::{FaultKind, FaultOp, FaultPlan, FaultyBacking, MemBacking};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;

@@ -43,9 +43,10 @@ use super::counters::Counters;
 use super::device::{Device, ServeConfig};
 use super::ring::Ring;
 use super::Vring;
-use crate::backing::{Backing, MemBacking};
+use crate::backing::Backing;
 use crate::engine::{Engine, FormatOptions, OpenOptions, Workers, WritebackPolicy};
 use crate::pmem::{Region, RegionOptions};
+use crate::testing::MemBacking;
 use crate::vhost::request::{status, types, HEADER_BYTES, ID_BYTES};
 
 /// Entries in the queue.

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::Backing;
+use crate::backing::Backing;
 
 /// Which operation a [`FaultPlan`] applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,8 +335,8 @@ impl<B: Backing> Backing for FaultyBacking<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::MemBacking;
     use super::*;
+    use crate::testing::MemBacking;
     use std::time::Instant;
 
     fn store() -> FaultyBacking<MemBacking> {

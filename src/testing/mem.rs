@@ -11,8 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::file::check_range;
-use super::Backing;
+use crate::backing::{check_range, Backing};
 
 /// Granularity of dirty tracking.
 const PAGE: usize = 4096;
