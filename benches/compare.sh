@@ -21,6 +21,10 @@
 # of 4 KiB random reads QD32 of the same region while writeback still runs;
 # and 10 s of writes overrunning the cache, then reads, against QSD null-co.
 #
+# Then the RBD section (benches/rbd.sh): a throwaway Ceph cluster, QSD's rbd
+# driver against pcache --backing rbd:..., on the same image; its report is
+# docs/benchmarks-rbd.md.
+#
 # Environment (all optional):
 #   ROUNDS=3 RUNTIME=10 RAMP=2        rounds, measured and ramp seconds per point
 #   DISK_SIZE=4G CACHE_SIZE=2G WS=256M  disk, pcache cache, hit working set
@@ -33,7 +37,11 @@
 #   QUIET_WAIT=300                    seconds to wait at start for load < 1.0 and no qemu-system
 #   ENGINE_CACHE=4G                   cache size for the engine-alone bench at the end (0: skip)
 #   SUS_ROUNDS=1 SUS_RUNTIME=60       sustained section rounds (0: skip) and seconds per point
+#   SECTIONS="main rbd"               which sections run: main (with the sustained one) and rbd;
+#                                     SECTIONS=rbd re-measures only the RBD section
+#   RBD_SIZE=4G                       the RBD image
 #   OUT_MD=docs/benchmarks.md OUT_SVG=docs/benchmarks-latency.svg OUT_SUS_SVG=docs/benchmarks-sustained.svg
+#   OUT_RBD_MD=docs/benchmarks-rbd.md
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -56,6 +64,9 @@ SUS_RUNTIME=${SUS_RUNTIME:-60}
 OUT_MD=${OUT_MD:-$ROOT/docs/benchmarks.md}
 OUT_SVG=${OUT_SVG:-$ROOT/docs/benchmarks-latency.svg}
 OUT_SUS_SVG=${OUT_SUS_SVG:-$ROOT/docs/benchmarks-sustained.svg}
+OUT_RBD_MD=${OUT_RBD_MD:-$ROOT/docs/benchmarks-rbd.md}
+SECTIONS=${SECTIONS:-main rbd}
+section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 SERVER_CPU=0
 CLIENT_CPU=1
 
@@ -135,6 +146,7 @@ stop_server() {
 }
 cleanup() {
     stop_server
+    rbd_stop_cluster
     rm -f "$CACHE" "$SOCK" "$CTL"
 }
 trap cleanup EXIT
@@ -172,6 +184,10 @@ start_server() {
             --export "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1") ;;
         pcache) cmd=("$PCACHE_BIN" serve --socket "$SOCK" --control "$CTL" --cache "$CACHE"
             --cache-size "$CACHE_SIZE" --backing "$RAW" --format --num-queues 2 ${PCACHE_SERVE_ARGS} ${PCACHE_EXTRA:-}) ;; # word splitting wanted
+        rbd) cmd=("$QSD" --blockdev "driver=rbd,node-name=r0,pool=rbd,image=$RBD_IMAGE,conf=$CEPH_CONF,user=admin,cache.direct=on"
+            --export "type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1") ;;
+        pcrbd) cmd=("$PCACHE_BIN" serve --socket "$SOCK" --control "$CTL" --cache "$CACHE"
+            --cache-size "$CACHE_SIZE" --backing "rbd:rbd/$RBD_IMAGE:conf=$CEPH_CONF" --format --num-queues 2 ${PCACHE_SERVE_ARGS}) ;; # word splitting wanted
         *) die "unknown peer $peer" ;;
     esac
     echo "server $peer: taskset -c $SERVER_CPU ${cmd[*]}" >>"$CMDS"
@@ -179,7 +195,7 @@ start_server() {
     taskset -c $SERVER_CPU "${cmd[@]}" >>"$RES/server.log" 2>&1 &
     SPID=$!
     wait_socket
-    if [[ $peer == pcache ]]; then
+    if [[ $peer == pcache || $peer == pcrbd ]]; then
         local i
         for ((i = 0; i < 600; i++)); do
             [[ -S $CTL ]] && return 0
@@ -237,6 +253,9 @@ if s.get("failed") or st.get("writeback_errors") or st.get("data_crc_errors"):
                                  f"writeback_errors={st.get('writeback_errors')} data_crc_errors={st.get('data_crc_errors')}\n")
 EOF
 }
+
+# shellcheck source=benches/rbd.sh
+. "$ROOT/benches/rbd.sh"
 
 # --- the points -----------------------------------------------------------
 T=(--runtime "$RUNTIME" --ramp "$RAMP")
@@ -409,7 +428,8 @@ wait_quiet
 log "$START_STATE"
 log "results in $RES"
 T_START=$SECONDS
-for ((r = 1; r <= ROUNDS; r++)); do
+section main || { ROUNDS_MAIN=0; }
+for ((r = 1; r <= ${ROUNDS_MAIN:-$ROUNDS}; r++)); do
     log "round $r/$ROUNDS ($(env_state))"
     echo "round $r: $(env_state)" >>"$RES/rounds.txt"
     run_qsd_null null "$r"
@@ -418,7 +438,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     run_qsd_file direct "$r"
     run_qsd_file pagec "$r"
 done
-for ((r = 1; r <= SUS_ROUNDS; r++)); do
+for ((r = 1; r <= ${ROUNDS_MAIN:-$SUS_ROUNDS}; r++)); do
     log "sustained round $r/$SUS_ROUNDS ($(env_state))"
     echo "sustained round $r: $(env_state)" >>"$RES/rounds.txt"
     overrun pcache "$r"
@@ -426,12 +446,19 @@ for ((r = 1; r <= SUS_ROUNDS; r++)); do
     sustained pcache "$r"
     sustained direct "$r"
 done
+MAIN_ELAPSED=$((SECONDS - T_START))
+if section rbd; then
+    T_RBD=$SECONDS
+    rbd_section
+    RBD_ELAPSED=$((SECONDS - T_RBD))
+fi
 ELAPSED=$((SECONDS - T_START))
 log "measured in $ELAPSED s"
 
 # The engine alone on one thread (no vhost, no client): write and read-hit
 # rates, replay of a full cache of 4 KiB keys, DRAM per extent.
 ENGINE_CACHE=${ENGINE_CACHE:-4G}
+section main || ENGINE_CACHE=0
 if [[ $ENGINE_CACHE != 0 ]]; then
     log "engine alone: cargo bench --bench engine, PCACHE_BENCH_CACHE=$ENGINE_CACHE"
     cargo bench --bench engine --no-run >&2
@@ -441,9 +468,15 @@ if [[ $ENGINE_CACHE != 0 ]]; then
         echo "engine bench failed" >>"$RES/anomalies.txt"
 fi
 
+if section rbd; then
+    python3 "$ROOT/benches/rbd_report.py" "$RES" --md "$OUT_RBD_MD" --elapsed "$RBD_ELAPSED" \
+        --start-state "$START_STATE" --cache-size "$CACHE_SIZE" --rbd-size "$RBD_SIZE" --ws "$WS" \
+        --rounds "$ROUNDS" --runtime "$RUNTIME" --sus-runtime "$SUS_RUNTIME" --pcache-rev "${PCACHE_REV:-}"
+fi
+section main || exit 0
 python3 "$ROOT/benches/compare_report.py" "$RES" \
     --md "$OUT_MD" --svg "$OUT_SVG" \
-    --start-state "$START_STATE" --elapsed "$ELAPSED" \
+    --start-state "$START_STATE" --elapsed "$MAIN_ELAPSED" \
     --pcache-bin "$PCACHE_BIN" --vub-bench "$VUB_BENCH" --qsd "$QSD" --raw "$RAW" \
     --cache "$CACHE_DIR/pcache-compare-PID.img" --cache-size "$CACHE_SIZE" --disk-size "$DISK_SIZE" \
     --ws "$WS" --seq-bs "$SEQ_BS" --rounds "$ROUNDS" --runtime "$RUNTIME" --ramp "$RAMP" --pcache-rev "${PCACHE_REV:-}"
