@@ -457,7 +457,10 @@ def main():
     md.append(f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} by `benches/compare.sh` "
               f"({a.rounds} interleaved rounds, {a.runtime} s measured + {a.ramp} s ramp per time-based point, "
               f"{a.elapsed} s in all). Every number is the median over the rounds. "
-              "Regenerate with `benches/compare.sh` (it rewrites this file and the plot).\n")
+              "Regenerate with `benches/compare.sh` (it rewrites this file and the plot).\n\n"
+              "pcache in front of Ceph RBD, against QEMU's own rbd driver on the same image, is in "
+              "`benchmarks-rbd.md` (the same script's RBD section). Ceph's own persistent write-back cache for "
+              "librbd (PWL) is not built into Debian's librbd, so it could not be measured beside them.\n")
     md.append("## Machine\n")
     virt = ""
     if mc["hypervisor"]:
