@@ -186,8 +186,9 @@ start_server() {
             --cache-size "$CACHE_SIZE" --backing "$RAW" --format --num-queues 2 ${PCACHE_SERVE_ARGS} ${PCACHE_EXTRA:-}) ;; # word splitting wanted
         rbd) cmd=("$QSD" --blockdev "driver=rbd,node-name=r0,pool=rbd,image=$RBD_IMAGE,conf=$CEPH_CONF,user=admin,cache.direct=on"
             --export "type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1") ;;
-        pcrbd) cmd=("$PCACHE_BIN" serve --socket "$SOCK" --control "$CTL" --cache "$CACHE"
-            --cache-size "$CACHE_SIZE" --backing "rbd:rbd/$RBD_IMAGE:conf=$CEPH_CONF" --format --num-queues 2 ${PCACHE_SERVE_ARGS}) ;; # word splitting wanted
+        pcrbd | pcrbdn) cmd=("$PCACHE_BIN" serve --socket "$SOCK" --control "$CTL" --cache "$CACHE"
+            --cache-size "$CACHE_SIZE" --backing "rbd:rbd/$RBD_IMAGE:conf=$CEPH_CONF" --format --num-queues 2 ${PCACHE_SERVE_ARGS}) # word splitting wanted
+            if [[ $peer == pcrbdn ]]; then cmd+=(--writeback-order newest); fi ;;
         *) die "unknown peer $peer" ;;
     esac
     echo "server $peer: taskset -c $SERVER_CPU ${cmd[*]}" >>"$CMDS"
@@ -195,7 +196,7 @@ start_server() {
     taskset -c $SERVER_CPU "${cmd[@]}" >>"$RES/server.log" 2>&1 &
     SPID=$!
     wait_socket
-    if [[ $peer == pcache || $peer == pcrbd ]]; then
+    if [[ $peer == pcache || $peer == pcrbd || $peer == pcrbdn ]]; then
         local i
         for ((i = 0; i < 600; i++)); do
             [[ -S $CTL ]] && return 0

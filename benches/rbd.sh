@@ -7,6 +7,7 @@
 #   rbd     qemu-storage-daemon driver=rbd,cache.direct=on (librbd, no cache)
 #   pcrbd   pcache serve --backing rbd:rbd/IMAGE (a fresh CACHE_SIZE cache on
 #           tmpfs for each write point)
+#   pcrbdn  the same with --writeback-order newest (the sustained point only)
 # Points (4 KiB): write + FLUSH QD1, random write QD1 (latency), random
 # write QD32 within the cache, random read QD32 of every block once (all
 # misses), and a sustained hot set of a quarter of the cache with a FLUSH
@@ -73,6 +74,7 @@ rbd_sustained() {
     start_server "$peer"
     client "$peer" rbd_hotf64 "$r" "${W4[@]}" --qd 32 --flush-every 64 --size "$HOT_BYTES" "${ST[@]}"
     if [[ $peer == pcrbd ]]; then save_status rbd_hotf64 "$r"; fi
+    if [[ $peer == pcrbdn ]]; then save_status rbd_hotf64n "$r"; fi
     stop_server
 }
 
@@ -89,6 +91,7 @@ rbd_section() {
         log "rbd sustained round $r/$SUS_ROUNDS ($(env_state))"
         rbd_sustained pcrbd "$r"
         rbd_sustained rbd "$r"
+        rbd_sustained pcrbdn "$r"
     done
     rbd_stop_cluster
 }

@@ -253,8 +253,10 @@ pub struct ServeArgs {
     /// cache: `batch` coalesces many flush epochs per backing flush (the
     /// backing store alone is consistent after each batch); `strict` writes
     /// back one flush epoch at a time (the backing store alone is always a
-    /// flush boundary plus part of the next epoch) [default: the cache's,
-    /// batch for a new one].
+    /// flush boundary plus part of the next epoch); `newest` writes only the
+    /// newest durable version of each block (for slow backing stores such
+    /// as RBD; the backing store alone is consistent only once clean)
+    /// [default: the cache's, batch for a new one].
     #[arg(long, value_enum)]
     pub writeback_order: Option<crate::engine::WritebackOrder>,
     /// Cache mode, kept in the cache: writeback, writethrough (writes

@@ -501,6 +501,12 @@ fn the_writeback_order_is_kept_in_the_cache_and_shown_by_status() {
     let server = disk.serve(&[]);
     assert_eq!(status_json(&ctl)["writeback_order"], "strict");
     server.stop();
+    let server = disk.serve(&["--writeback-order", "newest"]);
+    assert_eq!(status_json(&ctl)["writeback_order"], "newest");
+    server.stop();
+    let server = disk.serve(&[]);
+    assert_eq!(status_json(&ctl)["writeback_order"], "newest");
+    server.stop();
     let server = disk.serve(&["--writeback-order", "batch"]);
     assert_eq!(status_json(&ctl)["writeback_order"], "batch");
     server.stop();

@@ -31,6 +31,9 @@ pub const CACHE_FLAG_WRITETHROUGH: u32 = 1 << 2;
 /// cache_info flag: write back one flush epoch per batch
 /// (`--writeback-order strict`).
 pub const CACHE_FLAG_WB_STRICT: u32 = 1 << 3;
+/// cache_info flag: write back only the newest durable version of each
+/// sector (`--writeback-order newest`).
+pub const CACHE_FLAG_WB_NEWEST: u32 = 1 << 4;
 /// segment_info type: a cache segment (data or log).
 pub const SEG_INFO_TYPE_DATA: u32 = 1;
 
@@ -341,8 +344,11 @@ impl MetaRecord for CacheInfo {
 }
 
 /// Every `CACHE_FLAG_*` bit this build knows.
-const CACHE_FLAGS_KNOWN: u32 =
-    CACHE_FLAG_DATA_CRC | CACHE_FLAG_INIT_DONE | CACHE_FLAG_WRITETHROUGH | CACHE_FLAG_WB_STRICT;
+const CACHE_FLAGS_KNOWN: u32 = CACHE_FLAG_DATA_CRC
+    | CACHE_FLAG_INIT_DONE
+    | CACHE_FLAG_WRITETHROUGH
+    | CACHE_FLAG_WB_STRICT
+    | CACHE_FLAG_WB_NEWEST;
 
 /// One struct serves key_tail, dirty_tail and the writeback target; errors
 /// tell them apart by offset ([`super::KEY_TAIL_OFF`],

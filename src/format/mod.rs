@@ -26,7 +26,8 @@ pub use kset::{KEY_FLAG_BAD, KEY_FLAG_CLEAN, KEY_FLAG_FORGET, KEY_FLAG_UNMAP, KE
 pub use layout::*;
 pub use meta::{
     pick_latest, CacheInfo, Latest, MetaRecord, PosOnMedia, SegGen, SegInfo, CACHE_FLAG_DATA_CRC,
-    CACHE_FLAG_INIT_DONE, CACHE_FLAG_WB_STRICT, CACHE_FLAG_WRITETHROUGH, SEG_INFO_TYPE_DATA,
+    CACHE_FLAG_INIT_DONE, CACHE_FLAG_WB_NEWEST, CACHE_FLAG_WB_STRICT, CACHE_FLAG_WRITETHROUGH,
+    SEG_INFO_TYPE_DATA,
 };
 pub use slot::*;
 pub use superblock::Superblock;

@@ -189,6 +189,17 @@ impl RbdBacking {
                 .unwrap_or("the default Ceph configuration");
             return Err(ceph_error(&format!("cannot read {which}"), r.into()));
         }
+        // pcache is the cache: librbd's own in-memory write-back cache
+        // would only hold writes a second time, volatile, and hide the
+        // image's real write rate from writeback's pacing until the flush.
+        // (QEMU turns it off the same way for cache.direct=on.) A name's
+        // own :rbd_cache=... still wins.
+        let (ck, cv) = (cstring("option", "rbd_cache")?, cstring("value", "false")?);
+        // SAFETY: live cluster handle, NUL-terminated strings.
+        let r = unsafe { (self.api.rados_conf_set)(self.cluster, ck.as_ptr(), cv.as_ptr()) };
+        if r < 0 {
+            return Err(ceph_error("Ceph option rbd_cache=false", r.into()));
+        }
         for (k, v) in &self.spec.options {
             let (ck, cv) = (cstring("option", k)?, cstring("value", v)?);
             // SAFETY: live cluster handle, NUL-terminated strings.

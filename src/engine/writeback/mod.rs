@@ -24,6 +24,13 @@
 //! - [`WritebackOrder::Strict`]: a batch never spans two flush epochs, so at
 //!   every instant the backing store holds every epoch up to some E plus
 //!   part of E+1 (dm-pcache's guarantee), at one backing flush per epoch.
+//! - [`WritebackOrder::Newest`] (opt-in): a pass looks at all the durable
+//!   dirty log it may (half the cache) and writes, for the ksets it passes,
+//!   only the versions nothing later in that stretch replaces; a replaced
+//!   one is left to the newer key, which is durable and still dirty. A hot
+//!   set much smaller than the cache then costs one backing write per
+//!   sector per pass instead of one per version, but the backing store
+//!   alone holds a mix of epochs until the cache is clean.
 //!
 //! The end of the batch being written is persisted (the writeback target)
 //! before its first backing write, and a pass never stops short of it: a
@@ -34,12 +41,12 @@
 use std::time::{Duration, Instant};
 
 use super::index::{Extent, ExtentMap};
+
+mod gather;
+
 use super::{stats, Engine, Error, Result, Tail};
 use crate::backing::{AlignedBuf, BackingQueue, BufPool, Completion, IoOp};
-use crate::format::{
-    self, data_off, PosOnMedia, KEY_FLAG_BAD, KEY_FLAG_FORGET, KEY_FLAG_UNMAP, KEY_FLAG_ZERO,
-    KSET_MAX_BYTES, SECTOR_BYTES,
-};
+use crate::format::{self, data_off, SECTOR_BYTES};
 
 /// Most bytes of backing writes in flight at once.
 pub(super) const INFLIGHT_BYTES: u64 = 32 << 20;
@@ -78,6 +85,9 @@ pub enum WritebackOrder {
     /// One flush epoch per batch; the backing store alone is always a flush
     /// boundary plus part of the next epoch.
     Strict,
+    /// Only the newest durable version of each sector is written; the
+    /// backing store alone is consistent only once the cache is clean.
+    Newest,
 }
 
 impl std::fmt::Display for WritebackOrder {
@@ -85,6 +95,7 @@ impl std::fmt::Display for WritebackOrder {
         f.write_str(match self {
             WritebackOrder::Batch => "batch",
             WritebackOrder::Strict => "strict",
+            WritebackOrder::Newest => "newest",
         })
     }
 }
@@ -181,6 +192,8 @@ struct WbExt {
     seg: u32,
     seg_off: u32,
     kind: WbKind,
+    /// The lsn of the kset holding this version.
+    lsn: u64,
 }
 
 impl Extent for WbExt {
@@ -189,6 +202,7 @@ impl Extent for WbExt {
         seg: 0,
         seg_off: 0,
         kind: WbKind::Skip,
+        lsn: 0,
     };
     fn len(&self) -> u32 {
         self.sectors
@@ -206,28 +220,15 @@ impl Extent for WbExt {
 
 impl WbExt {
     /// The batch entry for a dataless key, or a key marked bad.
-    fn dataless(key: &format::KeyOnMedia, kind: WbKind) -> WbExt {
+    fn dataless(key: &format::KeyOnMedia, kind: WbKind, lsn: u64) -> WbExt {
         WbExt {
             sectors: key.len / SECTOR_BYTES as u32,
             seg: 0,
             seg_off: 0,
             kind,
+            lsn,
         }
     }
-}
-
-/// A gathered batch.
-struct Batch {
-    map: ExtentMap<u64, WbExt>,
-    /// Where dirty_tail goes once the batch is on the backing store.
-    end: PosOnMedia,
-    ksets: usize,
-    /// Dirty bytes the batch's keys held when logged (superseded included).
-    logged_dirty: u64,
-    /// Bytes of the batch's ZERO keys (superseded included).
-    logged_zero: u64,
-    /// Dirty keys whose data failed its CRC, in log order.
-    bad: Vec<format::KeyOnMedia>,
 }
 
 impl Engine {
@@ -236,6 +237,8 @@ impl Engine {
         let s = self.settings.lock().expect("settings lock");
         if s.info.flags & format::CACHE_FLAG_WB_STRICT != 0 {
             WritebackOrder::Strict
+        } else if s.info.flags & format::CACHE_FLAG_WB_NEWEST != 0 {
+            WritebackOrder::Newest
         } else {
             WritebackOrder::Batch
         }
@@ -247,9 +250,11 @@ impl Engine {
         self.check_writable()?;
         let mut s = self.settings.lock().expect("settings lock");
         let mut info = s.info;
+        info.flags &= !(format::CACHE_FLAG_WB_STRICT | format::CACHE_FLAG_WB_NEWEST);
         match order {
             WritebackOrder::Strict => info.flags |= format::CACHE_FLAG_WB_STRICT,
-            WritebackOrder::Batch => info.flags &= !format::CACHE_FLAG_WB_STRICT,
+            WritebackOrder::Newest => info.flags |= format::CACHE_FLAG_WB_NEWEST,
+            WritebackOrder::Batch => {}
         }
         if info == s.info {
             return Ok(());
@@ -342,115 +347,6 @@ impl Engine {
             ksets: batch.ksets,
             bytes,
         })
-    }
-
-    /// Gather the next batch from dirty_tail: up to `budget` distinct bytes,
-    /// never short of `target`, and within one flush epoch in strict order.
-    /// None when nothing is dirty.
-    fn gather(&self, target: PosOnMedia, budget: u64) -> Result<Option<Batch>> {
-        let strict = self.writeback_order() == WritebackOrder::Strict;
-        // Only ksets before key_head are complete; key_head moves only
-        // after a kset is persisted.
-        let head = self.key_head();
-        let mut pos = self.dirty_tail();
-        let budget_sectors = budget / SECTOR_BYTES;
-        // A hot set coalesces best over a long stretch of log; bound the
-        // stretch so one pass stays bounded too.
-        let capacity = self.n_segs as u64 * format::SEG_DATA_BYTES;
-        let max_logged = budget
-            .saturating_mul(LOGGED_PER_BUDGET)
-            .min(capacity / LOGGED_SHARE_OF_CACHE);
-        let mut map: ExtentMap<u64, WbExt> = ExtentMap::default();
-        let mut epoch = None;
-        let mut ksets = 0usize;
-        let mut logged_dirty = 0u64;
-        let mut logged_zero = 0u64;
-        let mut bad = Vec::new();
-        let mut buf = [0u8; KSET_MAX_BYTES];
-        while pos.lsn < head.lsn {
-            let must = pos.lsn < target.lsn;
-            if !must && (map.covered() >= budget_sectors || logged_dirty >= max_logged) {
-                break;
-            }
-            let view = self.read_kset(pos, &mut buf).map_err(|end| {
-                Error::Format(format::Error::Corrupt {
-                    what: "key log",
-                    offset: data_off(pos.seg, pos.off),
-                    detail: format!(
-                        "writeback found {end:?} before key_head (lsn {} < {})",
-                        pos.lsn, head.lsn
-                    ),
-                })
-            })?;
-            let h = view.header;
-            if h.is_last() {
-                pos = pos.in_next_segment(h.next_seg);
-                ksets += 1;
-                continue;
-            }
-            if strict && !must && epoch.is_some_and(|e| e != h.epoch) {
-                break;
-            }
-            epoch = Some(h.epoch);
-            for (i, key) in view.iter().enumerate() {
-                let at = pos.key_at(i);
-                key.validate(self.n_segs, self.size(), at)?;
-                if key.is_clean() {
-                    continue;
-                }
-                // A later key for the same sectors replaces this one: only
-                // the newest version in the batch is written.
-                let start = key.off / SECTOR_BYTES;
-                if key.flags & KEY_FLAG_ZERO != 0 {
-                    logged_zero += key.len as u64;
-                    let unmap = key.flags & KEY_FLAG_UNMAP != 0;
-                    map.insert(start, WbExt::dataless(&key, WbKind::Zero { unmap }));
-                    continue;
-                }
-                if key.flags & (KEY_FLAG_BAD | KEY_FLAG_FORGET) != 0 {
-                    // Nothing to write: lost data, or already on the store.
-                    map.insert(start, WbExt::dataless(&key, WbKind::Skip));
-                    continue;
-                }
-                logged_dirty += key.len as u64;
-                if key.gen != self.segs.gen(key.seg) {
-                    continue; // stale: reclaimed, so already written back
-                }
-                if self.data_crc
-                    && self
-                        .region
-                        .crc32c(data_off(key.seg, key.seg_off), key.len as usize)
-                        != key.data_crc
-                {
-                    // Neither this nor an older version is written: the
-                    // range is marked bad before dirty_tail passes it.
-                    stats::add(&self.stats.data_crc_errors, 1);
-                    map.insert(start, WbExt::dataless(&key, WbKind::Skip));
-                    bad.push(key);
-                    continue;
-                }
-                map.insert(
-                    start,
-                    WbExt {
-                        sectors: key.len / SECTOR_BYTES as u32,
-                        seg: key.seg,
-                        seg_off: key.seg_off,
-                        kind: WbKind::Data,
-                    },
-                );
-            }
-            pos.off += h.bytes() as u32;
-            pos.lsn += 1;
-            ksets += 1;
-        }
-        Ok((ksets > 0).then_some(Batch {
-            map,
-            end: pos,
-            ksets,
-            logged_dirty,
-            logged_zero,
-            bad,
-        }))
     }
 
     /// Write a batch's extents, sorted by offset, merging neighbours into
