@@ -332,6 +332,13 @@ impl MetaRecord for CacheInfo {
                 info.flags
             )));
         }
+        let orders = CACHE_FLAG_WB_STRICT | CACHE_FLAG_WB_NEWEST;
+        if info.flags & orders == orders {
+            return Err(corrupt(format!(
+                "flags {:#x} name two writeback orders (strict and newest)",
+                info.flags
+            )));
+        }
         if info.gc_percent > super::GC_PERCENT_MAX {
             return Err(corrupt(format!(
                 "gc_percent {} above {}",

@@ -181,8 +181,10 @@ fn cache_info_rejects_out_of_range_fields() {
     let max = with_body(cache_info(), |b| b[24] = GC_PERCENT_MAX);
     assert_eq!(CacheInfo::decode(&max, 0).unwrap().0.gc_percent, 90);
 
-    let flags = with_body(cache_info(), |b| b[20] = 0b11111);
-    assert!(detail(&CacheInfo::decode(&flags, 0).unwrap_err()).contains("unknown flags 0x10"));
+    let flags = with_body(cache_info(), |b| b[20] = 0b100111);
+    assert!(detail(&CacheInfo::decode(&flags, 0).unwrap_err()).contains("unknown flags 0x20"));
+    let both = with_body(cache_info(), |b| b[20] = 0b11000);
+    assert!(detail(&CacheInfo::decode(&both, 0).unwrap_err()).contains("two writeback orders"));
 
     let zero = with_body(cache_info(), |b| b[16..20].fill(0));
     assert!(detail(&CacheInfo::decode(&zero, 0).unwrap_err()).contains("n_segs 0"));
