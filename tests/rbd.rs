@@ -134,19 +134,8 @@ fn sigkill_after_a_flush_loses_nothing_and_the_next_pcache_takes_the_lock_at_onc
 
 #[test]
 fn misses_in_flight_together_come_from_the_image_then_hit() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src.img");
     let blocks = 16 * MIB / BLOCK as u64;
-    let mut bytes = vec![0u8; (16 * MIB) as usize];
-    for b in 0..blocks {
-        fill_block(
-            &mut bytes[b as usize * BLOCK..(b as usize + 1) * BLOCK],
-            b,
-            7,
-        );
-    }
-    std::fs::write(&src, &bytes).unwrap();
-    let disk = Disk::on_image(Image::import("miss", &src));
+    let disk = Disk::on_image(Image::filled("miss", 16 * MIB, 7));
     let server = disk.serve(&[]);
     let mut c = Client::connect(&disk.socket, 1, 8 << 20);
     // 32 single-block reads in flight at once, all misses.

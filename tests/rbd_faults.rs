@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::ceph::{self, Image};
 use common::{
-    check_block, fill_block, status, verify_all_blocks, write_all_blocks, Client, Disk,
-    TEST_BLOCK as BLOCK,
+    check_block, status, verify_all_blocks, write_all_blocks, Client, Disk, TEST_BLOCK as BLOCK,
 };
 
 const MIB: u64 = 1 << 20;
@@ -32,19 +31,8 @@ impl Drop for OsdGuard {
 #[test]
 fn osd_down_writes_complete_into_the_cache_misses_fail_in_bounded_time_nothing_is_lost() {
     // An image whose every block holds version 7.
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src.img");
     let blocks = 32 * MIB / BLOCK as u64;
-    let mut bytes = vec![0u8; (32 * MIB) as usize];
-    for b in 0..blocks {
-        fill_block(
-            &mut bytes[b as usize * BLOCK..(b as usize + 1) * BLOCK],
-            b,
-            7,
-        );
-    }
-    std::fs::write(&src, &bytes).unwrap();
-    let disk = Disk::on_image(Image::import("faults", &src));
+    let disk = Disk::on_image(Image::filled("faults", 32 * MIB, 7));
     let server = disk.serve(&["--backing-read-timeout", "3", "--sequential-cutoff", "0"]);
     let mut c = Client::connect(&disk.socket, 1, 8 << 20);
     // The first half of the disk gets version 1 (cached, dirty).

@@ -64,16 +64,19 @@ impl Image {
         Image { name }
     }
 
-    /// A new image holding the contents of `file`.
-    pub fn import(tag: &str, file: &Path) -> Image {
+    /// A new image of `bytes` whose every 4 KiB block holds
+    /// [`super::fill_block`] data of `version`.
+    pub fn filled(tag: &str, bytes: u64, version: u64) -> Image {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.img");
+        let mut data = vec![0u8; bytes as usize];
+        for (b, block) in data.chunks_mut(super::TEST_BLOCK).enumerate() {
+            super::fill_block(block, b as u64, version);
+        }
+        std::fs::write(&src, &data).unwrap();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("rbd/{tag}-{}-{n}", std::process::id());
-        rbd(&[
-            "import",
-            "--no-progress",
-            &file.display().to_string(),
-            &name,
-        ]);
+        rbd(&["import", "--no-progress", &src.display().to_string(), &name]);
         Image { name }
     }
 
