@@ -57,7 +57,9 @@ def sustained_bound(a, runs, pc, qsd, newest):
         f"paced {paced:,.0f} writes behind it. Writeback keeps the image alone consistent at the end of every "
         "batch (every flush epoch up to some E, `docs/reliability.md` guarantee 4), so it writes every version "
         "a batch holds and coalesces overwrites only within a batch; with a hot set a quarter of the cache that "
-        "saves little, and the steady rate stays within about 2x of the image's own. "
+        "saves little: the steady rate is about the image's own random-write rate (in this run "
+        + (f"{pc / qsd:.2f}x QSD's" if pc and qsd else "-")
+        + "; the first seconds, while the cache takes the writes, run at cache speed). "
         "`--writeback-order newest` skips the versions that newer durable keys anywhere in the dirty log "
         "replace, so each pass writes a few percent of what it frees"
         + (f" ({fmt(newest)} IOPS here)" if newest else "")
