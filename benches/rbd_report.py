@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_report import fmt, load, machine, med  # noqa: E402
-from sustained_report import full_seconds, last30  # noqa: E402
+from sustained_report import full_seconds, last30, status_of  # noqa: E402
 
 POINTS = {
     "rbd_wf1": "4k randwrite+FLUSH QD1",
@@ -43,7 +43,7 @@ def git_rev():
 
 def sustained_bound(a, runs, pc, qsd, newest):
     """What bounds the sustained hot-set point, from the run's own numbers."""
-    sts = status_files(a.res, "rbd_hotf64")
+    sts = status_of(a.res, "rbd_hotf64")
     if not sts or not pc:
         return []
     wb = statistics.median(s["stats"]["writeback_bytes"] for s in sts)
@@ -68,18 +68,6 @@ def sustained_bound(a, runs, pc, qsd, newest):
         "blocks the hot set changed since the last, at the rate pcache's one core leaves librbd.",
         "",
     ]
-
-
-def status_files(res, point):
-    import glob
-    import json
-    out = []
-    for f in sorted(glob.glob(os.path.join(res, f"pcache.{point}.r*.status.json"))):
-        try:
-            out.append(json.load(open(f)))
-        except (OSError, ValueError):
-            pass
-    return out
 
 
 def main():
