@@ -200,27 +200,27 @@ fn the_exclusive_lock_refuses_a_second_pcache_and_qemus_writes() {
 
     // QEMU's own driver opens the image, but its writes are refused.
     let sock = other.path().join("qsd.sock");
-    let qsd = Qsd::start(image, &sock);
-    let mut c = Client::connect(&sock, 1, 1 << 20);
     assert_ne!(
-        c.write_sync(0, 0, 0, BLOCK),
+        qsd_write(image, &sock),
         0,
         "QEMU wrote behind pcache's back"
     );
-    drop(c);
-    drop(qsd);
 
     // Once pcache stops cleanly the lock is free at once.
     server.stop();
-    let qsd = Qsd::start(image, &sock);
-    let mut c = Client::connect(&sock, 1, 1 << 20);
     assert_eq!(
-        c.write_sync(0, 0, 0, BLOCK),
+        qsd_write(image, &sock),
         0,
         "the lock was not released at stop"
     );
-    drop(c);
-    drop(qsd);
+}
+
+/// One 4 KiB write to `image` through qemu-storage-daemon's rbd driver
+/// (listening on `sock`): its status (0 or -errno).
+fn qsd_write(image: &Image, sock: &Path) -> i32 {
+    let _qsd = Qsd::start(image, sock);
+    let mut c = Client::connect(sock, 1, 1 << 20);
+    c.write_sync(0, 0, 0, BLOCK)
 }
 
 #[test]

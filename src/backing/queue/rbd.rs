@@ -72,6 +72,14 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Wait for a callback or the watchdog, at most one tick.
+    fn wait_tick<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.idle
+            .wait_timeout(st, WATCHDOG_TICK)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
     fn signal(&self) {
         if let Some(fd) = &self.notifier {
             signal_eventfd(fd.as_raw_fd());
@@ -217,12 +225,7 @@ impl Rbd {
     pub(super) fn block(&mut self, out: &mut Vec<Completion>) {
         let mut st = self.shared.lock();
         while st.done.is_empty() {
-            st = self
-                .shared
-                .idle
-                .wait_timeout(st, WATCHDOG_TICK)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = self.shared.wait_tick(st);
         }
         self.outstanding -= st.done.len();
         out.append(&mut st.done);
@@ -234,12 +237,7 @@ impl Rbd {
         let deadline = Instant::now() + DROP_WAIT;
         let mut st = self.shared.lock();
         while st.in_librbd > 0 && Instant::now() < deadline {
-            st = self
-                .shared
-                .idle
-                .wait_timeout(st, WATCHDOG_TICK)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = self.shared.wait_tick(st);
         }
         if st.in_librbd > 0 {
             tracing::warn!(
@@ -353,10 +351,6 @@ fn watchdog(shared: &Shared) {
             shared.signal();
             shared.idle.notify_all();
         }
-        st = shared
-            .idle
-            .wait_timeout(st, WATCHDOG_TICK)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
+        st = shared.wait_tick(st);
     }
 }

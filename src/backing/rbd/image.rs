@@ -134,14 +134,7 @@ impl RbdBacking {
         // From here on Drop tears down whatever was set up.
         b.connect()?;
         b.open_image()?;
-        let size = b.query_size()?;
-        if size % SECTOR != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{name}: its size {size} is not a multiple of {SECTOR} bytes"),
-            ));
-        }
-        b.size.store(size, Ordering::Relaxed);
+        b.refresh_size()?;
         if !read_only {
             b.lock(lock_record)?;
         }
@@ -194,19 +187,9 @@ impl RbdBacking {
         // image's real write rate from writeback's pacing until the flush.
         // (QEMU turns it off the same way for cache.direct=on.) A name's
         // own :rbd_cache=... still wins.
-        let (ck, cv) = (cstring("option", "rbd_cache")?, cstring("value", "false")?);
-        // SAFETY: live cluster handle, NUL-terminated strings.
-        let r = unsafe { (self.api.rados_conf_set)(self.cluster, ck.as_ptr(), cv.as_ptr()) };
-        if r < 0 {
-            return Err(ceph_error("Ceph option rbd_cache=false", r.into()));
-        }
+        self.conf_set("rbd_cache", "false")?;
         for (k, v) in &self.spec.options {
-            let (ck, cv) = (cstring("option", k)?, cstring("value", v)?);
-            // SAFETY: live cluster handle, NUL-terminated strings.
-            let r = unsafe { (self.api.rados_conf_set)(self.cluster, ck.as_ptr(), cv.as_ptr()) };
-            if r < 0 {
-                return Err(ceph_error(&format!("Ceph option {k}={v}"), r.into()));
-            }
+            self.conf_set(k, v)?;
         }
         // SAFETY: live, configured cluster handle.
         let r = unsafe { (self.api.rados_connect)(self.cluster) };
@@ -225,6 +208,17 @@ impl RbdBacking {
             let ns = cstring("namespace", ns)?;
             // SAFETY: live ioctx; NUL-terminated string (copied by librados).
             unsafe { (self.api.rados_ioctx_set_namespace)(self.ioctx, ns.as_ptr()) };
+        }
+        Ok(())
+    }
+
+    /// Set Ceph option `key` on the (not yet connected) cluster handle.
+    fn conf_set(&self, key: &str, value: &str) -> io::Result<()> {
+        let (k, v) = (cstring("option", key)?, cstring("value", value)?);
+        // SAFETY: live cluster handle, NUL-terminated strings (copied).
+        let r = unsafe { (self.api.rados_conf_set)(self.cluster, k.as_ptr(), v.as_ptr()) };
+        if r < 0 {
+            return Err(ceph_error(&format!("Ceph option {key}={value}"), r.into()));
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 
 use super::{WbExt, WbKind, WritebackOrder, LOGGED_PER_BUDGET, LOGGED_SHARE_OF_CACHE};
 use crate::engine::index::ExtentMap;
-use crate::engine::{stats, Engine, Error, Result};
+use crate::engine::{Engine, Error, Result};
 use crate::format::{
     self, data_off, PosOnMedia, KEY_FLAG_BAD, KEY_FLAG_FORGET, KEY_FLAG_UNMAP, KEY_FLAG_ZERO,
     KSET_MAX_BYTES, SECTOR_BYTES,
@@ -74,86 +74,80 @@ impl Engine {
                 })
             })?;
             let h = view.header;
+            // The lsn of a kset holding keys; a LAST one only links on.
+            let mut kset_lsn = None;
             if h.is_last() {
                 pos = pos.in_next_segment(h.next_seg);
-                ksets += 1;
+            } else {
+                if strict && !must && epoch.is_some_and(|e| e != h.epoch) {
+                    break;
+                }
+                epoch = Some(h.epoch);
+                for (i, key) in view.iter().enumerate() {
+                    let at = pos.key_at(i);
+                    key.validate(self.n_segs, self.size(), at)?;
+                    if key.is_clean() {
+                        continue;
+                    }
+                    // A later key for the same sectors replaces this one: only
+                    // the newest version in the batch is written.
+                    let start = key.off / SECTOR_BYTES;
+                    if key.flags & KEY_FLAG_ZERO != 0 {
+                        logged_zero += key.len as u64;
+                        let unmap = key.flags & KEY_FLAG_UNMAP != 0;
+                        map.insert(
+                            start,
+                            WbExt::dataless(&key, WbKind::Zero { unmap }, pos.lsn),
+                        );
+                        continue;
+                    }
+                    if key.flags & (KEY_FLAG_BAD | KEY_FLAG_FORGET) != 0 {
+                        // Nothing to write: lost data, or already on the store.
+                        map.insert(start, WbExt::dataless(&key, WbKind::Skip, pos.lsn));
+                        continue;
+                    }
+                    logged_dirty += key.len as u64;
+                    if key.gen != self.segs.gen(key.seg) {
+                        continue; // stale: reclaimed, so already written back
+                    }
+                    if self.data_crc
+                        && self
+                            .region
+                            .crc32c(data_off(key.seg, key.seg_off), key.len as usize)
+                            != key.data_crc
+                    {
+                        // Neither this nor an older version is written: the
+                        // range is marked bad before dirty_tail passes it.
+                        map.insert(start, WbExt::dataless(&key, WbKind::Skip, pos.lsn));
+                        bad.push(key);
+                        continue;
+                    }
+                    map.insert(
+                        start,
+                        WbExt {
+                            sectors: key.len / SECTOR_BYTES as u32,
+                            seg: key.seg,
+                            seg_off: key.seg_off,
+                            kind: WbKind::Data,
+                            lsn: pos.lsn,
+                        },
+                    );
+                }
+                kset_lsn = Some(pos.lsn);
+                pos.off += h.bytes() as u32;
+                pos.lsn += 1;
+            }
+            ksets += 1;
+            if newest {
                 marks.push(Mark::after(
                     pos,
                     ksets,
                     logged_dirty,
                     logged_zero,
                     bad.len(),
-                    None,
+                    kset_lsn,
                 ));
-                continue;
             }
-            if strict && !must && epoch.is_some_and(|e| e != h.epoch) {
-                break;
-            }
-            epoch = Some(h.epoch);
-            for (i, key) in view.iter().enumerate() {
-                let at = pos.key_at(i);
-                key.validate(self.n_segs, self.size(), at)?;
-                if key.is_clean() {
-                    continue;
-                }
-                // A later key for the same sectors replaces this one: only
-                // the newest version in the batch is written.
-                let start = key.off / SECTOR_BYTES;
-                if key.flags & KEY_FLAG_ZERO != 0 {
-                    logged_zero += key.len as u64;
-                    let unmap = key.flags & KEY_FLAG_UNMAP != 0;
-                    map.insert(
-                        start,
-                        WbExt::dataless(&key, WbKind::Zero { unmap }, pos.lsn),
-                    );
-                    continue;
-                }
-                if key.flags & (KEY_FLAG_BAD | KEY_FLAG_FORGET) != 0 {
-                    // Nothing to write: lost data, or already on the store.
-                    map.insert(start, WbExt::dataless(&key, WbKind::Skip, pos.lsn));
-                    continue;
-                }
-                logged_dirty += key.len as u64;
-                if key.gen != self.segs.gen(key.seg) {
-                    continue; // stale: reclaimed, so already written back
-                }
-                if self.data_crc
-                    && self
-                        .region
-                        .crc32c(data_off(key.seg, key.seg_off), key.len as usize)
-                        != key.data_crc
-                {
-                    // Neither this nor an older version is written: the
-                    // range is marked bad before dirty_tail passes it.
-                    stats::add(&self.stats.data_crc_errors, 1);
-                    map.insert(start, WbExt::dataless(&key, WbKind::Skip, pos.lsn));
-                    bad.push(key);
-                    continue;
-                }
-                map.insert(
-                    start,
-                    WbExt {
-                        sectors: key.len / SECTOR_BYTES as u32,
-                        seg: key.seg,
-                        seg_off: key.seg_off,
-                        kind: WbKind::Data,
-                        lsn: pos.lsn,
-                    },
-                );
-            }
-            let lsn = pos.lsn;
-            pos.off += h.bytes() as u32;
-            pos.lsn += 1;
-            ksets += 1;
-            marks.push(Mark::after(
-                pos,
-                ksets,
-                logged_dirty,
-                logged_zero,
-                bad.len(),
-                Some(lsn),
-            ));
         }
         if ksets == 0 {
             return Ok(None);

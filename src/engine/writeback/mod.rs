@@ -295,6 +295,7 @@ impl Engine {
             return Ok(Progress::Clean);
         };
         for key in &batch.bad {
+            stats::add(&self.stats.data_crc_errors, 1);
             // Logged before dirty_tail can pass the corrupt key.
             self.mark_bad(key)?;
         }
