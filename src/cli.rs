@@ -478,7 +478,7 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             gc_percent,
             force,
         } => {
-            let b = media::open_backing(&backing, &cache, true, None)?;
+            let b = media::open_backing(&backing, &cache, true, false, None)?;
             media::prepare_cache_file(&cache, cache_size, force)?;
             let _owner = media::lock(&cache, Lock::Exclusive, "Cache")?;
             let sb = media::format_cache(
@@ -539,7 +539,7 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
         Command::Writeback { cache, backing } => {
             let _owner = media::lock(&cache, Lock::Exclusive, "Cache")?;
             let engine = media::open_cache(&cache)?;
-            let b = media::open_backing(&backing, &cache, false, None)?;
+            let b = media::open_backing(&backing, &cache, false, true, None)?;
             media::check_backing_size(&engine, &*b, &backing)?;
             let start = engine.stats().snapshot().dirty_bytes;
             let bar = indicatif::ProgressBar::new(start);

@@ -10,6 +10,8 @@
 //! - [`backing`]: the disk behind the cache (a file, a block device, a Ceph
 //!   RBD image), sync and async.
 //! - [`vhost`]: the vhost-user-blk backend; the only code that knows virtio.
+//! - [`handover`]: who writes the disk, and handing it to another host in a
+//!   live migration (the cache drains, the store changes owner).
 //! - [`control`]: the runtime control socket (status, gc_percent, flush).
 //! - [`metrics`]: Prometheus metrics over HTTP (`serve --metrics`).
 //! - [`media`]: opening the cache and the backing store for a command, and
@@ -29,6 +31,7 @@ pub mod control;
 pub mod crc;
 pub mod engine;
 pub mod format;
+pub mod handover;
 pub mod media;
 pub mod metrics;
 pub mod pmem;

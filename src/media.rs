@@ -205,16 +205,19 @@ pub fn open_cache_read_only(cache: &Path) -> AnyResult<Arc<Engine>> {
 }
 
 /// Open the backing store `spec` for the cache at `cache` (whose lock the
-/// caller holds, unless `read_only`). An RBD image's reads wait at most
-/// `read_timeout` for the cluster.
+/// caller holds, unless `read_only`), claiming it now if `claim` (`serve`
+/// claims it later, before it first writes it). An RBD image's reads wait
+/// at most `read_timeout` for the cluster.
 pub fn open_backing(
     spec: &BackingSpec,
     cache: &Path,
     read_only: bool,
+    claim: bool,
     read_timeout: Option<std::time::Duration>,
 ) -> AnyResult<Box<dyn Backing>> {
     let o = crate::backing::OpenOptions {
         read_only,
+        claim,
         read_timeout,
         lock_record: (!read_only).then(|| lock_record(cache)).flatten(),
     };

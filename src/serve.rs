@@ -25,6 +25,7 @@ use crate::backing::{Backing, BackingSpec};
 use crate::control::{self, ServeInfo};
 use crate::engine::{Engine, FormatOptions, Workers, WritebackPolicy};
 use crate::format;
+use crate::handover::Handover;
 use crate::media::{self, Lock, Owner};
 use crate::vhost::{self, Active, ServeConfig};
 
@@ -90,10 +91,12 @@ fn open_backing(o: &ServeOptions) -> AnyResult<Box<dyn Backing>> {
         )
         .into());
     }
+    // Claimed once we know we write it (`run`).
     media::open_backing(
         &o.backing,
         &o.cache,
         o.cfg.read_only,
+        false,
         Some(o.backing_read_timeout),
     )
 }
@@ -364,6 +367,17 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     let metrics = o.metrics.map(crate::metrics::http::bind).transpose()?;
     let listening = listen(&o)?;
     let backing: Arc<dyn Backing> = Arc::from(backing);
+    // Dirty data is written back from now on, and a mode switch drains:
+    // the store must be ours. Otherwise it is claimed when a guest starts
+    // (a live migration's destination writes nothing before that).
+    let claim_now =
+        !o.cfg.read_only && (engine.is_dirty() || o.mode.is_some_and(|m| m != engine.mode()));
+    if claim_now {
+        backing
+            .claim()
+            .map_err(|e| format!("Cannot use backing store {}: {e}", o.backing))?;
+    }
+    let handover = Arc::new(Handover::new(engine.clone(), backing.clone(), claim_now));
     let workers = Workers::start(engine.clone(), backing.clone(), o.writeback);
     if let Some(m) = o.mode.filter(|m| *m != engine.mode()) {
         // Leaving write-back writes the cache back first (by the workers
@@ -381,9 +395,10 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     };
     let stop = Arc::new(Stop::default());
     let probe: control::FrontendProbe = {
-        let stop = stop.clone();
+        let (stop, handover) = (stop.clone(), handover.clone());
         Arc::new(move || {
             let active = stop.active.lock().expect("stop lock").clone();
+            let migration = handover.status();
             match active {
                 Some(a) => {
                     let (reads_waiting, writes_waiting) = a.waiting();
@@ -392,9 +407,13 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
                         queues_started: a.started() as u64,
                         reads_waiting,
                         writes_waiting,
+                        migration,
                     }
                 }
-                None => control::Frontend::default(),
+                None => control::Frontend {
+                    migration,
+                    ..Default::default()
+                },
             }
         })
     };
@@ -461,13 +480,7 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         tracing::info!("frontend connected");
         let _ = sd_notify::notify(&[NotifyState::Status("a frontend is connected")]);
         let slot = SessionSlot(&stop);
-        if let Err(e) = vhost::serve(
-            stream,
-            engine.clone(),
-            backing.clone(),
-            o.cfg.clone(),
-            &slot,
-        ) {
+        if let Err(e) = vhost::serve(stream, handover.clone(), o.cfg.clone(), &slot) {
             tracing::error!(error = %e, "serving a frontend failed");
         }
         let _ = sd_notify::notify(&[NotifyState::Status(&status)]);
@@ -477,7 +490,7 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     // until they have started, then closed like the rest. (A socket from
     // systemd keeps them waiting for the next process instead.)
     if listening.bound.is_some() {
-        serve_pending(&listening.listener, &engine, &backing, &o.cfg, &stop);
+        serve_pending(&listening.listener, &handover, &o.cfg, &stop);
     }
     // Stopping: every ring is quiesced; persist the cache and go.
     let code = match engine.flush() {
@@ -549,13 +562,7 @@ impl vhost::SessionHook for SessionSlot<'_> {
 }
 
 /// Serve, and close once started, every connection already waiting.
-fn serve_pending(
-    l: &UnixListener,
-    engine: &Arc<Engine>,
-    backing: &Arc<dyn Backing>,
-    cfg: &ServeConfig,
-    stop: &Stop,
-) {
+fn serve_pending(l: &UnixListener, handover: &Arc<Handover>, cfg: &ServeConfig, stop: &Stop) {
     if l.set_nonblocking(true).is_err() {
         return;
     }
@@ -563,7 +570,7 @@ fn serve_pending(
         let _ = stream.set_nonblocking(false);
         tracing::info!("serving a frontend that connected as the stop began");
         let slot = SessionSlot(stop);
-        let _ = vhost::serve(stream, engine.clone(), backing.clone(), cfg.clone(), &slot);
+        let _ = vhost::serve(stream, handover.clone(), cfg.clone(), &slot);
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::ceph::{self, Image};
 use common::{
     check_block, fill_block, pcache, status, text, verify_all_blocks, write_all_blocks, Client,
-    Disk, TEST_BLOCK as BLOCK,
+    Disk, Server, TEST_BLOCK as BLOCK,
 };
 
 const MIB: u64 = 1 << 20;
@@ -166,50 +166,70 @@ fn misses_in_flight_together_come_from_the_image_then_hit() {
 }
 
 #[test]
-fn the_exclusive_lock_refuses_a_second_pcache_and_qemus_writes() {
+fn the_exclusive_lock_keeps_a_second_pcache_and_qemu_from_writing() {
     let disk = Disk::rbd("lock", 16 * MIB);
     let server = disk.serve(&[]);
     let image = disk.image.as_ref().expect("an rbd disk");
+    let phase = |s: &Server| status(s)["frontend"]["migration"]["phase"].clone();
+    // Nothing is claimed before a guest starts (a live migration's
+    // destination waits so while the source writes).
+    assert_eq!(phase(&server), "standby");
+    let mut c = Client::connect(&disk.socket, 1, 1 << 20);
+    fill_block(&mut c.mem()[..BLOCK], 0, 1);
+    assert_eq!(c.write_sync(0, 0, 0, BLOCK), 0);
+    assert_eq!(phase(&server), "serving");
 
-    // A second pcache (another cache) on the same image.
+    // A second pcache (another cache) on the same image starts...
     let other = tempfile::tempdir().unwrap();
-    let o = pcache(&[
+    let sock = other.path().join("s.sock");
+    let log = other.path().join("pcache.log");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pcache"));
+    cmd.args([
         "serve",
         "--socket",
-        &other.path().join("s.sock").display().to_string(),
+        &sock.display().to_string(),
         "--cache",
         &other.path().join("cache.img").display().to_string(),
         "--cache-size",
         "512M",
         "--backing",
         &disk.backing_arg(),
-    ]);
-    let out = text(&o);
-    assert!(
-        !o.status.success(),
-        "a second pcache served the image: {out}"
-    );
+    ])
+    .stderr(std::fs::File::create(&log).unwrap());
+    let second = Server::start_cmd(cmd, &sock);
+    assert_eq!(phase(&second), "standby");
+    // ...but its guest cannot while the first one holds the image.
+    let refused = Client::try_connect(&sock, 1, 1 << 20, false);
+    assert!(refused.is_err(), "a guest started on a second pcache");
+    let out = std::fs::read_to_string(&log).unwrap();
     assert!(
         out.contains("exclusive lock is held by another client"),
         "unclear refusal: {out}"
     );
-    assert!(
-        !other.path().join("cache.img").exists(),
-        "the refused start left a cache file"
-    );
+    assert_eq!(phase(&second), "standby");
 
     // QEMU's own driver opens the image, but its writes are refused.
-    let sock = other.path().join("qsd.sock");
-    assert_ne!(
-        qsd_write(image, &sock),
-        0,
-        "QEMU wrote behind pcache's back"
-    );
+    let qsd = other.path().join("qsd.sock");
+    assert_ne!(qsd_write(image, &qsd), 0, "QEMU wrote behind pcache's back");
 
-    // Once pcache stops cleanly the lock is free at once.
+    // Once the first pcache stops cleanly the lock is free at once: the
+    // second one's guest starts and reads what the first one wrote.
+    drop(c);
     server.stop();
+    let mut c =
+        Client::try_connect(&sock, 1, 1 << 20, false).expect("the lock was not released at stop");
+    assert_eq!(c.read_sync(0, 0, 0, BLOCK), 0);
+    assert_eq!(check_block(&c.mem()[..BLOCK], 0), Ok(1));
+    assert_eq!(phase(&second), "serving");
+    assert_ne!(
+        qsd_write(image, &qsd),
+        0,
+        "QEMU wrote behind the second pcache's back"
+    );
+    drop(c);
+    second.stop();
     assert_eq!(
-        qsd_write(image, &sock),
+        qsd_write(image, &qsd),
         0,
         "the lock was not released at stop"
     );

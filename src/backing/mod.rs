@@ -76,12 +76,25 @@ pub trait Backing: Send + Sync {
         let _ = f;
         Ok(false)
     }
+    /// Become the store's one writer before writing it (an RBD image's
+    /// exclusive lock; a file has no owner). Fails, naming the holder, if
+    /// another client holds it. Opening alone claims nothing, so a live
+    /// migration's destination can open the store while the source writes.
+    fn claim(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Make writes durable and stop being the store's writer (a live
+    /// migration's switchover hands the store to the destination). Nothing
+    /// may be written until [`Backing::claim`] again.
+    fn hand_off(&self) -> io::Result<()> {
+        self.flush()
+    }
     /// Let go of the store at a clean stop, before the process exits: make
     /// writes durable and release what we hold (an RBD image's exclusive
     /// lock, so the next owner need not wait for it to time out). Nothing
     /// may be written afterwards.
     fn release(&self) -> io::Result<()> {
-        self.flush()
+        self.hand_off()
     }
 }
 
@@ -90,6 +103,8 @@ pub trait Backing: Send + Sync {
 pub struct OpenOptions {
     /// Open read-only (an RBD image is then not locked).
     pub read_only: bool,
+    /// Claim the store ([`Backing::claim`]) once open, unless read-only.
+    pub claim: bool,
     /// How long an RBD read may wait for the cluster ([`DEFAULT_READ_TIMEOUT`]
     /// if `None`).
     pub read_timeout: Option<std::time::Duration>,
@@ -106,6 +121,9 @@ pub fn open(spec: &BackingSpec, o: &OpenOptions) -> io::Result<Box<dyn Backing>>
         BackingSpec::Rbd(r) => {
             let mut b = RbdBacking::open(r, o.read_only, o.lock_record.as_deref())?;
             b.set_read_timeout(o.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT));
+            if o.claim && !o.read_only {
+                b.claim()?;
+            }
             Box::new(b)
         }
     })

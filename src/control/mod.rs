@@ -61,6 +61,10 @@ pub struct Frontend {
     pub reads_waiting: u64,
     /// Writes and flushes waiting for space in the cache.
     pub writes_waiting: u64,
+    /// Who writes the disk: the live migration phase, and the last
+    /// switchover.
+    #[serde(default)]
+    pub migration: crate::handover::HandoverStatus,
 }
 
 /// Reads the frontend's state when status is asked for.
@@ -320,6 +324,28 @@ pub fn default_path(socket: &Path) -> PathBuf {
     socket.with_extension("ctl")
 }
 
+fn migration_text(m: &crate::handover::HandoverStatus) -> String {
+    use crate::handover::Phase;
+    let what = match m.phase {
+        Phase::Standby => "standby (the backing store is not written until a guest starts)",
+        Phase::Serving => "none",
+        Phase::Copying => {
+            "copying the guest: writes go through to the backing store, the cache drains"
+        }
+        Phase::SwitchingOver => "switching over: writing back what is left",
+        Phase::HandedOver => {
+            "handed over: the backing store holds every write, the cache was emptied"
+        }
+    };
+    match m.last_switchover {
+        Some(s) => format!(
+            "{what}; last switchover wrote back {} bytes in {} ms",
+            s.dirty_bytes, s.millis
+        ),
+        None => what.into(),
+    }
+}
+
 impl Status {
     /// Human-readable form.
     pub fn text(&self) -> String {
@@ -345,6 +371,7 @@ impl Status {
              bad ranges   {}\n\
              reads        {} hits, {} misses\n\
              frontend     {}\n\
+             migration    {}\n\
              latency      {}\n\
              writeback    {} bytes written in {} batches, {} errors, {} order; runs {}\n\
              pressure     {} writes paced behind writeback, {} found the cache full\n\
@@ -393,6 +420,7 @@ impl Status {
             } else {
                 "none connected".into()
             },
+            migration_text(&self.frontend.migration),
             self.latency.text(),
             self.stats.writeback_bytes,
             self.stats.writeback_batches,

@@ -233,6 +233,12 @@ pub struct Engine {
     writeback_wanted: AtomicBool,
     /// An operator asked for a drain; cleared once nothing is dirty.
     drain_wanted: AtomicBool,
+    /// A live migration copies the guest: writes go to the backing store
+    /// where nothing is dirty, and writeback drains (`mode.rs`).
+    handing_over: AtomicBool,
+    /// Write-back mode sent a write to the backing store itself since the
+    /// last guest flush: the next flush flushes the store too.
+    backing_unflushed: AtomicBool,
     /// Guest writes wait while an invalidation runs (`invalidate.rs`).
     writes_paused: AtomicBool,
     /// Guest writes in progress.

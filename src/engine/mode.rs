@@ -19,7 +19,10 @@
 //! around the cache (`--sequential-cutoff`), but only over a range holding
 //! no data written in write-back mode: the log, not the index, drives
 //! writeback, so older dirty data of the range would otherwise reach the
-//! backing store after the write and overwrite it.
+//! backing store after the write and overwrite it. While a live migration
+//! copies the guest ([`Engine::set_handing_over`]) every write does the
+//! same, and writeback drains: the cache then holds little dirty data when
+//! the guest stops, and the switchover waits only for that.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -93,6 +96,23 @@ impl Engine {
         CacheMode::from_code(self.mode.load(Ordering::Acquire))
     }
 
+    /// Start (`true`) or end a live migration's copy phase: writes go to the
+    /// backing store where the cache holds nothing dirty of their range,
+    /// and writeback writes everything back, while it lasts. The mode
+    /// itself does not change, so a cancelled migration is back in it at
+    /// once.
+    pub fn set_handing_over(&self, on: bool) {
+        self.handing_over.store(on, Ordering::SeqCst);
+        if on {
+            self.writeback_kick.kick();
+        }
+    }
+
+    /// Is a live migration's copy phase on?
+    pub fn is_handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Relaxed)
+    }
+
     /// The mode a switch in progress goes to.
     pub fn switching_to(&self) -> Option<CacheMode> {
         *self.mode_target.lock().expect("mode lock")
@@ -162,7 +182,7 @@ impl Engine {
         sequential: bool,
     ) -> Result<()> {
         match self.mode() {
-            CacheMode::Writeback if sequential => {
+            CacheMode::Writeback if sequential || self.is_handing_over() => {
                 if !self.write_around(backing, off, data, true)? {
                     return self.write(head, off, data);
                 }
@@ -209,8 +229,15 @@ impl Engine {
     /// modes that write the backing store themselves, the store's cache.
     pub fn flush_with(&self, backing: &dyn Backing) -> Result<()> {
         self.flush()?;
-        if self.mode() != CacheMode::Writeback && !self.read_only {
-            backing.flush().map_err(Error::Backing)?;
+        // Writes that went around the cache in write-back mode are made
+        // durable by the same flush as the others (cleared first: one
+        // that lands meanwhile sets it again for the next flush).
+        let around = self.backing_unflushed.swap(false, Ordering::SeqCst);
+        if (around || self.mode() != CacheMode::Writeback) && !self.read_only {
+            if let Err(e) = backing.flush() {
+                self.backing_unflushed.fetch_or(around, Ordering::SeqCst);
+                return Err(Error::Backing(e));
+            }
         }
         Ok(())
     }
@@ -224,6 +251,7 @@ impl Engine {
     fn to_backing(&self, backing: &dyn Backing, off: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
         check_range(off, data.len() as u64, self.size())?;
+        self.backing_unflushed.store(true, Ordering::SeqCst);
         backing.write_at(data, off).map_err(Error::Backing)
     }
 

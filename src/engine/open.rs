@@ -284,6 +284,8 @@ impl Engine {
             space_wanted: AtomicBool::new(false),
             writeback_wanted: AtomicBool::new(false),
             drain_wanted: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
+            backing_unflushed: AtomicBool::new(false),
             writes_paused: AtomicBool::new(false),
             writers: std::sync::atomic::AtomicU64::new(0),
             stats: Stats::default(),

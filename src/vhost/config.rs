@@ -38,6 +38,9 @@ pub mod bits {
     pub const EVENT_IDX: u64 = 1 << ring::VIRTIO_RING_F_EVENT_IDX;
     /// Virtio 1.0 or later.
     pub const VERSION_1: u64 = 1 << config::VIRTIO_F_VERSION_1;
+    /// vhost: the frontend logs the guest pages the backend writes (set
+    /// while it migrates the guest; `dirty.rs`).
+    pub const LOG_ALL: u64 = 1 << 26;
 }
 
 /// Features offered to every frontend (a read-only disk gets RO instead
@@ -53,21 +56,24 @@ pub const VIRTIO_FEATURES: u64 = bits::SIZE_MAX
     | bits::WRITE_ZEROES
     | bits::INDIRECT_DESC
     | bits::EVENT_IDX
-    | bits::VERSION_1;
+    | bits::VERSION_1
+    | bits::LOG_ALL;
 
 /// The vhost-user bit that asks for protocol feature negotiation.
 pub const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// vhost-user protocol features: CONFIG (config space), MQ, REPLY_ACK and
 /// CONFIGURE_MEM_SLOTS (libblkio requires the last three), INFLIGHT_SHMFD
-/// (requests in flight survive a restart of pcache) and BACKEND_REQ (a
-/// grown disk is announced to the guest).
+/// (requests in flight survive a restart of pcache), BACKEND_REQ (a
+/// grown disk is announced to the guest) and LOG_SHMFD (live migration:
+/// the dirty log is shared memory).
 pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
     .union(VhostUserProtocolFeatures::MQ)
     .union(VhostUserProtocolFeatures::BACKEND_REQ)
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
-    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    .union(VhostUserProtocolFeatures::LOG_SHMFD);
 
 /// Largest data segment we advertise (128 KiB). SeaBIOS computes
 /// `(u16)(size_max * seg_max / 512)` blocks per request: at 1 MiB x 128 that

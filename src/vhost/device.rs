@@ -15,10 +15,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::{bits, BlkConfig, PROTOCOL_FEATURES, PROTOCOL_FEATURES_BIT, VIRTIO_FEATURES};
 use super::counters::{Counters, Track};
+use super::dirty::DirtyLog;
 use super::queue::QueueState;
 use super::Gm;
 use crate::backing::Backing;
 use crate::engine::Engine;
+use crate::handover::Handover;
 
 /// What the backend serves.
 #[derive(Debug, Clone)]
@@ -54,6 +56,10 @@ pub struct Device {
     /// other than write-back, sequential streams); reads use each queue's
     /// asynchronous backing queue.
     pub(super) backing: Arc<dyn Backing>,
+    /// Who writes the disk; the live migration switchover.
+    pub(super) handover: Arc<Handover>,
+    /// Pages of guest memory we write, while the frontend migrates.
+    pub(super) log: Arc<DirtyLog>,
     pub(super) cfg: ServeConfig,
     pub(super) mem: Gm,
     pub(super) event_idx: AtomicBool,
@@ -71,14 +77,11 @@ pub struct Device {
 }
 
 impl Device {
-    /// A device serving `engine` (reads that miss go to `backing`), with
+    /// A device serving the cache and backing store of `handover`, with
     /// guest memory `mem` (filled in by the frontend's memory table).
-    pub fn new(
-        engine: Arc<Engine>,
-        backing: Arc<dyn Backing>,
-        cfg: ServeConfig,
-        mem: Gm,
-    ) -> io::Result<Device> {
+    pub fn new(handover: Arc<Handover>, cfg: ServeConfig, mem: Gm) -> io::Result<Device> {
+        let engine = handover.engine().clone();
+        let backing = handover.backing().clone();
         let mut queues = Vec::new();
         let mut space_fds = Vec::new();
         for q in 0..cfg.num_queues as usize {
@@ -92,6 +95,8 @@ impl Device {
             writeback: AtomicBool::new(!engine.guest_writethrough()),
             engine,
             backing,
+            handover,
+            log: Arc::new(DirtyLog::default()),
             cfg,
             mem,
             event_idx: AtomicBool::new(false),

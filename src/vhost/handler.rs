@@ -9,6 +9,12 @@
 //! region, sets where the ring resumes and queues the requests the previous
 //! backend took and did not return. Stopping it (GET_VRING_BASE) finishes
 //! every request taken from it before the base is returned.
+//!
+//! Live migration: the frontend shares a dirty log (SET_LOG_BASE) and sets
+//! VHOST_F_LOG_ALL while it copies the guest, and clears it if the
+//! migration is cancelled; the last ring stopped while it logs is the
+//! switchover, answered only once the disk is handed over
+//! ([`crate::handover`]).
 
 use std::fs::File;
 use std::io;
@@ -100,6 +106,11 @@ impl Handler {
             .ok_or_else(|| req_err(format!("address {va:#x} is in no memory region")))
     }
 
+    /// Does the frontend log dirty pages (it is migrating the guest)?
+    fn logging(&self) -> bool {
+        self.acked_features & super::config::bits::LOG_ALL != 0
+    }
+
     fn inflight_on(&self) -> bool {
         self.acked_protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0
     }
@@ -124,6 +135,11 @@ impl Handler {
     /// it. With an inflight region, resume where the previous backend
     /// stopped and queue the requests it left unreturned.
     fn start_ring(&mut self, q: usize) -> Result<()> {
+        // The first write may follow at once: the store must be ours.
+        self.dev
+            .handover
+            .ring_starting(self.logging())
+            .map_err(Error::ReqHandlerError)?;
         let vring = self.vrings[q].clone();
         vring.set_queue_ready(true);
         let mut resubmit = Vec::new();
@@ -150,7 +166,12 @@ impl Handler {
         }
         {
             let mut qs = self.dev.queues[q].lock().expect("queue lock");
-            qs.ring = Some(Ring::new(vring.clone(), tracker));
+            qs.ring = Some(Ring::new(
+                vring.clone(),
+                tracker,
+                self.dev.log.clone(),
+                self.dev.memory().clone(),
+            ));
             qs.resubmit = resubmit.into();
         }
         // A previous backend may have returned requests without telling
@@ -175,6 +196,14 @@ impl Handler {
     fn replace_memory(&mut self, mem: GuestMemoryMmap<()>) {
         tracing::debug!(regions = mem.iter().count(), "guest memory table");
         self.dev.memory().lock().expect("memory lock").replace(mem);
+    }
+
+    /// Has any ring been started (and not stopped)?
+    fn any_started(&self) -> bool {
+        self.dev
+            .queues
+            .iter()
+            .any(|q| q.lock().expect("queue lock").ring.is_some())
     }
 
     /// Stop every started ring and its worker (the connection is over).
@@ -214,7 +243,16 @@ impl VhostUserBackendReqHandlerMut for Handler {
         if features & !self.dev.features() != 0 {
             return Err(Error::InvalidParam);
         }
+        let was_logging = self.logging();
         self.acked_features = features;
+        let logging = self.logging();
+        self.dev.log.set_logging(logging);
+        if logging != was_logging {
+            tracing::info!(logging, "the frontend's dirty-page log");
+            if self.any_started() {
+                self.dev.handover.set_logging(logging);
+            }
+        }
         // Without protocol features every ring is enabled at once.
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
             for q in 0..self.vrings.len() {
@@ -288,6 +326,16 @@ impl VhostUserBackendReqHandlerMut for Handler {
         let avail = self.vmm_va_to_gpa(available)?;
         let used = self.vmm_va_to_gpa(used)?;
         let vring = self.vring(index)?;
+        {
+            let st = vring.get_ref();
+            let q = st.get_queue();
+            if q.ready() && (q.desc_table(), q.avail_ring(), q.used_ring()) == (desc, avail, used) {
+                // A running ring's addresses said again: the frontend starts
+                // or stops logging (the log flag). The worker keeps
+                // returning requests; the used index must not be reread.
+                return Ok(());
+            }
+        }
         vring
             .set_queue_info(desc, avail, used)
             .map_err(|_| Error::InvalidParam)?;
@@ -311,6 +359,18 @@ impl VhostUserBackendReqHandlerMut for Handler {
             .stop_queue(index as usize)
             .map_err(Error::ReqHandlerError)?;
         let next_avail = vring.queue_next_avail();
+        if self.logging() {
+            // The used ring's last writes (avail_event too) reach the
+            // destination with the frontend's final read of the log.
+            let (at, size) = {
+                let st = vring.get_ref();
+                (st.get_queue().used_ring(), st.get_queue().size())
+            };
+            self.dev.log.mark(at, 6 + 8 * u64::from(size));
+            if !self.any_started() {
+                self.dev.handover.switchover();
+            }
+        }
         vring.set_kick(None);
         vring.set_call(None);
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
@@ -494,7 +554,15 @@ impl VhostUserBackendReqHandlerMut for Handler {
         Err(Error::InvalidOperation("no shared memory regions"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
-        Err(Error::InvalidOperation("dirty logging is not offered"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
+        self.dev
+            .log
+            .set_base(&file, log.mmap_size, log.mmap_offset)
+            .map_err(|e| {
+                tracing::error!(error = %e, "the frontend's dirty log is unusable");
+                Error::ReqHandlerError(e)
+            })?;
+        tracing::info!(bytes = log.mmap_size, "the frontend shares a dirty log");
+        Ok(())
     }
 }

@@ -7,6 +7,8 @@
 //! - `ring.rs`: a started ring: taking and returning requests.
 //! - `inflight.rs`: the frontend's inflight region (requests taken and not
 //!   returned, run again by the next process).
+//! - `dirty.rs`: marking the guest pages we write while the frontend
+//!   migrates the guest (its dirty log).
 //! - `device.rs`: the device one connection sees: features, config space,
 //!   the guest's cache mode, per-queue state.
 //! - `queue.rs`: one queue's pipeline: requests against the engine, writes
@@ -31,6 +33,7 @@ mod chain;
 mod config;
 mod counters;
 mod device;
+mod dirty;
 mod handler;
 mod inflight;
 mod latency;

@@ -13,6 +13,7 @@ use vm_memory::{
 };
 
 use super::chain::Chain;
+use super::dirty::DirtyLog;
 use super::inflight::InflightQueue;
 use super::{Gm, Mem, Vring};
 
@@ -28,12 +29,21 @@ pub struct Ring {
     /// The ring's state (shared with the message handler).
     pub vring: Vring,
     inflight: Option<InflightQueue>,
+    log: Arc<DirtyLog>,
+    mem: Gm,
 }
 
 impl Ring {
-    /// A ring, tracked in `inflight` if the frontend gave a region.
-    pub fn new(vring: Vring, inflight: Option<InflightQueue>) -> Ring {
-        Ring { vring, inflight }
+    /// A ring over guest memory `mem`, tracked in `inflight` if the
+    /// frontend gave a region, its writes marked in `log` while the
+    /// frontend migrates the guest.
+    pub fn new(vring: Vring, inflight: Option<InflightQueue>, log: Arc<DirtyLog>, mem: Gm) -> Ring {
+        Ring {
+            vring,
+            inflight,
+            log,
+            mem,
+        }
     }
 
     /// Take the next request the driver made available, marking it taken.
@@ -56,6 +66,14 @@ impl Ring {
     /// request dropped: returning an error would end the queue's worker and
     /// strand every request after it.
     pub fn put_used(&self, head: u16, len: u32) -> bool {
+        if self.log.logging() {
+            // What the request wrote into guest memory, before it is used.
+            let (table, size) = {
+                let st = self.vring.get_ref();
+                (st.get_queue().desc_table(), st.get_queue().size())
+            };
+            self.log.mark_chain(&self.mem.memory(), table, size, head);
+        }
         let r = match &self.inflight {
             None => self.vring.add_used(head, len),
             Some(i) => {
@@ -72,7 +90,20 @@ impl Ring {
             tracing::warn!(head, len, error = %e, "cannot return a request to the used ring; dropped");
             return false;
         }
+        self.mark_used_ring();
         true
+    }
+
+    /// Mark the whole used ring written (its entries, index and
+    /// avail_event), if the frontend is logging.
+    pub fn mark_used_ring(&self) {
+        if self.log.logging() {
+            let (at, size) = {
+                let st = self.vring.get_ref();
+                (st.get_queue().used_ring(), st.get_queue().size())
+            };
+            self.log.mark(at, 6 + 8 * u64::from(size));
+        }
     }
 
     /// Signal the driver if it wants to be (always without EVENT_IDX).

@@ -16,8 +16,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::device::{Device, ServeConfig};
 use super::handler::Handler;
-use crate::backing::Backing;
-use crate::engine::Engine;
+use crate::handover::Handover;
 
 /// How long a closing connection waits for deferred writes to find space.
 const CLOSE_SETTLE: Duration = Duration::from_secs(10);
@@ -101,13 +100,12 @@ pub trait SessionHook {
 /// [`Active::quiesce`] closes it).
 pub fn serve(
     stream: UnixStream,
-    engine: Arc<Engine>,
-    backing: Arc<dyn Backing>,
+    handover: Arc<Handover>,
     cfg: ServeConfig,
     hook: &dyn SessionHook,
 ) -> io::Result<()> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let dev = Arc::new(Device::new(engine, backing, cfg, mem)?);
+    let dev = Arc::new(Device::new(handover.clone(), cfg, mem)?);
     let handler = Arc::new(Mutex::new(Handler::new(dev.clone())?));
     let conn = Arc::new(stream.try_clone()?);
     hook.enter(Active {
@@ -149,6 +147,7 @@ pub fn serve(
         }
     }
     handler.lock().expect("handler lock").stop_all();
+    handover.session_ended();
     drop(req);
     drop(handler);
     result

@@ -649,3 +649,82 @@ fn answered_requests_are_counted_by_op_and_outcome() {
     assert_eq!(q.requests(Op::Flush, Answer::Ok), 1);
     assert_eq!(q.latency().snapshot().count(), 6);
 }
+
+/// The pages set in a dirty-log bitmap.
+fn dirty_pages(log: &std::fs::File) -> Vec<u64> {
+    let mut b = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(log, &mut b, 0).expect("read the log");
+    std::os::unix::fs::FileExt::write_all_at(log, &[0u8; 4096], 0).expect("clear the log");
+    (0..b.len() as u64 * 8)
+        .filter(|p| b[(p / 8) as usize] & (1 << (p % 8)) != 0)
+        .collect()
+}
+
+#[test]
+fn while_logging_every_page_the_device_writes_is_marked_and_no_other() {
+    let mut h = rw();
+    // SAFETY: a plain memfd_create call with a NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"pcache-test-log".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: the fd is ours.
+    let log = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    log.set_len(4096).unwrap();
+    // Not logging: a read marks nothing.
+    let (_, st) = request(&mut h, hdr(types::IN, 0), &[Desc::w(0x10000, 4096)]);
+    assert_eq!(st, status::OK);
+    h.log_dirty(Some((&log, 4096))).unwrap();
+    assert_eq!(dirty_pages(&log), Vec::<u64>::new());
+
+    // A read: its data buffer (pages 16-17: it straddles them), the status
+    // byte (page 3) and the used ring (page 1); not the header (page 2).
+    let (_, st) = request(&mut h, hdr(types::IN, 8), &[Desc::w(0x10800, 4096)]);
+    assert_eq!(st, status::OK);
+    assert_eq!(dirty_pages(&log), vec![1, 3, 16, 17]);
+
+    // A write: only the status byte and the used ring; its data is read.
+    let (_, st) = request(&mut h, hdr(types::OUT, 8), &[Desc::r(0x20000, 4096)]);
+    assert_eq!(st, status::OK);
+    assert_eq!(dirty_pages(&log), vec![1, 3]);
+
+    // A read through an indirect table (at page 5): its buffers at pages
+    // 48 and 56.
+    assert!(h.write_mem(0x2000, &hdr(types::IN, 16)));
+    let table = [
+        Desc {
+            next: 1,
+            flags: F_NEXT,
+            ..Desc::r(0x2000, 16)
+        },
+        Desc {
+            next: 2,
+            flags: F_NEXT | F_WRITE,
+            ..Desc::w(0x30000, 512)
+        },
+        Desc {
+            next: 3,
+            flags: F_NEXT | F_WRITE,
+            ..Desc::w(0x38000, 512)
+        },
+        Desc::w(0x3000, 1),
+    ];
+    for (i, d) in table.iter().enumerate() {
+        assert!(h.write_desc_at(0x5000 + 16 * i as u64, *d));
+    }
+    let len = run(
+        &mut h,
+        &[Desc {
+            addr: 0x5000,
+            len: 64,
+            flags: F_INDIRECT,
+            next: 0,
+        }],
+    );
+    assert_eq!(len, 1025);
+    assert_eq!(dirty_pages(&log), vec![1, 3, 48, 56]);
+
+    // Logging stopped (the migration was cancelled): nothing marked.
+    h.log_dirty(None).unwrap();
+    let (_, st) = request(&mut h, hdr(types::IN, 0), &[Desc::w(0x10000, 4096)]);
+    assert_eq!(st, status::OK);
+    assert_eq!(dirty_pages(&log), Vec::<u64>::new());
+}

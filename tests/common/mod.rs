@@ -217,23 +217,38 @@ impl Client {
     /// The same, read-only (libblkio refuses to start a read-only device
     /// otherwise).
     pub fn connect_with(socket: &Path, nq: i32, mem_bytes: usize, read_only: bool) -> Client {
+        Client::try_connect(socket, nq, mem_bytes, read_only).expect("connect to pcache")
+    }
+
+    /// Connect, or say which step failed.
+    pub fn try_connect(
+        socket: &Path,
+        nq: i32,
+        mem_bytes: usize,
+        read_only: bool,
+    ) -> Result<Client, String> {
         let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio driver");
         b.set_str("path", socket.to_str().unwrap()).unwrap();
         if read_only {
             b.set_bool("read-only", true).unwrap();
         }
-        b.connect().expect("connect to pcache");
-        let capacity = b.get_u64("capacity").unwrap();
+        b.connect().map_err(|e| format!("connect: {e}"))?;
+        let capacity = b
+            .get_u64("capacity")
+            .map_err(|e| format!("capacity: {e}"))?;
         b.set_i32("num-queues", nq).unwrap();
-        let out = b.start().expect("start blkio");
-        let region = b.alloc_mem_region(mem_bytes).expect("alloc mem region");
-        b.map_mem_region(&region).expect("map mem region");
-        Client {
+        let out = b.start().map_err(|e| format!("start: {e}"))?;
+        let region = b
+            .alloc_mem_region(mem_bytes)
+            .map_err(|e| format!("alloc mem region: {e}"))?;
+        b.map_mem_region(&region)
+            .map_err(|e| format!("map mem region: {e}"))?;
+        Ok(Client {
             blkio: b,
             queues: out.queues,
             region,
             capacity,
-        }
+        })
     }
 
     /// The buffer region as a slice.

@@ -25,6 +25,8 @@ pub type rbd_callback_t = unsafe extern "C" fn(cb: rbd_completion_t, arg: *mut c
 /// changes (resize, features, locks).
 pub type rbd_update_callback_t = unsafe extern "C" fn(arg: *mut c_void);
 
+/// `RBD_FEATURE_EXCLUSIVE_LOCK`.
+pub const RBD_FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
 /// `RBD_LOCK_MODE_EXCLUSIVE`.
 pub const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
 
@@ -86,6 +88,7 @@ api! {
     rbd: rbd_open_read_only(rados_ioctx_t, *const c_char, *mut rbd_image_t, *const c_char) -> c_int;
     rbd: rbd_close(rbd_image_t) -> c_int;
     rbd: rbd_get_size(rbd_image_t, *mut u64) -> c_int;
+    rbd: rbd_get_features(rbd_image_t, *mut u64) -> c_int;
     rbd: rbd_read(rbd_image_t, u64, usize, *mut c_char) -> isize;
     rbd: rbd_write(rbd_image_t, u64, usize, *const c_char) -> isize;
     rbd: rbd_discard(rbd_image_t, u64, u64) -> c_int;

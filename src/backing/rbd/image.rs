@@ -1,8 +1,10 @@
 //! [`RbdBacking`]: an open RBD image as the backing store.
 //!
-//! Opening connects to the cluster, opens the image and, unless read-only,
-//! takes its exclusive lock and keeps it until the backing store is dropped:
-//! nobody writes behind the cache. The synchronous [`Backing`] methods use
+//! Opening connects to the cluster and opens the image. Before writing,
+//! the owner claims it ([`Backing::claim`]: the image's exclusive lock,
+//! kept until [`Backing::hand_off`] or the store is dropped): nobody writes
+//! behind the cache. Opening alone takes nothing, so a live migration's
+//! destination can open the image while the source still writes it. The synchronous [`Backing`] methods use
 //! librbd's blocking calls (offline commands, the thread-pool engine); the
 //! queue workers use the asynchronous engine in `backing/queue/rbd.rs`
 //! through [`RbdBacking::handle`].
@@ -63,6 +65,8 @@ pub struct RbdBacking {
     /// The registered header watch: its handle and the boxed callback
     /// librbd holds a pointer to.
     watch: Mutex<Option<(u64, *mut UpdateFn)>>,
+    /// Where our lock owner name is kept while we hold the lock.
+    lock_record: Option<std::path::PathBuf>,
 }
 
 // SAFETY: librados/librbd handles are thread-safe for the calls made here;
@@ -98,9 +102,9 @@ fn cstring(what: &str, s: &str) -> io::Result<CString> {
 }
 
 impl RbdBacking {
-    /// Connect and open the image `spec` names. Unless `read_only`, take
-    /// its exclusive lock; an image another client holds is refused, naming
-    /// the holder.
+    /// Connect and open the image `spec` names. Unless `read_only`, the
+    /// image must have the exclusive-lock feature; the lock itself is taken
+    /// by [`Backing::claim`].
     ///
     /// `lock_record` is a file where the lock's owner is kept while we hold
     /// it. The caller promises that whoever wrote it is dead (it holds the
@@ -130,15 +134,48 @@ impl RbdBacking {
             size: AtomicU64::new(0),
             read_timeout: DEFAULT_READ_TIMEOUT,
             watch: Mutex::new(None),
+            lock_record: lock_record.map(Path::to_path_buf),
         };
         // From here on Drop tears down whatever was set up.
         b.connect()?;
         b.open_image()?;
         b.refresh_size()?;
         if !read_only {
-            b.lock(lock_record)?;
+            b.check_lockable()?;
         }
         Ok(b)
+    }
+
+    /// Refuse an image without the exclusive-lock feature: nothing would
+    /// keep other clients from writing behind the cache.
+    fn check_lockable(&self) -> io::Result<()> {
+        let name = self.spec.image_name();
+        let mut features = 0u64;
+        // SAFETY: open image, valid out pointer.
+        let r = unsafe { (self.api.rbd_get_features)(self.image, &mut features) };
+        if r < 0 {
+            return Err(ceph_error("rbd_get_features", r.into()));
+        }
+        if features & ffi::RBD_FEATURE_EXCLUSIVE_LOCK == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "image {name} has no exclusive-lock feature, so nothing would keep other \
+                     clients from writing behind the cache; enable it with \
+                     `rbd feature enable {name} exclusive-lock`"
+                ),
+            ));
+        }
+        if let Ok(owners) = self.lock_owners() {
+            if !owners.is_empty() {
+                tracing::info!(
+                    image = %name,
+                    ?owners,
+                    "the image's exclusive lock is held by another client; pcache takes it when its guest starts (as a live migration's destination does)"
+                );
+            }
+        }
+        Ok(())
     }
 
     fn connect(&mut self) -> io::Result<()> {
@@ -291,14 +328,6 @@ impl RbdBacking {
                 }
                 Ok(())
             }
-            libc::EINVAL => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!(
-                    "image {name} has no exclusive-lock feature, so nothing would keep other \
-                     clients from writing behind the cache; enable it with \
-                     `rbd feature enable {name} exclusive-lock`"
-                ),
-            )),
             _ => {
                 let owners = self.lock_owners().unwrap_or_default();
                 let who = if owners.is_empty() {
@@ -562,8 +591,14 @@ impl Backing for RbdBacking {
         Ok(true)
     }
 
-    fn release(&self) -> io::Result<()> {
-        self.unwatch();
+    fn claim(&self) -> io::Result<()> {
+        if self.read_only || self.is_lock_owner()? {
+            return Ok(());
+        }
+        self.lock(self.lock_record.as_deref())
+    }
+
+    fn hand_off(&self) -> io::Result<()> {
         self.flush()?;
         if !self.read_only && self.is_lock_owner()? {
             // SAFETY: open image.
@@ -571,8 +606,18 @@ impl Backing for RbdBacking {
             if r < 0 {
                 return Err(ceph_error("rbd_lock_release", r.into()));
             }
+            // Not ours any more: a later pcache on this cache must not
+            // take the next owner for a dead predecessor.
+            if let Some(p) = &self.lock_record {
+                let _ = std::fs::remove_file(p);
+            }
         }
         Ok(())
+    }
+
+    fn release(&self) -> io::Result<()> {
+        self.unwatch();
+        self.hand_off()
     }
 }
 

@@ -477,7 +477,7 @@ impl Engine {
             head_lsn,
             dirty_lsn,
             space_wanted: self.writeback_wanted.swap(false, Relaxed),
-            drain: self.drain_wanted.load(Relaxed),
+            drain: self.drain_wanted.load(Relaxed) || self.handing_over.load(Relaxed),
         }
     }
 

@@ -45,6 +45,7 @@ use super::ring::Ring;
 use super::Vring;
 use crate::backing::Backing;
 use crate::engine::{Engine, FormatOptions, OpenOptions, Workers, WritebackPolicy};
+use crate::handover::Handover;
 use crate::pmem::{Region, RegionOptions};
 use crate::testing::MemBacking;
 use crate::vhost::request::{status, types, HEADER_BYTES, ID_BYTES};
@@ -246,9 +247,9 @@ impl Harness {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), o.guest_bytes as usize)])
             .map_err(other)?;
         let gm = GuestMemoryAtomic::new(mem);
+        let handover = Arc::new(Handover::new(engine, backing, true));
         let blk = Device::new(
-            engine,
-            backing,
+            handover,
             ServeConfig {
                 num_queues: 1,
                 counters: Counters::new(1),
@@ -269,7 +270,12 @@ impl Harness {
         vring.set_queue_ready(true);
         vring.set_enabled(true);
         // What handle_event does on the first kick.
-        blk.queues[0].lock().expect("queue lock").ring = Some(Ring::new(vring.clone(), None));
+        blk.queues[0].lock().expect("queue lock").ring = Some(Ring::new(
+            vring.clone(),
+            None,
+            blk.log.clone(),
+            blk.memory().clone(),
+        ));
         let mut oracle = Queue::new(QUEUE_SIZE).map_err(other)?;
         oracle.set_size(QUEUE_SIZE);
         oracle.set_ready(true);
@@ -478,8 +484,12 @@ impl Harness {
     pub fn settle(&mut self) -> io::Result<Vec<(u32, u32)>> {
         self.blk.stop_queue(0)?;
         // The harness goes on using the queue.
-        self.blk.queues[0].lock().expect("queue lock").ring =
-            Some(Ring::new(self.vring.clone(), None));
+        self.blk.queues[0].lock().expect("queue lock").ring = Some(Ring::new(
+            self.vring.clone(),
+            None,
+            self.blk.log.clone(),
+            self.blk.memory().clone(),
+        ));
         Ok(self.take_used())
     }
 
@@ -502,6 +512,16 @@ impl Harness {
     pub fn pending(&self) -> (usize, usize) {
         let qs = self.blk.queues[0].lock().expect("queue lock");
         (qs.reads.len(), qs.deferred.len())
+    }
+
+    /// Log the pages the device writes into the bitmap `file` of `bytes`
+    /// (what SET_LOG_BASE and VHOST_F_LOG_ALL do), or stop logging.
+    pub fn log_dirty(&self, file: Option<(&std::fs::File, u64)>) -> io::Result<()> {
+        if let Some((f, bytes)) = file {
+            self.blk.log.set_base(f, bytes, 0)?;
+        }
+        self.blk.log.set_logging(file.is_some());
+        Ok(())
     }
 
     /// Negotiate VIRTIO_RING_F_EVENT_IDX or not.
