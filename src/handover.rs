@@ -207,6 +207,7 @@ impl Handover {
         self.set_phase(Phase::SwitchingOver);
         let t0 = Instant::now();
         let dirty = self.engine.stats().snapshot().dirty_bytes;
+        // Read-only, nothing was written and nothing is held.
         if !self.engine.is_read_only() {
             self.retry("write back what is dirty", || self.write_back_all());
             self.retry("flush the backing store", || self.backing.flush());
@@ -216,9 +217,9 @@ impl Handover {
                     .map(|_| ())
                     .map_err(io::Error::other)
             });
+            self.engine.set_handing_over(false);
+            self.retry("hand off the backing store", || self.backing.hand_off());
         }
-        self.engine.set_handing_over(false);
-        self.retry("hand off the backing store", || self.backing.hand_off());
         let last = Switchover {
             dirty_bytes: dirty,
             millis: t0.elapsed().as_millis() as u64,
