@@ -4,9 +4,10 @@
 #
 #   benches/migration.sh            (ROUNDS=3, OUT_MD=docs/benchmarks-migration.md)
 #
-# A TCG guest (512 MiB, 1 vCPU: QEMU 7.2's TCG with two corrupts guests
-# after migration now and then, whatever the disk) writes 4 KiB blocks at
-# random over a 64 MiB hot set (fio, QD16, never pausing) and migrates
+# A TCG guest (512 MiB, 2 vCPUs, `-cpu qemu64`: QEMU 7.2's TCG corrupts
+# `-cpu max` guests after migration now and then, whatever the disk)
+# writes 4 KiB blocks at random over a 64 MiB hot set (fio, QD16, never
+# pausing) and migrates
 # between two QEMU processes on this host. Peers, interleaved per round:
 #   pcache  two `pcache serve` (512 MiB caches on /dev/shm) on one raw file,
 #           the source's writeback told to wait (no idle or age trigger),
@@ -75,7 +76,7 @@ qemu() {
     local name=$1 disk=$2
     shift 2
     # shellcheck disable=SC2086 # DISK-ARGS are several words
-    qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 512M \
+    qemu-system-x86_64 -accel tcg -cpu qemu64 -smp 2 -m 512M \
         -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
         -nographic -no-reboot -nic none -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initramfs.cpio.gz" \
         -append "$APPEND" -qmp "unix:$W/$name-qmp.sock,server=on,wait=off" $disk "$@" \
@@ -165,7 +166,7 @@ lines = [
     "",
     f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by `benches/migration.sh` "
     f"(pcache {rev}, {rounds} interleaved rounds; regenerate with the same command). A TCG guest "
-    "(512 MiB, 1 vCPU) writes 4 KiB blocks at random over a 64 MiB hot set with fio at QD16, never pausing, "
+    "(512 MiB, 2 vCPUs, -cpu qemu64) writes 4 KiB blocks at random over a 64 MiB hot set with fio at QD16, never pausing, "
     f"and after {warm} s migrates to a second QEMU on this host (max-bandwidth 1 GiB/s). "
     "pcache: two `pcache serve` on one raw file, the source's writeback told to wait, so its cache holds "
     "dirty data when the migration starts. virtio: QEMU's own virtio-blk on the same file (cache=none).",

@@ -15,6 +15,9 @@
 #   PCACHE_GUEST_QUEUE_SIZE  queue-size (default 128)
 #   PCACHE_GUEST_TIMEOUT     seconds before QEMU is killed (default 600)
 #   PCACHE_GUEST_SMP         vCPUs (default 2)
+#   PCACHE_GUEST_CPU         -cpu model (default max; the migration tests use
+#                            qemu64: QEMU 7.2's TCG corrupts `-cpu max` guests
+#                            after a migration now and then)
 #   PCACHE_GUEST_MEM         guest memory (default 1G)
 #   PCACHE_GUEST_APPEND      extra kernel command line
 #   PCACHE_GUEST_BIOS        firmware for -bios (default: QEMU's, SeaBIOS, which
@@ -45,6 +48,7 @@ QUEUES=${PCACHE_GUEST_QUEUES:-2}
 QSIZE=${PCACHE_GUEST_QUEUE_SIZE:-128}
 TIMEOUT=${PCACHE_GUEST_TIMEOUT:-600}
 SMP=${PCACHE_GUEST_SMP:-2}
+CPU=${PCACHE_GUEST_CPU:-max}
 MEM=${PCACHE_GUEST_MEM:-1G}
 
 if [[ ! -f $GUEST/vmlinuz || ! -f $GUEST/initramfs.cpio.gz ||
@@ -64,7 +68,7 @@ fi
 
 # shellcheck disable=SC2054 # commas separate QEMU's suboptions
 qemu=(qemu-system-x86_64
-    -accel tcg -cpu max -smp "$SMP"
+    -accel tcg -cpu "$CPU" -smp "$SMP"
     -m "$MEM"
     -object "memory-backend-memfd,id=mem,size=$MEM,share=on" -numa node,memdev=mem
     -nographic -no-reboot -nic none

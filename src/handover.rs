@@ -55,6 +55,17 @@ pub enum Phase {
     HandedOver,
 }
 
+impl Phase {
+    /// Every phase, in order.
+    pub const ALL: [Phase; 5] = [
+        Phase::Standby,
+        Phase::Serving,
+        Phase::Copying,
+        Phase::SwitchingOver,
+        Phase::HandedOver,
+    ];
+}
+
 impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

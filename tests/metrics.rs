@@ -85,6 +85,7 @@ fn scrapes_show_the_counters_moving_and_a_histogram_per_queue() {
     let body1 = scrape(addr);
     let m1 = samples(&body1);
     assert_eq!(get(&m1, "pcache_frontend_connected"), 0.0);
+    assert_eq!(get(&m1, "pcache_migration_phase{phase=\"standby\"}"), 1.0);
 
     // Writes on both queues, reads that hit them, reads that miss, and a
     // read past the end of the disk.
@@ -135,6 +136,8 @@ fn scrapes_show_the_counters_moving_and_a_histogram_per_queue() {
     assert!(get(&m2, "pcache_capacity_bytes") >= get(&m2, "pcache_used_bytes"));
     assert_eq!(get(&m2, "pcache_frontend_connected"), 1.0);
     assert_eq!(get(&m2, "pcache_queues_started"), 2.0);
+    assert_eq!(get(&m2, "pcache_migration_phase{phase=\"serving\"}"), 1.0);
+    assert_eq!(get(&m2, "pcache_migration_phase{phase=\"standby\"}"), 0.0);
     assert_eq!(
         get(
             &m2,

@@ -22,6 +22,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::control::FrontendProbe;
 use crate::engine::{Engine, StatsSnapshot};
+use crate::handover::Phase;
 use crate::vhost::{Counters, Op, Outcome, QueueCounters, BOUNDS_NS};
 
 pub mod http;
@@ -207,6 +208,16 @@ impl Sources {
             ),
         ] {
             one(e, MetricType::Gauge, name, help, v)?;
+        }
+        let mut m = e.encode_descriptor(
+            "migration_phase",
+            "1 for the disk's live-migration phase now, 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in Phase::ALL {
+            let v = u64::from(p == f.migration.phase);
+            ConstGauge::new(v).encode(m.encode_family(&[("phase", p.to_string().as_str())])?)?;
         }
         Ok(())
     }

@@ -146,7 +146,8 @@ impl Device {
             Instant::now(),
             Duration::from_micros(self.cfg.poll_us as u64),
         );
-        loop {
+        // A ring being stopped takes nothing more: its pending requests stay.
+        while ring.is_ready() {
             if event_idx {
                 ring.vring
                     .disable_notification()

@@ -128,13 +128,22 @@ impl Ring {
         self.notify()
     }
 
-    /// Whether the driver has made requests available that we have not
-    /// taken yet. One load from guest memory; no notification state changes.
+    /// Is the ring started (not being stopped)?
+    pub fn is_ready(&self) -> bool {
+        self.vring.get_ref().get_queue().ready()
+    }
+
+    /// Whether the driver has made requests available that we can take
+    /// now. One load from guest memory; no notification state changes. A
+    /// ring being stopped (not ready) has none: what the driver added stays
+    /// for whoever starts it next, and a worker polling it must not spin on
+    /// requests it can no longer take.
     pub fn avail_pending(&self, mem: &Mem) -> bool {
         let st = self.vring.get_ref();
         let q = st.get_queue();
-        q.avail_idx(mem, Ordering::Acquire)
-            .is_ok_and(|avail| avail.0 != q.next_avail())
+        q.ready()
+            && q.avail_idx(mem, Ordering::Acquire)
+                .is_ok_and(|avail| avail.0 != q.next_avail())
     }
 }
 

@@ -728,3 +728,50 @@ fn while_logging_every_page_the_device_writes_is_marked_and_no_other() {
     assert_eq!(st, status::OK);
     assert_eq!(dirty_pages(&log), Vec::<u64>::new());
 }
+
+#[test]
+fn a_worker_polling_a_ring_that_is_being_stopped_does_not_spin() {
+    worker_on_a_ring_being_stopped(false);
+}
+
+#[test]
+fn a_worker_re_enabling_notifications_on_a_ring_being_stopped_does_not_spin() {
+    worker_on_a_ring_being_stopped(true);
+}
+
+fn worker_on_a_ring_being_stopped(event_idx: bool) {
+    let mut h = harness(Options {
+        poll_us: 100_000,
+        ..Options::default()
+    });
+    h.set_event_idx(event_idx);
+    // Writes: they complete at once, in the cache.
+    let write = [
+        Desc::r(0x2000, 16),
+        Desc::r(0x10000, 512),
+        Desc::w(0x3000, 1),
+    ];
+    assert!(h.write_mem(0x2000, &hdr(types::OUT, 0)));
+    // Batches in quick succession open the polling window.
+    for _ in 0..12 {
+        h.offer_chain(&write);
+        h.kick().expect("kick");
+    }
+    assert_eq!(h.take_used().len(), 12);
+    // The frontend stops the ring while the driver has a request available
+    // that the worker has not taken: it stays for the next backend, and
+    // the worker must go back to sleep rather than poll for it forever
+    // (the frontend's GET_VRING_BASE waits for the worker's queue lock).
+    h.offer_chain(&write);
+    h.set_ready(false);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = h.kick();
+        let _ = tx.send((r.is_ok(), h.take_used().len()));
+    });
+    let (ok, used) = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the worker kept polling a ring that is not ready");
+    assert!(ok);
+    assert_eq!(used, 0, "a request was taken from a stopped ring");
+}

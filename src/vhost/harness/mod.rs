@@ -129,6 +129,8 @@ pub struct Options {
     pub serial: String,
     /// Run writeback and GC, so a full cache frees space.
     pub workers: bool,
+    /// The queue's longest polling window, µs (`ServeConfig::poll_us`).
+    pub poll_us: u32,
 }
 
 impl Default for Options {
@@ -139,6 +141,7 @@ impl Default for Options {
             read_only: false,
             serial: "pcache-hostile-0001".into(),
             workers: true,
+            poll_us: 0,
         }
     }
 }
@@ -257,7 +260,7 @@ impl Harness {
                 blk_size: 512,
                 read_only: o.read_only,
                 serial: o.serial.clone(),
-                poll_us: 0,
+                poll_us: o.poll_us,
                 sequential_cutoff: 0,
             },
             gm.clone(),
@@ -512,6 +515,12 @@ impl Harness {
     pub fn pending(&self) -> (usize, usize) {
         let qs = self.blk.queues[0].lock().expect("queue lock");
         (qs.reads.len(), qs.deferred.len())
+    }
+
+    /// Mark the ring ready or not (GET_VRING_BASE makes it not ready
+    /// before it stops the queue).
+    pub fn set_ready(&self, ready: bool) {
+        self.vring.set_queue_ready(ready);
     }
 
     /// Log the pages the device writes into the bitmap `file` of `bytes`
