@@ -234,6 +234,17 @@ fn migrate(q: &mut Qmp, src: &Host, dst: &Host, uri: &Path) {
     );
 }
 
+/// Both hosts' pcaches on `store`, the guest running `cmd` booted on a,
+/// and b's QEMU waiting for it on the returned migration socket.
+fn pair(dir: &Path, store: &Store, cmd: &str) -> (Host, Host, Guest, Guest, PathBuf) {
+    let a = Host::start(dir, "a", store, &[]);
+    let b = Host::start(dir, "b", store, &[]);
+    let ga = a.boot(cmd, None);
+    let mig = dir.join("mig-ab.sock");
+    let gb = b.boot(cmd, Some(&mig));
+    (a, b, ga, gb, mig)
+}
+
 /// There and back, on `store`: the guest's writes on each host verified
 /// on the next.
 fn there_and_back(store: Store) {
@@ -242,11 +253,7 @@ fn there_and_back(store: Store) {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let cmd = guest_cmd(110);
-    let a = Host::start(dir, "a", &store, &[]);
-    let b = Host::start(dir, "b", &store, &[]);
-    let mut ga = a.boot(&cmd, None);
-    let mig_ab = dir.join("mig-ab.sock");
-    let gb = b.boot(&cmd, Some(&mig_ab));
+    let (a, b, mut ga, gb, mig_ab) = pair(dir, &store, &cmd);
     assert!(
         ga.wait_for("PASS 3 ", Duration::from_secs(240)),
         "the guest on a did not get through 3 passes"
@@ -288,15 +295,20 @@ fn there_and_back(store: Store) {
     a2.server.stop();
 }
 
-#[test]
-fn guest_migrates_there_and_back_and_reads_every_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
+/// A sparse 1 GiB backing file in `dir`.
+fn raw_disk(dir: &Path) -> Store {
+    let disk = dir.join("disk.img");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(1 << 30)
         .unwrap();
-    there_and_back(Store::File(disk));
+    Store::File(disk)
+}
+
+#[test]
+fn guest_migrates_there_and_back_and_reads_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    there_and_back(raw_disk(dir.path()));
 }
 
 #[test]
@@ -310,18 +322,8 @@ fn a_cancelled_migration_leaves_the_source_in_write_back_with_nothing_lost() {
     preflight();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
-    let store = Store::File(disk);
-    let cmd = guest_cmd(75);
-    let a = Host::start(dir, "a", &store, &[]);
-    let b = Host::start(dir, "b", &store, &[]);
-    let mut ga = a.boot(&cmd, None);
-    let mig = dir.join("mig.sock");
-    let gb = b.boot(&cmd, Some(&mig));
+    let store = raw_disk(dir);
+    let (a, b, mut ga, gb, mig) = pair(dir, &store, &guest_cmd(75));
     assert!(ga.wait_for("PASS 2 ", Duration::from_secs(240)));
     let mut qa = Qmp::connect(&a.qmp, Duration::from_secs(10));
     let dirty0 = a.status().cache.dirty_bytes;

@@ -19,12 +19,12 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::RwLock;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::shm::SharedMap;
 use super::Mem;
 
 /// Bytes of guest memory one bit covers (VHOST_LOG_PAGE).
@@ -38,10 +38,7 @@ const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 
 /// The frontend's bitmap, mapped shared.
-struct Bitmap {
-    ptr: *mut u8,
-    len: usize,
-}
+struct Bitmap(SharedMap);
 
 // SAFETY: the mapping is only touched through atomic byte operations.
 unsafe impl Send for Bitmap {}
@@ -62,28 +59,7 @@ impl Bitmap {
                 format!("dirty log at offset {offset}, not page aligned"),
             ));
         }
-        let len = size as usize;
-        let at = libc::off_t::try_from(offset).map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidInput, "dirty log offset too large")
-        })?;
-        // SAFETY: a fresh shared mapping of the frontend's file; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                at,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Bitmap {
-            ptr: ptr.cast(),
-            len,
-        })
+        SharedMap::map(file, size, offset, "dirty log").map(Bitmap)
     }
 
     /// Set the bits of every page of `gpa..gpa+len`; pages past the bitmap
@@ -96,21 +72,14 @@ impl Bitmap {
         let last = gpa.saturating_add(len - 1) / LOG_PAGE;
         for page in first..=last {
             let byte = (page / 8) as usize;
-            if byte >= self.len {
+            if byte >= self.0.len() {
                 return;
             }
             // SAFETY: `byte` is inside the mapping; the frontend updates the
             // same bytes atomically too.
-            let cell = unsafe { &*(self.ptr.add(byte) as *const AtomicU8) };
+            let cell = unsafe { &*(self.0.ptr().add(byte) as *const AtomicU8) };
             cell.fetch_or(1 << (page % 8), Ordering::Release);
         }
-    }
-}
-
-impl Drop for Bitmap {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, no reference to it outlives self.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 

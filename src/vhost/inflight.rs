@@ -30,6 +30,8 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::shm::SharedMap;
+
 /// Bytes of a queue region's header.
 const HEADER_BYTES: usize = 16;
 /// Bytes of one descriptor state.
@@ -47,11 +49,9 @@ pub fn queue_region_bytes(queue_size: u16) -> usize {
 /// The frontend's inflight region, mapped.
 ///
 /// # Invariants
-/// - `ptr..ptr + len` is a live shared mapping for the life of `self`, and
-///   `len >= num_queues * queue_region_bytes(queue_size)`.
+/// `map.len() >= num_queues * queue_region_bytes(queue_size)`.
 pub struct InflightRegion {
-    ptr: *mut u8,
-    len: usize,
+    map: SharedMap,
     num_queues: u16,
     queue_size: u16,
     /// The memfd behind the mapping (kept to hand out again).
@@ -68,7 +68,7 @@ unsafe impl Sync for InflightRegion {}
 impl std::fmt::Debug for InflightRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InflightRegion")
-            .field("len", &self.len)
+            .field("len", &self.map.len())
             .field("num_queues", &self.num_queues)
             .field("queue_size", &self.queue_size)
             .finish()
@@ -126,27 +126,9 @@ impl InflightRegion {
                 ),
             ));
         }
-        let len = usize::try_from(size)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "inflight region too big"))?;
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "inflight offset too big"))?;
-        // SAFETY: maps a file we own; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let map = SharedMap::map(&file, size, offset, "inflight region")?;
         Ok(InflightRegion {
-            ptr: ptr.cast(),
-            len,
+            map,
             num_queues,
             queue_size,
             file,
@@ -155,12 +137,12 @@ impl InflightRegion {
 
     /// Bytes mapped.
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     /// Never true (a region covers at least one queue).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.len() == 0
     }
 
     /// The memfd, to send to the frontend.
@@ -188,27 +170,23 @@ impl InflightRegion {
     }
 
     fn load<const N: usize>(&self, at: usize) -> [u8; N] {
-        assert!(at + N <= self.len, "inflight access out of the region");
+        assert!(
+            at + N <= self.map.len(),
+            "inflight access out of the region"
+        );
         let mut b = [0u8; N];
         // SAFETY: in bounds (checked above) of a live mapping.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(at), b.as_mut_ptr(), N) };
+        unsafe { std::ptr::copy_nonoverlapping(self.map.ptr().add(at), b.as_mut_ptr(), N) };
         b
     }
 
     fn store(&self, at: usize, b: &[u8]) {
         assert!(
-            at + b.len() <= self.len,
+            at + b.len() <= self.map.len(),
             "inflight access out of the region"
         );
         // SAFETY: in bounds (checked above) of a live mapping.
-        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.ptr.add(at), b.len()) };
-    }
-}
-
-impl Drop for InflightRegion {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `map` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.map.ptr().add(at), b.len()) };
     }
 }
 

@@ -7,6 +7,7 @@
 //! - `ring.rs`: a started ring: taking and returning requests.
 //! - `inflight.rs`: the frontend's inflight region (requests taken and not
 //!   returned, run again by the next process).
+//! - `shm.rs`: a shared mapping of a file the frontend gave (both above).
 //! - `dirty.rs`: marking the guest pages we write while the frontend
 //!   migrates the guest (its dirty log).
 //! - `device.rs`: the device one connection sees: features, config space,
@@ -44,6 +45,7 @@ mod read;
 mod request;
 mod ring;
 mod session;
+mod shm;
 mod stream;
 mod worker;
 
