@@ -15,17 +15,19 @@
 //! bitmap a last time after it has stopped the rings (GET_VRING_BASE),
 //! so a mark made before that reply reaches the destination.
 //!
-//! When not migrating, the cost is one relaxed load per returned request.
+//! When not migrating, the cost is two relaxed loads per returned request.
 
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::RwLock;
 
+use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::shm::SharedMap;
-use super::Mem;
+use super::{Mem, Vring};
 
 /// Bytes of guest memory one bit covers (VHOST_LOG_PAGE).
 pub const LOG_PAGE: u64 = 4096;
@@ -118,6 +120,19 @@ impl DirtyLog {
         if let Some(b) = &*self.map.read().expect("log lock") {
             b.mark(gpa, len);
         }
+    }
+
+    /// Mark the whole used ring of `vring` written (its entries, index and
+    /// avail_event), if logging.
+    pub fn mark_used_ring(&self, vring: &Vring) {
+        if !self.logging() {
+            return;
+        }
+        let (at, size) = {
+            let st = vring.get_ref();
+            (st.get_queue().used_ring(), st.get_queue().size())
+        };
+        self.mark(at, 6 + 8 * u64::from(size));
     }
 
     /// Mark every device-writable buffer of the chain headed by `head` in

@@ -362,11 +362,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         if self.logging() {
             // The used ring's last writes (avail_event too) reach the
             // destination with the frontend's final read of the log.
-            let (at, size) = {
-                let st = vring.get_ref();
-                (st.get_queue().used_ring(), st.get_queue().size())
-            };
-            self.dev.log.mark(at, 6 + 8 * u64::from(size));
+            self.dev.log.mark_used_ring(&vring);
             if !self.any_started() {
                 self.dev.handover.switchover();
             }

@@ -90,20 +90,8 @@ impl Ring {
             tracing::warn!(head, len, error = %e, "cannot return a request to the used ring; dropped");
             return false;
         }
-        self.mark_used_ring();
+        self.log.mark_used_ring(&self.vring);
         true
-    }
-
-    /// Mark the whole used ring written (its entries, index and
-    /// avail_event), if the frontend is logging.
-    pub fn mark_used_ring(&self) {
-        if self.log.logging() {
-            let (at, size) = {
-                let st = self.vring.get_ref();
-                (st.get_queue().used_ring(), st.get_queue().size())
-            };
-            self.log.mark(at, 6 + 8 * u64::from(size));
-        }
     }
 
     /// Signal the driver if it wants to be (always without EVENT_IDX).
