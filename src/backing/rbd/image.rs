@@ -4,10 +4,11 @@
 //! the owner claims it ([`Backing::claim`]: the image's exclusive lock,
 //! kept until [`Backing::hand_off`] or the store is dropped): nobody writes
 //! behind the cache. Opening alone takes nothing, so a live migration's
-//! destination can open the image while the source still writes it. The synchronous [`Backing`] methods use
-//! librbd's blocking calls (offline commands, the thread-pool engine); the
-//! queue workers use the asynchronous engine in `backing/queue/rbd.rs`
-//! through [`RbdBacking::handle`].
+//! destination can open the image while the source still writes it. The
+//! synchronous [`Backing`] methods use librbd's blocking calls (offline
+//! commands, the thread-pool engine); the queue workers use the
+//! asynchronous engine in `backing/queue/rbd.rs` through
+//! [`RbdBacking::handle`].
 
 #![allow(unsafe_code)]
 
@@ -297,8 +298,9 @@ impl RbdBacking {
     }
 
     /// Take the exclusive lock, refusing if another client holds it (but
-    /// breaking it if the holder is the dead owner `record` names).
-    fn lock(&self, record: Option<&Path>) -> io::Result<()> {
+    /// breaking it if the holder is the dead owner our lock record names).
+    fn lock(&self) -> io::Result<()> {
+        let record = self.lock_record.as_deref();
         let name = self.spec.image_name();
         if let Some(dead) = record.and_then(|p| std::fs::read_to_string(p).ok()) {
             let dead = dead.trim();
@@ -595,7 +597,7 @@ impl Backing for RbdBacking {
         if self.read_only || self.is_lock_owner()? {
             return Ok(());
         }
-        self.lock(self.lock_record.as_deref())
+        self.lock()
     }
 
     fn hand_off(&self) -> io::Result<()> {
