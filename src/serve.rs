@@ -307,25 +307,40 @@ fn take_cache_read_only(o: &ServeOptions) -> AnyResult<Owner> {
     Ok(owner)
 }
 
-/// The listening socket: inherited from systemd, or bound at `o.socket`.
+/// The vhost socket before it is bound: inherited from systemd, or a path
+/// claimed (so no other pcache takes it) and bound once all else is up.
+enum Socket {
+    Inherited(UnixListener),
+    Claimed(Owner),
+}
+
+impl Socket {
+    fn claim(o: &ServeOptions) -> AnyResult<Socket> {
+        Ok(match crate::sockets::inherited()? {
+            Some(l) => Socket::Inherited(l),
+            None => Socket::Claimed(crate::sockets::claim(&o.socket)?),
+        })
+    }
+
+    fn listen(self, o: &ServeOptions) -> AnyResult<Listening> {
+        Ok(match self {
+            Socket::Inherited(listener) => Listening {
+                listener,
+                bound: None,
+            },
+            Socket::Claimed(owner) => Listening {
+                listener: crate::sockets::bind(&o.socket, &o.access, &owner)?,
+                bound: Some(owner),
+            },
+        })
+    }
+}
+
+/// The listening socket.
 struct Listening {
     listener: UnixListener,
     /// Set when we bound it (and so remove it at a stop).
     bound: Option<Owner>,
-}
-
-fn listen(o: &ServeOptions) -> AnyResult<Listening> {
-    if let Some(listener) = crate::sockets::inherited()? {
-        return Ok(Listening {
-            listener,
-            bound: None,
-        });
-    }
-    let (listener, owner) = crate::sockets::bind(&o.socket, &o.access)?;
-    Ok(Listening {
-        listener,
-        bound: Some(owner),
-    })
 }
 
 /// What the signal thread and the accept loop share.
@@ -365,7 +380,7 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     // Bound before the vhost socket: once a frontend can connect, scrapes
     // are answered.
     let metrics = o.metrics.map(crate::metrics::http::bind).transpose()?;
-    let listening = listen(&o)?;
+    let socket = Socket::claim(&o)?;
     let backing: Arc<dyn Backing> = Arc::from(backing);
     // Dirty data is written back from now on, and a mode switch drains:
     // the store must be ours. Otherwise it is claimed when a guest starts
@@ -441,6 +456,11 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
             "Cannot listen on control socket {}: {e}",
             o.control.display()
         )
+    })?;
+    // Last: a frontend or an orchestrator that sees the socket finds the
+    // control socket answering and the store claimed.
+    let listening = socket.listen(&o).inspect_err(|_| {
+        let _ = std::fs::remove_file(&o.control);
     })?;
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
     {

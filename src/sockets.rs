@@ -5,8 +5,10 @@
 //! of the process, so two pcache processes never both bind one path. A
 //! socket file already there is replaced only if nothing answers on it (a
 //! socket left by a process that died); if something does, the bind is
-//! refused. The socket is created mode 0600 and then given its owner and
-//! mode, so no one else can connect in between.
+//! refused. The claim comes first and the socket file last: once the file
+//! exists, the rest of the process (its control socket, its claim on the
+//! store) is ready. The socket is created mode 0600 and then given its
+//! owner and mode, so no one else can connect in between.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -47,9 +49,10 @@ pub fn lock_path(socket: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Claim `socket`, replace a dead socket file there, bind, and apply
-/// `access`. The returned owner holds the claim.
-pub fn bind(socket: &Path, access: &Access) -> AnyResult<(UnixListener, Owner)> {
+/// Claim `socket` and remove a dead socket file there. The returned owner
+/// holds the claim; [`bind`] creates the socket later, once the process is
+/// ready to answer on it.
+pub fn claim(socket: &Path) -> AnyResult<Owner> {
     if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
@@ -85,13 +88,18 @@ pub fn bind(socket: &Path, access: &Access) -> AnyResult<(UnixListener, Owner)> 
         },
         Err(_) => {}
     }
+    Ok(owner)
+}
+
+/// Bind the socket path `owner` claimed (see [`claim`]) and apply `access`.
+pub fn bind(socket: &Path, access: &Access, _owner: &Owner) -> AnyResult<UnixListener> {
     // Created with no group/other access; widened below.
     let old = crate::util::set_umask(0o177);
     let l = UnixListener::bind(socket);
     crate::util::set_umask(old);
     let l = l.map_err(|e| format!("Cannot listen on {}: {e}", socket.display()))?;
     apply(socket, access)?;
-    Ok((l, owner))
+    Ok(l)
 }
 
 /// The listening socket systemd passed (socket activation: LISTEN_FDS and
@@ -170,26 +178,35 @@ pub fn parse_group(s: &str) -> Result<u32, String> {
 mod tests {
     use super::*;
 
+    fn take(s: &Path) -> AnyResult<(UnixListener, Owner)> {
+        let owner = claim(s)?;
+        Ok((bind(s, &Access::default(), &owner)?, owner))
+    }
+
     #[test]
     fn a_live_socket_is_never_taken_over_and_a_dead_one_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let s = dir.path().join("v.sock");
-        let (l, owner) = bind(&s, &Access::default()).unwrap();
+        let (l, owner) = take(&s).unwrap();
         assert_eq!(
             std::fs::metadata(&s).unwrap().permissions().mode() & 0o777,
             0o600
         );
         // Claimed: a second bind is refused while the first holds it.
-        let e = bind(&s, &Access::default()).unwrap_err().to_string();
+        let e = take(&s).unwrap_err().to_string();
         assert!(e.contains("in use by"), "{e}");
         drop(owner);
         // Unclaimed but still listening (another program): refused too.
-        let e = bind(&s, &Access::default()).unwrap_err().to_string();
+        let e = take(&s).unwrap_err().to_string();
         assert!(e.contains("listening"), "{e}");
         assert!(s.exists());
-        // Nothing listens any more: replaced.
+        // Nothing listens any more: the claim removes the dead file, and
+        // the socket is back only once bound.
         drop(l);
-        let (_l, _o) = bind(&s, &Access::default()).unwrap();
+        let owner = claim(&s).unwrap();
+        assert!(!s.exists());
+        let _l = bind(&s, &Access::default(), &owner).unwrap();
+        assert!(s.exists());
     }
 
     #[test]
@@ -197,7 +214,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = dir.path().join("v.sock");
         std::fs::write(&s, b"data").unwrap();
-        assert!(bind(&s, &Access::default()).is_err());
+        assert!(take(&s).is_err());
         assert_eq!(std::fs::read(&s).unwrap(), b"data");
     }
 

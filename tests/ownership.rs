@@ -2,7 +2,8 @@
 //! runs, a second serve of its cache, a serve of another cache on its
 //! socket path, `format --force`, `writeback`, `inspect` and `check` of its
 //! cache are all refused with the holder's pid, and the live server keeps
-//! serving and verifying.
+//! serving and verifying. The socket file appears only once the server is
+//! ready.
 
 mod common;
 
@@ -130,4 +131,59 @@ fn a_dead_socket_is_replaced_but_a_live_listener_is_not() {
     write_and_verify(&mut c, 8, 1);
     drop(c);
     server.stop();
+}
+
+#[test]
+fn the_socket_appears_only_once_the_server_is_ready() {
+    let disk = Disk::new(128 * MIB, None);
+    // Dirty data for a mode switch at start to write back.
+    let lazy = [
+        "--writeback-idle-ms",
+        "3600000",
+        "--writeback-max-age",
+        "3600",
+        "--sequential-cutoff",
+        "0",
+    ];
+    let server = disk.serve(&lazy);
+    let mut c = Client::connect(&disk.socket, 1, MIB as usize);
+    for i in 0..96u64 {
+        c.mem()[..MIB as usize].fill(i as u8 + 1);
+        assert_eq!(c.write_sync(0, i * MIB, 0, MIB as usize), 0);
+    }
+    drop(c);
+    // Dirty bytes are counted as key sets close.
+    let t = std::time::Instant::now();
+    while common::status(&server)["dirty_bytes"].as_u64().unwrap() < 64 * MIB {
+        assert!(t.elapsed().as_secs() < 10, "{}", common::status(&server));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    server.stop();
+
+    // An orchestrator that waits for the socket file and then asks for
+    // the status must get an answer, and the start must be complete.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pcache"))
+        .args(disk.serve_args(&["--mode", "writethrough"]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !disk.socket.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "pcache serve exited");
+        assert!(t.elapsed().as_secs() < 60, "no socket after 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let reply = pcache::control::request(
+        &disk.socket.with_extension("ctl"),
+        &pcache::control::Request::Status,
+    )
+    .expect("the control socket answers once the vhost socket exists");
+    let st = reply.status.expect("a status");
+    assert_eq!(st.mode.to_string(), "writethrough");
+    assert_eq!(st.cache.dirty_bytes, 0, "the switch wrote back first");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
 }
