@@ -261,7 +261,7 @@ fn there_and_back(store: Store) {
     let mut qa = Qmp::connect(&a.qmp, Duration::from_secs(10));
     migrate(&mut qa, &a, &b, &mig_ab);
     assert!(!ga.printed("FAILED"), "the guest failed on a");
-    let _ = qa.execute("quit", json!({}));
+    qa.quit();
     drop(ga);
 
     // Passes on b read back what was written on a, and during the
@@ -277,7 +277,7 @@ fn there_and_back(store: Store) {
     let ga2 = a2.boot(&cmd, Some(&mig_ba));
     let mut qb = Qmp::connect(&b.qmp, Duration::from_secs(10));
     migrate(&mut qb, &b, &a2, &mig_ba);
-    let _ = qb.execute("quit", json!({}));
+    qb.quit();
     let (_, lines_b) = gb.finish();
     assert!(
         !lines_b.iter().any(|l| l.contains("FAILED")),

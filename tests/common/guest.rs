@@ -320,10 +320,33 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            // QEMU runs under `timeout` in a process group of its own: a
+            // test that fails must not leave it running into the next.
+            for pid in descendants(self.child.id()) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
     }
+}
+
+/// Every process below `pid`, deepest first.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for t in tasks.flatten() {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            out.extend(descendants(c));
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The `MD5 <sum> <name>` lines the guest printed.

@@ -53,13 +53,25 @@ impl Qmp {
 
     /// Run `cmd` with `args`: its reply (`return` or `error`), events skipped.
     pub fn execute(&mut self, cmd: &str, args: Value) -> Value {
-        let msg = json!({"execute": cmd, "arguments": args});
-        writeln!(self.out, "{msg}").expect("write to QMP");
+        // One write: QEMU acts on the object before the newline arrives,
+        // and a `quit` may close the socket in between.
+        let msg = format!("{}\n", json!({"execute": cmd, "arguments": args}));
+        self.out.write_all(msg.as_bytes()).expect("write to QMP");
         loop {
             let v = self.line();
             if v.get("return").is_some() || v.get("error").is_some() {
                 return v;
             }
+        }
+    }
+
+    /// Ask QEMU to exit, and wait until it has closed the monitor (it may
+    /// do so before its reply arrives).
+    pub fn quit(mut self) {
+        let _ = self.out.write_all(b"{\"execute\": \"quit\"}\n");
+        let mut l = String::new();
+        while matches!(self.inp.read_line(&mut l), Ok(n) if n > 0) {
+            l.clear();
         }
     }
 
