@@ -5,7 +5,7 @@
 #   benches/migration.sh            (ROUNDS=3, OUT_MD=docs/benchmarks-migration.md)
 #
 # A TCG guest (512 MiB, 2 vCPUs, `-cpu qemu64`: QEMU 7.2's TCG corrupts
-# `-cpu max` guests after migration now and then, whatever the disk)
+# migrated guests now and then whatever the disk, `-cpu max` ones sooner)
 # writes 4 KiB blocks at random over a 64 MiB hot set (fio, QD16, never
 # pausing) and migrates
 # between two QEMU processes on this host. Peers, interleaved per round:

@@ -33,19 +33,27 @@ mod qmp;
 
 mod common;
 
-use guest::{preflight, serve_cmd_on, Guest, Server};
+use guest::{preflight, serve_cmd_on, FaultWatch, Guest, Server};
 use qmp::Qmp;
 
 const QUEUES: &str = "2";
 const MIB: u64 = 1 << 20;
 /// The guest's memory: what each migration copies.
 const GUEST_MEM: &str = "512M";
-/// A plain CPU model: QEMU 7.2's TCG corrupts a `-cpu max` guest after a
-/// migration now and then, with its own virtio-blk as much as with pcache
-/// (a guest on a plain `-drive if=virtio` file oopsed after the 2nd of 8
-/// migrations with `-cpu max -smp 2`; none did in 8 with `-cpu qemu64
-/// -smp 2`).
+/// A plain CPU model: QEMU 7.2's TCG corrupted a `-cpu max` guest sooner
+/// (after the 2nd of 8 migrations) than a `qemu64` one (see [`ATTEMPTS`]).
 const GUEST_CPU: &str = "qemu64";
+/// How many times a scenario runs whose guest kernel reported corrupt
+/// memory. QEMU 7.2's TCG corrupts a migrated guest now and then whatever
+/// its disk: ping-ponging this file's guest (`-cpu qemu64`, 512 MiB, fio
+/// writing), a guest on QEMU's own virtio-blk and no pcache oopsed after
+/// migration 29 (2 vCPUs), 7 (the same on private memory), 10 (1 vCPU)
+/// and 1 (`-accel tcg,thread=single`); on pcache after migration 7 (and
+/// not in another 12). KVM, where this
+/// would not happen, hangs nested here. So a kernel oops, panic or bad
+/// page counter after a migration means "run again, and say so"; every
+/// other failure, fio's crc32c verification first, fails at once.
+const ATTEMPTS: u32 = 3;
 /// Writeback waits for nothing but a full-ish cache: dirty data stays put
 /// until the migration has to hand it over.
 const LAZY: &[&str] = &[
@@ -105,11 +113,12 @@ struct Host {
     sock: PathBuf,
     qmp: PathBuf,
     server: Server,
+    watch: FaultWatch,
 }
 
 impl Host {
     /// Start `pcache serve` for host `name` on `store` (cache `name.img`).
-    fn start(dir: &Path, name: &str, store: &Store, extra: &[&str]) -> Host {
+    fn start(dir: &Path, name: &str, store: &Store, extra: &[&str], watch: &FaultWatch) -> Host {
         let sock = dir.join(format!("{name}.sock"));
         let mut args: Vec<&str> = LAZY.to_vec();
         args.extend_from_slice(extra);
@@ -125,6 +134,7 @@ impl Host {
             qmp: dir.join(format!("{name}-qmp.sock")),
             server: Server::start(cmd, dir, &sock, &format!("pcache-{name}")),
             sock,
+            watch: watch.clone(),
         }
     }
 
@@ -159,7 +169,7 @@ impl Host {
         if let Some(p) = incoming {
             args += &format!(" -incoming unix:{}", p.display());
         }
-        Guest::boot(
+        Guest::boot_watched(
             &self.sock,
             cmd,
             &format!("guest-{}", self.name),
@@ -169,6 +179,7 @@ impl Host {
                 ("PCACHE_GUEST_CPU", GUEST_CPU),
                 ("PCACHE_GUEST_QEMU_ARGS", &args),
             ],
+            &self.watch,
         )
     }
 }
@@ -236,24 +247,63 @@ fn migrate(q: &mut Qmp, src: &Host, dst: &Host, uri: &Path) {
 
 /// Both hosts' pcaches on `store`, the guest running `cmd` booted on a,
 /// and b's QEMU waiting for it on the returned migration socket.
-fn pair(dir: &Path, store: &Store, cmd: &str) -> (Host, Host, Guest, Guest, PathBuf) {
-    let a = Host::start(dir, "a", store, &[]);
-    let b = Host::start(dir, "b", store, &[]);
+fn pair(
+    dir: &Path,
+    store: &Store,
+    cmd: &str,
+    watch: &FaultWatch,
+) -> (Host, Host, Guest, Guest, PathBuf) {
+    let a = Host::start(dir, "a", store, &[], watch);
+    let b = Host::start(dir, "b", store, &[], watch);
     let ga = a.boot(cmd, None);
     let mig = dir.join("mig-ab.sock");
     let gb = b.boot(cmd, Some(&mig));
     (a, b, ga, gb, mig)
 }
 
-/// There and back, on `store`: the guest's writes on each host verified
-/// on the next.
-fn there_and_back(store: Store) {
+/// Run `scenario` (named `name`) until it passes, again after a failure
+/// only if a guest kernel reported corrupt memory, at most [`ATTEMPTS`]
+/// times.
+fn retrying_tcg_corruption(name: &str, scenario: impl Fn(&FaultWatch)) {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     preflight();
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path();
+    for attempt in 1..=ATTEMPTS {
+        let watch = FaultWatch::default();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&watch)));
+        let faults = watch.lines();
+        match r {
+            Ok(()) => {
+                if !faults.is_empty() {
+                    println!("migration test: {name} passed, but a guest kernel printed {faults:?}");
+                }
+                return;
+            }
+            Err(e) if faults.is_empty() => std::panic::resume_unwind(e),
+            Err(e) if attempt == ATTEMPTS => {
+                eprintln!(
+                    "migration test: {name}: a guest kernel reported corrupt memory in each of {ATTEMPTS} attempts, the last: {faults:?}"
+                );
+                std::panic::resume_unwind(e)
+            }
+            Err(_) => eprintln!(
+                "migration test: RETRY {name}: attempt {attempt} of {ATTEMPTS} failed after a guest kernel reported corrupt memory ({faults:?}), which QEMU 7.2's TCG does to migrated guests now and then whatever their disk; running it again"
+            ),
+        }
+    }
+}
+
+/// There and back, on a store made by `store` in the scenario's directory:
+/// the guest's writes on each host verified on the next.
+fn there_and_back(name: &str, store: impl Fn(&Path) -> Store) {
+    retrying_tcg_corruption(name, |watch| {
+        let d = tempfile::tempdir().unwrap();
+        there_and_back_once(d.path(), &store(d.path()), watch)
+    });
+}
+
+fn there_and_back_once(dir: &Path, store: &Store, watch: &FaultWatch) {
     let cmd = guest_cmd(110);
-    let (a, b, mut ga, gb, mig_ab) = pair(dir, &store, &cmd);
+    let (a, b, mut ga, gb, mig_ab) = pair(dir, store, &cmd, watch);
     assert!(
         ga.wait_for("PASS 3 ", Duration::from_secs(240)),
         "the guest on a did not get through 3 passes"
@@ -272,7 +322,7 @@ fn there_and_back(store: Store) {
         "the guest did not get through pass 7 on b"
     );
     a.server.stop();
-    let a2 = Host::start(dir, "a", &store, &["--format"]);
+    let a2 = Host::start(dir, "a", store, &["--format"], watch);
     let mig_ba = dir.join("mig-ba.sock");
     let ga2 = a2.boot(&cmd, Some(&mig_ba));
     let mut qb = Qmp::connect(&b.qmp, Duration::from_secs(10));
@@ -307,23 +357,27 @@ fn raw_disk(dir: &Path) -> Store {
 
 #[test]
 fn guest_migrates_there_and_back_and_reads_every_write() {
-    let dir = tempfile::tempdir().unwrap();
-    there_and_back(raw_disk(dir.path()));
+    there_and_back("there and back", raw_disk);
 }
 
 #[test]
 fn guest_migrates_there_and_back_on_rbd() {
-    there_and_back(Store::Rbd(common::ceph::Image::create("mig", 1 << 30)));
+    there_and_back("there and back on RBD", |_| {
+        Store::Rbd(common::ceph::Image::create("mig", 1 << 30))
+    });
 }
 
 #[test]
 fn a_cancelled_migration_leaves_the_source_in_write_back_with_nothing_lost() {
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    preflight();
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path();
+    retrying_tcg_corruption("cancelled migration", |watch| {
+        let d = tempfile::tempdir().unwrap();
+        cancelled_once(d.path(), watch)
+    });
+}
+
+fn cancelled_once(dir: &Path, watch: &FaultWatch) {
     let store = raw_disk(dir);
-    let (a, b, mut ga, gb, mig) = pair(dir, &store, &guest_cmd(75));
+    let (a, b, mut ga, gb, mig) = pair(dir, &store, &guest_cmd(75), watch);
     assert!(ga.wait_for("PASS 2 ", Duration::from_secs(240)));
     let mut qa = Qmp::connect(&a.qmp, Duration::from_secs(10));
     let dirty0 = a.status().cache.dirty_bytes;

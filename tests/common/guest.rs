@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -214,6 +215,36 @@ pub fn tail(path: &Path) -> String {
     )
 }
 
+/// Console text by which a guest kernel says its own memory is corrupt.
+const KERNEL_FAULTS: &[&str] = &[
+    "Oops",
+    "BUG:",
+    "general protection fault",
+    "Kernel panic",
+    "Bad rss-counter",
+    "Bad page",
+    "invalid opcode",
+];
+
+/// The kernel-fault lines printed by every guest booted with it, kept for
+/// a test to read after those guests are gone (after a panic too).
+#[derive(Clone, Default)]
+pub struct FaultWatch(Arc<Mutex<Vec<String>>>);
+
+impl FaultWatch {
+    /// Every kernel-fault line seen so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn see(&self, line: &str) {
+        if KERNEL_FAULTS.iter().any(|f| line.contains(f)) {
+            let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            v.push(line.to_string());
+        }
+    }
+}
+
 /// A booted guest whose console lines arrive as they are printed.
 pub struct Guest {
     child: Child,
@@ -224,7 +255,12 @@ pub struct Guest {
 }
 
 /// Prints every line as it comes and sends it on (without '\r').
-fn pump(r: impl Read + Send + 'static, tag: &'static str, to: std::sync::mpsc::Sender<String>) {
+fn pump(
+    r: impl Read + Send + 'static,
+    tag: &'static str,
+    to: std::sync::mpsc::Sender<String>,
+    watch: FaultWatch,
+) {
     thread::spawn(move || {
         let mut r = BufReader::new(r);
         let mut buf = Vec::new();
@@ -238,6 +274,7 @@ fn pump(r: impl Read + Send + 'static, tag: &'static str, to: std::sync::mpsc::S
                 .trim_end_matches(['\n', '\r'])
                 .replace('\r', "");
             println!("{tag}{line}");
+            watch.see(&line);
             let _ = to.send(line);
         }
     });
@@ -247,6 +284,17 @@ impl Guest {
     /// Boot the test guest on `sock` running `cmd`, with extra environment
     /// for `qemu/run-guest.sh`.
     pub fn boot(sock: &Path, cmd: &str, name: &str, env: &[(&str, &str)]) -> Guest {
+        Guest::boot_watched(sock, cmd, name, env, &FaultWatch::default())
+    }
+
+    /// [`Guest::boot`], recording the guest's kernel-fault lines in `watch`.
+    pub fn boot_watched(
+        sock: &Path,
+        cmd: &str,
+        name: &str,
+        env: &[(&str, &str)],
+        watch: &FaultWatch,
+    ) -> Guest {
         let mut c = Command::new(Path::new(ROOT).join("qemu/run-guest.sh"));
         c.arg(sock)
             .arg(cmd)
@@ -262,8 +310,13 @@ impl Guest {
         }
         let mut child = c.spawn().expect("run qemu/run-guest.sh");
         let (tx, rx) = channel();
-        pump(child.stdout.take().unwrap(), "  | ", tx.clone());
-        pump(child.stderr.take().unwrap(), "  ! ", tx);
+        pump(
+            child.stdout.take().unwrap(),
+            "  | ",
+            tx.clone(),
+            watch.clone(),
+        );
+        pump(child.stderr.take().unwrap(), "  ! ", tx, watch.clone());
         Guest {
             child,
             lines: rx,
