@@ -261,6 +261,14 @@ fn pair(
     (a, b, ga, gb, mig)
 }
 
+/// Write `msg` to the process's stderr, past the test harness's capture
+/// (which takes only `print!`-style output): a retry shows in the log of
+/// a run that passed.
+fn say(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
 /// Run `scenario` (named `name`) until it passes, again after a failure
 /// only if a guest kernel reported corrupt memory, at most [`ATTEMPTS`]
 /// times.
@@ -274,20 +282,20 @@ fn retrying_tcg_corruption(name: &str, scenario: impl Fn(&FaultWatch)) {
         match r {
             Ok(()) => {
                 if !faults.is_empty() {
-                    println!("migration test: {name} passed, but a guest kernel printed {faults:?}");
+                    say(&format!("migration test: {name} passed, but a guest kernel printed {faults:?}"));
                 }
                 return;
             }
             Err(e) if faults.is_empty() => std::panic::resume_unwind(e),
             Err(e) if attempt == ATTEMPTS => {
-                eprintln!(
+                say(&format!(
                     "migration test: {name}: a guest kernel reported corrupt memory in each of {ATTEMPTS} attempts, the last: {faults:?}"
-                );
+                ));
                 std::panic::resume_unwind(e)
             }
-            Err(_) => eprintln!(
+            Err(_) => say(&format!(
                 "migration test: RETRY {name}: attempt {attempt} of {ATTEMPTS} failed after a guest kernel reported corrupt memory ({faults:?}), which QEMU 7.2's TCG does to migrated guests now and then whatever their disk; running it again"
-            ),
+            )),
         }
     }
 }
