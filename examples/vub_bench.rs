@@ -134,6 +134,11 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Every request of a queue uses the same buffer (a hostile guest that
+    /// points all its requests at one page set: the server must not hold a
+    /// copy per request).
+    #[arg(long)]
+    alias: bool,
 }
 
 /// Log-linear latency histogram over nanoseconds: exact below 64 ns, then
@@ -368,6 +373,11 @@ struct Job {
     seed: u64,
     /// Address of this queue's buffers: `qd` buffers of `bs` bytes.
     buf_addr: usize,
+    /// Every request uses buffer 0.
+    alias: bool,
+    /// A request larger than the device's segment limit is sent as
+    /// segments of at most this many bytes (0: one segment).
+    seg_len: usize,
 }
 
 /// Phase boundaries shared by all threads.
@@ -422,6 +432,8 @@ fn run_queue(
         })
         .collect();
     let mut free: Vec<usize> = (0..job.qd).rev().collect();
+    // Segment lists of requests in flight (libblkio reads them at submit).
+    let mut iovs: Vec<Vec<libc::iovec>> = (0..job.qd).map(|_| Vec::new()).collect();
     let mut comps: Vec<MaybeUninit<Completion>> =
         (0..=job.qd).map(|_| MaybeUninit::uninit()).collect();
     let mut inflight = 0usize;
@@ -471,11 +483,26 @@ fn run_queue(
                     b
                 };
                 let offset = job.base + block * job.bs;
-                let buf = (job.buf_addr + s * job.bs as usize) as *mut u8;
+                let at = if job.alias { 0 } else { s };
+                let buf = (job.buf_addr + at * job.bs as usize) as *mut u8;
                 let len = job.bs as usize;
-                match op {
-                    Op::Read => q.read(offset, buf, len, s, ReqFlags::empty()),
-                    _ => q.write(offset, buf, len, s, ReqFlags::empty()),
+                if job.seg_len > 0 && len > job.seg_len {
+                    let iov = &mut iovs[s];
+                    iov.clear();
+                    iov.extend((0..len).step_by(job.seg_len).map(|o| libc::iovec {
+                        iov_base: buf.wrapping_add(o).cast(),
+                        iov_len: job.seg_len.min(len - o),
+                    }));
+                    let (p, n) = (iov.as_ptr(), iov.len() as u32);
+                    match op {
+                        Op::Read => q.readv(offset, p, n, s, ReqFlags::empty()),
+                        _ => q.writev(offset, p, n, s, ReqFlags::empty()),
+                    }
+                } else {
+                    match op {
+                        Op::Read => q.read(offset, buf, len, s, ReqFlags::empty()),
+                        _ => q.write(offset, buf, len, s, ReqFlags::empty()),
+                    }
                 }
                 slots[s] = Slot {
                     op,
@@ -688,10 +715,9 @@ fn run(a: &Args) -> Result<(), String> {
             a.bs
         ));
     }
-    for (name, lim) in [
-        ("max-transfer", max_transfer),
-        ("max-segment-len", max_seg_len),
-    ] {
+    // Larger requests go as several segments (readv/writev).
+    let seg_len = usize::try_from(max_seg_len).unwrap_or(0);
+    for (name, lim) in [("max-transfer", max_transfer)] {
         if let Ok(lim) = u64::try_from(lim) {
             if lim > 0 && a.bs > lim {
                 return Err(format!("--bs {} exceeds the device's {name} {lim}", a.bs));
@@ -793,6 +819,8 @@ fn run(a: &Args) -> Result<(), String> {
             total: per_q_bytes,
             seed: a.seed.wrapping_mul(1_000_003).wrapping_add(i),
             buf_addr: region.addr + (i as usize) * qd * a.bs as usize,
+            alias: a.alias,
+            seg_len,
         })
         .collect();
 

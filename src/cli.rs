@@ -31,7 +31,7 @@ pub enum Command {
     /// cloud-hypervisor, libblkio). With no arguments: creates
     /// pcache-data/{cache.img (1G), disk.img (8G sparse)} if absent and
     /// listens on pcache-data/pcache.sock.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Show a running server's status (through its control socket).
     Status {
         /// Control socket (default: pcache-data/pcache.ctl).
@@ -271,6 +271,23 @@ pub struct ServeArgs {
     /// push the hot set out (0 = off).
     #[arg(long, default_value = "4M", value_parser = parse_size)]
     pub sequential_cutoff: u64,
+    /// Memory for I/O buffers (read misses and their fills, writes on their
+    /// way to the backing store, writeback): requests wait when it is all
+    /// in use, so the guest never decides how much memory pcache takes. A
+    /// quarter is kept for writeback (at least 4M).
+    #[arg(long, default_value = "64M", value_parser = parse_io_memory)]
+    pub io_memory: u64,
+}
+
+fn parse_io_memory(s: &str) -> Result<u64, String> {
+    let v = parse_size(s)?;
+    if v < crate::disk::MIN_IO_MEMORY {
+        return Err(format!(
+            "{s} is below the smallest I/O memory pcache can work with ({}M)",
+            crate::disk::MIN_IO_MEMORY >> 20
+        ));
+    }
+    Ok(v)
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -318,7 +335,11 @@ impl ServeArgs {
                 read_only: self.read_only,
                 serial: self.serial,
                 poll_us: self.poll_us,
+            },
+            disk: crate::disk::DiskConfig {
                 sequential_cutoff: self.sequential_cutoff,
+                read_only: self.read_only,
+                io_memory: self.io_memory,
             },
             mode: self.mode,
             data_crc: self.data_crc,
@@ -367,19 +388,7 @@ fn init_logging() {
         .try_init();
 }
 
-/// "outer: cause: cause" for an error and its sources.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+use crate::util::{error_chain, AnyResult};
 
 /// Run one parsed command; returns the exit code.
 pub fn run(cli: Cli) -> AnyResult<i32> {

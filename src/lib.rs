@@ -10,8 +10,11 @@
 //! - [`backing`]: the disk behind the cache (a file, a block device, a Ceph
 //!   RBD image), sync and async.
 //! - [`vhost`]: the vhost-user-blk backend; the only code that knows virtio.
-//! - [`handover`]: who writes the disk, and handing it to another host in a
-//!   live migration (the cache drains, the store changes owner).
+//! - [`disk`]: one disk, the cache in front of its backing store: requests
+//!   routed by the cache mode, misses and fills, the I/O memory budget,
+//!   the guest's write-cache choice, and handing the disk to another host
+//!   in a live migration.
+//! - [`iovec`]: a request's buffers in memory shared with a guest.
 //! - [`control`]: the runtime control socket (status, gc_percent, flush).
 //! - [`metrics`]: Prometheus metrics over HTTP (`serve --metrics`).
 //! - [`media`]: opening the cache and the backing store for a command, and
@@ -29,9 +32,10 @@ pub mod backing;
 pub mod cli;
 pub mod control;
 pub mod crc;
+pub mod disk;
 pub mod engine;
 pub mod format;
-pub mod handover;
+pub mod iovec;
 pub mod media;
 pub mod metrics;
 pub mod pmem;

@@ -21,7 +21,7 @@ use crate::engine::{Engine, FormatOptions, OpenOptions as EngineOpen};
 use crate::format::{self, check_new_cache_size, Superblock};
 use crate::pmem::{Region, RegionOptions};
 
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+use crate::util::AnyResult;
 
 /// How a lock is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

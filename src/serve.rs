@@ -23,9 +23,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backing::{Backing, BackingSpec};
 use crate::control::{self, ServeInfo};
-use crate::engine::{Engine, FormatOptions, Workers, WritebackPolicy};
+use crate::disk::{Disk, DiskConfig};
+use crate::engine::{Engine, FormatOptions, WritebackPolicy};
 use crate::format;
-use crate::handover::Handover;
 use crate::media::{self, Lock, Owner};
 use crate::vhost::{self, Active, ServeConfig};
 
@@ -60,6 +60,8 @@ pub struct ServeOptions {
     pub format: bool,
     /// Queues and block size.
     pub cfg: ServeConfig,
+    /// The sequential cutoff, read-only, I/O memory.
+    pub disk: DiskConfig,
     /// data_crc for a new cache.
     pub data_crc: bool,
     /// gc_percent for a new cache (or to set on an existing one).
@@ -78,7 +80,7 @@ pub struct ServeOptions {
     pub metrics: Option<SocketAddr>,
 }
 
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+use crate::util::AnyResult;
 
 /// Open or create the backing store.
 fn open_backing(o: &ServeOptions) -> AnyResult<Box<dyn Backing>> {
@@ -392,8 +394,13 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
             .claim()
             .map_err(|e| format!("Cannot use backing store {}: {e}", o.backing))?;
     }
-    let handover = Arc::new(Handover::new(engine.clone(), backing.clone(), claim_now));
-    let workers = Workers::start(engine.clone(), backing.clone(), o.writeback);
+    let disk = Arc::new(Disk::new(
+        engine.clone(),
+        backing.clone(),
+        claim_now,
+        o.disk,
+        o.writeback,
+    )?);
     if let Some(m) = o.mode.filter(|m| *m != engine.mode()) {
         // Leaving write-back writes the cache back first (by the workers
         // just started), before any guest connects.
@@ -406,14 +413,15 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         socket: o.socket.display().to_string(),
         writeback: o.writeback,
         read_only: o.cfg.read_only,
-        sequential_cutoff: o.cfg.sequential_cutoff,
+        sequential_cutoff: o.disk.sequential_cutoff,
+        io_memory: disk.io_memory(),
     };
     let stop = Arc::new(Stop::default());
     let probe: control::FrontendProbe = {
-        let (stop, handover) = (stop.clone(), handover.clone());
+        let (stop, disk) = (stop.clone(), disk.clone());
         Arc::new(move || {
             let active = stop.active.lock().expect("stop lock").clone();
-            let migration = handover.status();
+            let migration = disk.handover().status();
             match active {
                 Some(a) => {
                     let (reads_waiting, writes_waiting) = a.waiting();
@@ -500,7 +508,7 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         tracing::info!("frontend connected");
         let _ = sd_notify::notify(&[NotifyState::Status("a frontend is connected")]);
         let slot = SessionSlot(&stop);
-        if let Err(e) = vhost::serve(stream, handover.clone(), o.cfg.clone(), &slot) {
+        if let Err(e) = vhost::serve(stream, disk.clone(), o.cfg.clone(), &slot) {
             tracing::error!(error = %e, "serving a frontend failed");
         }
         let _ = sd_notify::notify(&[NotifyState::Status(&status)]);
@@ -510,23 +518,19 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     // until they have started, then closed like the rest. (A socket from
     // systemd keeps them waiting for the next process instead.)
     if listening.bound.is_some() {
-        serve_pending(&listening.listener, &handover, &o.cfg, &stop);
+        serve_pending(&listening.listener, &disk, &o.cfg, &stop);
     }
     // Stopping: every ring is quiesced; persist the cache and go.
-    let code = match engine.flush() {
+    let code = match disk.shutdown() {
         Ok(()) => 0,
         Err(e) => {
             eprintln!(
                 "pcache: flush at shutdown failed: {}",
-                crate::cli::error_chain(&e)
+                crate::util::error_chain(&e)
             );
             1
         }
     };
-    workers.stop();
-    if let Err(e) = backing.release() {
-        tracing::warn!(error = %e, "releasing the backing store at stop");
-    }
     let _ = std::fs::remove_file(&o.control);
     drop(listening);
     if engine.is_read_only() {
@@ -582,7 +586,7 @@ impl vhost::SessionHook for SessionSlot<'_> {
 }
 
 /// Serve, and close once started, every connection already waiting.
-fn serve_pending(l: &UnixListener, handover: &Arc<Handover>, cfg: &ServeConfig, stop: &Stop) {
+fn serve_pending(l: &UnixListener, disk: &Arc<Disk>, cfg: &ServeConfig, stop: &Stop) {
     if l.set_nonblocking(true).is_err() {
         return;
     }
@@ -590,7 +594,7 @@ fn serve_pending(l: &UnixListener, handover: &Arc<Handover>, cfg: &ServeConfig, 
         let _ = stream.set_nonblocking(false);
         tracing::info!("serving a frontend that connected as the stop began");
         let slot = SessionSlot(stop);
-        let _ = vhost::serve(stream, handover.clone(), cfg.clone(), &slot);
+        let _ = vhost::serve(stream, disk.clone(), cfg.clone(), &slot);
     }
 }
 

@@ -3,6 +3,21 @@
 
 use std::os::fd::RawFd;
 
+/// A result whose error is anything, for commands that print it.
+pub type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// "outer: cause: cause" for an error and its sources.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Add 1 to an eventfd counter (wakes whoever polls it). Errors are ignored:
 /// a full counter or a closed fd only means the waiter is already awake or
 /// gone.
@@ -86,6 +101,27 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> std::io::Result<usize>
 pub fn set_umask(mask: u32) -> u32 {
     // SAFETY: umask only changes the process's file-creation mask.
     unsafe { libc::umask(mask as libc::mode_t) as u32 }
+}
+
+/// Make `fd` non-blocking.
+pub fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: plain fcntl calls on a descriptor the caller owns.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Give the heap's free memory back to the kernel (after a connection's
+/// requests are gone, so an idle process holds little).
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only walks glibc's own arenas.
+    unsafe { libc::malloc_trim(0) };
 }
 
 #[cfg(test)]

@@ -412,29 +412,3 @@ fn the_guests_write_cache_choice_survives_a_restart() {
     drop(e);
     assert!(!open(&path).unwrap().guest_writethrough());
 }
-
-#[test]
-fn a_guest_flush_makes_writes_that_went_around_the_cache_durable() {
-    // Both ways around in write-back mode: a long sequential stream, and
-    // every write while a live migration copies the guest.
-    for migrating in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let e = open(&new_cache(dir.path(), opts(64 << 20))).unwrap();
-        e.set_handing_over(migrating);
-        let backing = MemBacking::new(64 << 20);
-        let mut head = DataHead::default();
-        let data = pattern(9, 1 << 20);
-        e.write_with(&mut head, &backing, 4 << 20, &data, !migrating)
-            .unwrap();
-        assert_eq!(e.stats().snapshot().write_bypass_bytes, 1 << 20);
-        e.flush_with(&backing).unwrap();
-        // The backing disk loses power: what a completed FLUSH covered stays.
-        backing.crash();
-        assert_eq!(
-            &backing.image()[4 << 20..5 << 20],
-            &data[..],
-            "migrating {migrating}: a flushed write around the cache was lost"
-        );
-        e.head_release(&mut head);
-    }
-}

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pcache::control::{request, Request, Status};
-use pcache::handover::Phase;
+use pcache::disk::Phase;
 use serde_json::json;
 
 #[path = "common/guest.rs"]

@@ -12,10 +12,22 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
-use super::IO_ALIGN;
+use std::sync::Arc;
 
-/// An owned, zero-initialised byte buffer whose address is a multiple of
-/// [`IO_ALIGN`].
+/// Alignment of buffers handed to the backing store (enough for O_DIRECT on
+/// any device with a logical block size up to 4 KiB).
+pub const IO_ALIGN: usize = 4096;
+
+/// Where the block of a buffer that is not a heap allocation goes back to
+/// when the buffer is dropped (an [`Arena`](super::arena::Arena)).
+pub trait Home: Send + Sync {
+    /// Take back the block at `ptr`.
+    fn release(&self, ptr: *mut u8);
+}
+
+/// An owned byte buffer whose address is a multiple of [`IO_ALIGN`]: from
+/// the heap (zeroed), or cut from an arena (holding whatever its last user
+/// left), to which it goes back when dropped.
 ///
 /// A zero-length buffer allocates nothing; its pointer is still aligned.
 pub struct AlignedBuf {
@@ -25,6 +37,8 @@ pub struct AlignedBuf {
     len: usize,
     /// Size of the allocation (`len <= cap`).
     cap: usize,
+    /// The arena the block belongs to; None for a heap allocation.
+    home: Option<Arc<dyn Home>>,
 }
 
 // SAFETY: `AlignedBuf` owns its allocation exclusively (like `Vec<u8>`), so
@@ -64,14 +78,40 @@ impl AlignedBuf {
                 ptr: Self::dangling(),
                 len: 0,
                 cap: 0,
+                home: None,
             };
         }
         let layout = Self::layout(len);
         // SAFETY: `layout` has a non-zero size (len > 0 was checked above).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         match NonNull::new(raw) {
-            Some(ptr) => AlignedBuf { ptr, len, cap: len },
+            Some(ptr) => AlignedBuf {
+                ptr,
+                len,
+                cap: len,
+                home: None,
+            },
             None => alloc::handle_alloc_error(layout),
+        }
+    }
+
+    /// A buffer over a block of `arena`, `len` of its `cap` bytes in use.
+    ///
+    /// # Safety
+    /// `ptr..ptr+cap` must be a block of `arena`'s memory, aligned to
+    /// [`IO_ALIGN`], that nothing else uses until [`Home::release`] gets it
+    /// back (from this buffer's drop), and `len <= cap`.
+    pub(super) unsafe fn from_arena(
+        ptr: NonNull<u8>,
+        len: usize,
+        cap: usize,
+        arena: Arc<dyn Home>,
+    ) -> AlignedBuf {
+        AlignedBuf {
+            ptr,
+            len,
+            cap,
+            home: Some(arena),
         }
     }
 
@@ -114,7 +154,8 @@ impl AlignedBuf {
     /// The bytes, shared.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` points to `len` initialised bytes we own (zeroed at
-        // allocation; or `len == 0` with a non-null aligned dangling
+        // allocation, or an arena's block: anonymous memory is initialised,
+        // zero at first; or `len == 0` with a non-null aligned dangling
         // pointer), and `&self` keeps them from being mutated meanwhile.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
@@ -140,7 +181,9 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.cap != 0 {
+        if let Some(arena) = self.home.take() {
+            arena.release(self.ptr.as_ptr());
+        } else if self.cap != 0 {
             // SAFETY: a non-empty allocation was made in `new` with exactly
             // this layout (`cap` is its size, same alignment) and is freed once.
             unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) };

@@ -14,7 +14,8 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{AlignedBuf, Backing, IO_ALIGN};
+use super::aligned::{AlignedBuf, IO_ALIGN};
+use super::store::{write_zeros, Backing};
 
 /// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes (libc has
 /// no constant for it).
@@ -403,7 +404,7 @@ impl Backing for FileBacking {
                 libc::FALLOC_FL_ZERO_RANGE
             };
         let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
-            return super::write_zeros(self, off, len);
+            return write_zeros(self, off, len);
         };
         loop {
             // SAFETY: fallocate on a descriptor we own; no pointers.
@@ -425,7 +426,7 @@ impl Backing for FileBacking {
                             "fallocate cannot zero this store; writing zeros instead"
                         );
                     }
-                    return super::write_zeros(self, off, len);
+                    return write_zeros(self, off, len);
                 }
                 _ => return Err(e),
             }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{request, Request, Status};
+use super::protocol::{request, Request, Status};
 
 /// How often progress is polled (and the drain asked for again, so writes
 /// completed meanwhile are logged and drained too).

@@ -6,7 +6,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{drain, request, Request};
+use super::drain;
+use super::protocol::{request, Request};
 use crate::engine::CacheMode;
 
 /// Dirty bytes the server is left to write back with writes held back.

@@ -25,6 +25,9 @@ use crate::format::{
 
 /// How long a key may wait in an open kset (1 s, as dm-pcache).
 pub const KSET_MAX_AGE: Duration = Duration::from_secs(1);
+/// Keys in an open kset from which the log closer closes it ahead of need,
+/// when closing waits for I/O: a writer then rarely finds it full.
+const KSET_CLOSE_AHEAD: usize = KSET_KEYS_MAX * 3 / 4;
 
 /// A kset being filled: its keys in DRAM, mirrored in its slot.
 ///
@@ -78,6 +81,11 @@ impl OpenKset {
     /// Full (must close before appending)?
     pub fn is_full(&self) -> bool {
         self.n == KSET_KEYS_MAX
+    }
+
+    /// Full enough that the log closer should close it ahead of need.
+    fn nearly_full(&self) -> bool {
+        self.n >= KSET_CLOSE_AHEAD
     }
 
     /// Add a key in DRAM only (the caller stores it in the slot), and
@@ -224,6 +232,63 @@ impl Engine {
         stats::add(&self.stats.ksets_closed, 1);
         self.slot_reset(ks, ks.seq + 1);
         self.writeback_kick.kick();
+        Ok(())
+    }
+
+    /// Would closing a kset now wait for I/O on the caller's thread, which
+    /// must not (see [`Engine::defer_log_closes`])?
+    fn closes_deferred(&self) -> bool {
+        self.defer_closes.load(std::sync::atomic::Ordering::Relaxed)
+            && self.region.persist_waits_for_io()
+    }
+
+    /// Room in `ks` for one more key of a guest request: close it if it is
+    /// full, unless that would wait for I/O and closes are deferred; then
+    /// the log closer is asked to, and `LogBusy` tells the caller to retry
+    /// on the next space signal.
+    pub(super) fn kset_room(&self, ks: &mut OpenKset) -> Result<()> {
+        if !ks.is_full() {
+            return Ok(());
+        }
+        if self.closes_deferred() {
+            self.closer_kick.kick();
+            return Err(Error::LogBusy { done: 0 });
+        }
+        self.kset_close(ks)
+    }
+
+    /// After a guest request added a key to `ks`: close it once full, or,
+    /// when closes wait for I/O, have the log closer close it ahead of need.
+    pub(super) fn kset_filled(&self, ks: &mut OpenKset) {
+        if self.closes_deferred() {
+            if ks.nearly_full() {
+                self.closer_kick.kick();
+            }
+        } else if ks.is_full() {
+            // Best effort: a failure leaves it full, and the next append,
+            // the timer or a flush closes it.
+            let _ = self.kset_close(ks);
+        }
+    }
+
+    /// Close the ksets the guest's requests left (nearly) full (the log
+    /// closer, when closes wait for I/O), then signal space so that
+    /// requests that found one full retry.
+    pub(super) fn close_full_ksets(&self) -> Result<()> {
+        if self.read_only || self.has_failed() {
+            return Ok(());
+        }
+        let mut closed = false;
+        for ks in self.ksets.iter() {
+            let mut ks = ks.lock().expect("kset lock");
+            if ks.nearly_full() {
+                self.kset_close(&mut ks)?;
+                closed = true;
+            }
+        }
+        if closed {
+            self.segs.notify_space();
+        }
         Ok(())
     }
 

@@ -25,6 +25,7 @@
 //! segment map. Tail mutexes and the settings mutex are leaves.
 
 mod bad;
+mod data;
 mod gc;
 mod index;
 mod invalidate;
@@ -44,6 +45,7 @@ mod verify;
 mod workers;
 mod writeback;
 
+pub use data::{DataIn, DataOut};
 pub use index::{Extent, ExtentMap};
 pub use key::CacheExt;
 pub use mode::CacheMode;
@@ -83,6 +85,15 @@ pub enum Error {
     /// request were cached before space ran out.
     #[error("Cache is full ({done} bytes of the request were cached)")]
     CacheFull {
+        /// Bytes already handled.
+        done: u64,
+    },
+    /// The key log cannot take the request's keys until a full kset is
+    /// closed, which would wait for I/O on this thread (see
+    /// [`Engine::defer_log_closes`]): retry on the next space signal.
+    /// `done` bytes of the request were handled.
+    #[error("The key log is being closed ({done} bytes of the request were handled)")]
+    LogBusy {
         /// Bytes already handled.
         done: u64,
     },
@@ -139,6 +150,26 @@ pub enum Error {
 
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A wait-and-retry error (`CacheFull`, `LogBusy`) for a request of
+    /// which `done` bytes were handled before it; any other error as is.
+    pub(crate) fn with_done(self, done: u64) -> Error {
+        match self {
+            Error::CacheFull { .. } => Error::CacheFull { done },
+            Error::LogBusy { .. } => Error::LogBusy { done },
+            e => e,
+        }
+    }
+
+    /// Bytes handled before a wait-and-retry error; None for the others.
+    pub fn retry_from(&self) -> Option<u64> {
+        match self {
+            Error::CacheFull { done } | Error::LogBusy { done } => Some(*done),
+            _ => None,
+        }
+    }
+}
 
 /// A log position plus which replica of its record is newest.
 #[derive(Debug, Clone, Copy)]
@@ -236,16 +267,18 @@ pub struct Engine {
     /// A live migration copies the guest: writes go to the backing store
     /// where nothing is dirty, and writeback drains (`mode.rs`).
     handing_over: AtomicBool,
-    /// Write-back mode sent a write to the backing store itself since the
-    /// last guest flush: the next flush flushes the store too.
-    backing_unflushed: AtomicBool,
     /// Guest writes wait while an invalidation runs (`invalidate.rs`).
     writes_paused: AtomicBool,
+    /// Kset closes that wait for I/O are left to the log closer instead of
+    /// the guest's request (`kset.rs`).
+    defer_closes: AtomicBool,
     /// Guest writes in progress.
     writers: std::sync::atomic::AtomicU64,
     stats: Stats,
     writeback_kick: Kick,
     gc_kick: Kick,
+    /// Wakes the log closer (the kset timer thread).
+    closer_kick: Kick,
     /// Serialises whole writeback passes (online worker vs. `drain`);
     /// holds the writeback target, buffers and measured rate.
     writeback: Mutex<writeback::WbState>,
@@ -331,6 +364,14 @@ impl Engine {
     /// Has a persist failed?
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Leave kset closes that would wait for I/O (an msync of a cache file
+    /// on a real file system) to the log closer, so that guest requests
+    /// never do; a request that finds its kset full then gets `LogBusy`.
+    /// Set by a server whose queue threads must not block.
+    pub fn defer_log_closes(&self, on: bool) {
+        self.defer_closes.store(on, Ordering::Relaxed);
     }
 
     fn check_writable(&self) -> Result<()> {

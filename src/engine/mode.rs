@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use super::key::CacheExt;
 use super::{check_range, region_of, stats, DataHead, Engine, Error, Result};
-use crate::backing::Backing;
 use crate::format::{KeyOnMedia, KEY_FLAG_CLEAN, KEY_FLAG_FORGET, REGION_BYTES, SECTOR_BYTES};
 
 /// How the cache handles writes; persisted in the cache.
@@ -170,122 +169,24 @@ impl Engine {
         Ok(())
     }
 
-    /// A guest write of `data` at `off`, as the mode says. `sequential`:
-    /// the write belongs to a long sequential stream and may go around the
-    /// cache. On `Err(CacheFull { done })`, retry from `done`.
-    pub fn write_with(
-        &self,
-        head: &mut DataHead,
-        backing: &dyn Backing,
-        off: u64,
-        data: &[u8],
-        sequential: bool,
-    ) -> Result<()> {
-        match self.mode() {
-            CacheMode::Writeback if sequential || self.is_handing_over() => {
-                if !self.write_around(backing, off, data, true)? {
-                    return self.write(head, off, data);
-                }
-                stats::add(&self.stats.write_bypass_bytes, data.len() as u64);
-                Ok(())
-            }
-            CacheMode::Writeback => self.write(head, off, data),
-            CacheMode::Writethrough => {
-                self.to_backing(backing, off, data)?;
-                self.write_clean(head, off, data)
-            }
-            CacheMode::Writearound | CacheMode::None => {
-                self.write_around(backing, off, data, false)?;
-                Ok(())
-            }
-        }
-    }
-
-    /// Zero (`unmap`: discard) a range, as the mode says.
-    pub fn zeroes_with(
-        &self,
-        backing: &dyn Backing,
-        off: u64,
-        len: u64,
-        unmap: bool,
-    ) -> Result<()> {
-        if self.mode() == CacheMode::Writeback {
-            return self.write_zeroes(off, len, unmap);
-        }
-        self.check_writable()?;
-        check_range(off, len, self.size())?;
-        let Some(_writing) = self.writing() else {
-            return Err(Error::CacheFull { done: 0 });
-        };
-        backing
-            .write_zeroes(off, len, unmap)
-            .map_err(Error::Backing)?;
-        self.forget(off, len, None)?;
-        stats::add(&self.stats.zeroed_bytes, len);
-        Ok(())
-    }
-
-    /// A guest flush, as the mode says: the cache's ksets, and in the
-    /// modes that write the backing store themselves, the store's cache.
-    pub fn flush_with(&self, backing: &dyn Backing) -> Result<()> {
-        self.flush()?;
-        // Writes that went around the cache in write-back mode are made
-        // durable by the same flush as the others (cleared first: one
-        // that lands meanwhile sets it again for the next flush).
-        let around = self.backing_unflushed.swap(false, Ordering::SeqCst);
-        if (around || self.mode() != CacheMode::Writeback) && !self.read_only {
-            if let Err(e) = backing.flush() {
-                self.backing_unflushed.fetch_or(around, Ordering::SeqCst);
-                return Err(Error::Backing(e));
-            }
-        }
-        Ok(())
-    }
-
     /// Count `bytes` of a read miss left out of the cache (a long
     /// sequential read).
     pub fn note_unfilled(&self, bytes: u64) {
         stats::add(&self.stats.read_nofill_bytes, bytes);
     }
 
-    fn to_backing(&self, backing: &dyn Backing, off: u64, data: &[u8]) -> Result<()> {
-        self.check_writable()?;
-        check_range(off, data.len() as u64, self.size())?;
-        self.backing_unflushed.store(true, Ordering::SeqCst);
-        backing.write_at(data, off).map_err(Error::Backing)
-    }
-
-    /// Write `data` to the backing store and forget the range in the
-    /// cache. With `only_if_clean`, nothing is written (Ok(false)) when the
-    /// range holds data written in write-back mode, or (after the backing
-    /// write) when another write reached the range meanwhile: the caller
-    /// then caches the write, which keeps log order.
-    fn write_around(
-        &self,
-        backing: &dyn Backing,
-        off: u64,
-        data: &[u8],
-        only_if_clean: bool,
-    ) -> Result<bool> {
-        check_range(off, data.len() as u64, self.size())?;
-        let Some(_writing) = self.writing() else {
-            return Err(Error::CacheFull { done: 0 });
-        };
-        let versions = if only_if_clean {
-            match self.clean_versions(off, data.len() as u64) {
-                Some(v) => Some(v),
-                None => return Ok(false),
-            }
-        } else {
-            None
-        };
-        self.to_backing(backing, off, data)?;
-        self.forget(off, data.len() as u64, versions.as_deref())
+    /// Count `bytes` of a write-back mode write sent around the cache (a
+    /// long sequential stream, or a migration's copy phase).
+    pub fn note_bypassed(&self, bytes: u64) {
+        stats::add(&self.stats.write_bypass_bytes, bytes);
     }
 
     /// Per region of `off..off+len`, its write version, if no extent there
-    /// holds write-back data (dirty or zeroed, or a range marked bad).
-    fn clean_versions(&self, off: u64, len: u64) -> Option<Vec<u64>> {
+    /// holds write-back data (dirty or zeroed, or a range marked bad): a
+    /// write may then go around the cache, and [`Engine::forget`] with
+    /// these versions tells whether another write reached the range
+    /// meanwhile.
+    pub fn clean_versions(&self, off: u64, len: u64) -> Option<Vec<u64>> {
         let mut out = Vec::new();
         for_each_region(off, len, |pos, n| {
             let Some(shard) = self.shard(region_of(pos)) else {
@@ -306,10 +207,14 @@ impl Engine {
         .then_some(out)
     }
 
-    /// Log a FORGET key per region of the range that holds anything in the
-    /// cache. With `versions` (from [`Engine::clean_versions`]), stops and
-    /// returns Ok(false) at a region written since.
-    fn forget(&self, off: u64, len: u64, versions: Option<&[u64]>) -> Result<bool> {
+    /// After a write of `off..off+len` went around the cache to the
+    /// backing store: log a FORGET key per region of the range that holds
+    /// anything in the cache. With `versions` (from
+    /// [`Engine::clean_versions`]), stops and returns Ok(false) at a region
+    /// written since: the caller then caches the write after that one.
+    pub fn forget(&self, off: u64, len: u64, versions: Option<&[u64]>) -> Result<bool> {
+        self.check_writable()?;
+        check_range(off, len, self.size())?;
         let mut i = 0;
         let mut result = Ok(true);
         for_each_region(off, len, |pos, n| {
@@ -347,26 +252,27 @@ impl Engine {
         }
         let key = KeyOnMedia::dataless(pos, n as u32, KEY_FLAG_FORGET);
         let mut ks = self.kset_for(region).lock().expect("kset lock");
-        if ks.is_full() {
-            self.kset_close(&mut ks)?;
-        }
+        self.kset_room(&mut ks)?;
         CacheExt::from_key(&key).apply(&mut sh.map, start);
         self.kset_push(&mut ks, &key);
+        self.kset_filled(&mut ks);
         Ok(true)
     }
 
-    /// Cache `data` as clean data (its backing store copy is written);
-    /// where the cache has no room, forget the range instead.
-    fn write_clean(&self, head: &mut DataHead, off: u64, data: &[u8]) -> Result<()> {
+    /// After a write-through write of `data` at `off` reached the backing
+    /// store: cache it as clean data; where the cache has no room, forget
+    /// the range instead. In `none` mode (a switch came while it was on its
+    /// way), only forget it.
+    pub fn write_clean(&self, head: &mut DataHead, off: u64, data: &[u8]) -> Result<()> {
+        if self.mode() == CacheMode::None {
+            return self.forget(off, data.len() as u64, None).map(|_| ());
+        }
         match self.write_flagged(head, off, data, KEY_FLAG_CLEAN) {
             Err(Error::CacheFull { done }) => {
                 let rest = off + done;
                 self.forget(rest, data.len() as u64 - done, None)
                     .map(|_| ())
-                    .map_err(|e| match e {
-                        Error::CacheFull { .. } => Error::CacheFull { done: 0 },
-                        e => e,
-                    })
+                    .map_err(|e| e.with_done(0))
             }
             other => other,
         }

@@ -244,7 +244,7 @@ impl Engine {
             gens.push((gen.rec.gen, gen.slot as u8));
         }
 
-        let size = info.rec.disk_bytes(&sb)?;
+        let size = info.rec.disk_bytes(sb.backing_bytes)?;
         let engine = Engine {
             sb,
             n_segs,
@@ -285,12 +285,13 @@ impl Engine {
             writeback_wanted: AtomicBool::new(false),
             drain_wanted: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
-            backing_unflushed: AtomicBool::new(false),
             writes_paused: AtomicBool::new(false),
+            defer_closes: AtomicBool::new(false),
             writers: std::sync::atomic::AtomicU64::new(0),
             stats: Stats::default(),
             writeback_kick: Kick::default(),
             gc_kick: Kick::default(),
+            closer_kick: Kick::default(),
             writeback: Mutex::new(super::writeback::WbState::new(wb_target)),
             pacer: super::pace::Pacer::new(),
             gc_lock: Mutex::new(()),

@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{fence, Ordering};
 
+use super::data::{DataIn, DataOut};
 use super::key::CacheExt;
 use super::segment::SegKind;
 use super::{check_range, region_of, stats, Engine, Error, Result};
@@ -43,6 +44,20 @@ pub struct Miss {
     pub buf_off: usize,
     /// Shard write version when the miss was found.
     version: u64,
+}
+
+impl Miss {
+    /// The part of this miss `skip..skip+len` bytes in (a piece of it
+    /// read on its own).
+    pub fn part(&self, skip: u64, len: u64) -> Miss {
+        debug_assert!(skip + len <= self.len);
+        Miss {
+            off: self.off + skip,
+            len,
+            buf_off: self.buf_off + skip as usize,
+            version: self.version,
+        }
+    }
 }
 
 /// Space handed out by a data head.
@@ -106,21 +121,24 @@ impl Engine {
         }
     }
 
-    /// Cache a write of `data` at logical byte `off`.
+    /// Cache a guest write of `data` at logical byte `off` (dirty: written
+    /// back later).
     ///
     /// On `Err(CacheFull { done })` the first `done` bytes are cached; retry
-    /// the rest once space frees up (see [`Engine::wait_for_space`]).
-    pub fn write(&self, head: &mut DataHead, off: u64, data: &[u8]) -> Result<()> {
+    /// the rest once space frees up (see [`Engine::wait_for_space`]). On
+    /// `Err(LogBusy { done })` the same, once the log closer has closed the
+    /// full kset (a space signal says so too).
+    pub fn write<D: DataIn + ?Sized>(&self, head: &mut DataHead, off: u64, data: &D) -> Result<()> {
         self.write_flagged(head, off, data, 0)
     }
 
     /// [`Engine::write`], logging keys with `flags` (CLEAN: the backing
     /// store already holds the data).
-    pub(super) fn write_flagged(
+    pub(super) fn write_flagged<D: DataIn + ?Sized>(
         &self,
         head: &mut DataHead,
         off: u64,
-        data: &[u8],
+        data: &D,
         flags: u32,
     ) -> Result<()> {
         self.check_writable()?;
@@ -142,13 +160,14 @@ impl Engine {
                 self.gc_kick.kick();
                 return Err(Error::CacheFull { done });
             };
-            let piece = &data[done as usize..(done + a.len as u64) as usize];
             // Data first, fenced: it reaches the medium before any kset
             // that points to it can.
-            self.region.write(data_off(a.seg, a.off), piece);
+            let at = data_off(a.seg, a.off);
+            data.store(&self.region, at, done as usize, a.len as usize);
             self.region.fence();
+            // Of our copy: a guest may change its buffer meanwhile.
             let crc = if self.data_crc {
-                crc32c::crc32c(piece)
+                self.region.crc32c(at, a.len as usize)
             } else {
                 0
             };
@@ -163,10 +182,7 @@ impl Engine {
             };
             if let Err(e) = self.key_insert(&key, None) {
                 self.put_key_ref(a.seg);
-                if let Error::CacheFull { .. } = e {
-                    return Err(Error::CacheFull { done });
-                }
-                return Err(e);
+                return Err(e.with_done(done));
             }
             done += a.len as u64;
         }
@@ -195,10 +211,7 @@ impl Engine {
             let n = (len - done).min(region_left);
             let key = KeyOnMedia::dataless(pos, n as u32, flags);
             if let Err(e) = self.key_insert(&key, None) {
-                if let Error::CacheFull { .. } = e {
-                    return Err(Error::CacheFull { done });
-                }
-                return Err(e);
+                return Err(e.with_done(done));
             }
             done += n;
         }
@@ -226,9 +239,7 @@ impl Engine {
             }
         }
         let mut ks = self.kset_for(region).lock().expect("kset lock");
-        if ks.is_full() {
-            self.kset_close(&mut ks)?;
-        }
+        self.kset_room(&mut ks)?;
         let start = (key.off & (REGION_BYTES - 1)) / SECTOR_BYTES;
         CacheExt::from_key(key).apply(&mut sh.map, start);
         // Anything but a fill makes fills read before it stale (a
@@ -237,18 +248,19 @@ impl Engine {
             sh.write_version += 1;
         }
         self.kset_push(&mut ks, key);
-        if ks.is_full() {
-            // Best effort: a failure leaves it full, and the next append,
-            // the timer or a flush closes it.
-            let _ = self.kset_close(&mut ks);
-        }
+        self.kset_filled(&mut ks);
         Ok(true)
     }
 
     /// Read `buf.len()` bytes at logical byte `off`. Cached pieces are
     /// copied into `buf`; the rest is appended to `misses` for the caller to
     /// read from the backing store (into `buf[miss.buf_off..]`).
-    pub fn read(&self, off: u64, buf: &mut [u8], misses: &mut Vec<Miss>) -> Result<()> {
+    pub fn read<D: DataOut + ?Sized>(
+        &self,
+        off: u64,
+        buf: &mut D,
+        misses: &mut Vec<Miss>,
+    ) -> Result<()> {
         let len = buf.len() as u64;
         check_range(off, len, self.size())?;
         if self.mode() == super::CacheMode::None {
@@ -269,8 +281,7 @@ impl Engine {
             let pos = off + done;
             let region_left = REGION_BYTES - (pos & (REGION_BYTES - 1));
             let n = (len - done).min(region_left);
-            let piece = &mut buf[done as usize..(done + n) as usize];
-            self.read_piece(pos, piece, done as usize, misses)?;
+            self.read_piece(pos, buf, done as usize, n as usize, misses)?;
             done += n;
         }
         let missed: u64 = misses[first_miss..].iter().map(|m| m.len).sum();
@@ -284,11 +295,14 @@ impl Engine {
         Ok(())
     }
 
-    fn read_piece(
+    /// Bytes `buf_base..buf_base+piece_len` of `buf`, read from logical
+    /// `pos`, inside one 4 MiB region.
+    fn read_piece<D: DataOut + ?Sized>(
         &self,
         pos: u64,
-        buf: &mut [u8],
+        buf: &mut D,
         buf_base: usize,
+        piece_len: usize,
         misses: &mut Vec<Miss>,
     ) -> Result<()> {
         let region = region_of(pos);
@@ -296,7 +310,7 @@ impl Engine {
         let Some(shard) = self.shard(region) else {
             misses.push(Miss {
                 off: pos,
-                len: buf.len() as u64,
+                len: piece_len as u64,
                 buf_off: buf_base,
                 version: 0,
             });
@@ -305,7 +319,7 @@ impl Engine {
         let mut sh = shard.lock().expect("shard lock");
         let version = sh.write_version;
         let start = (pos - base) / SECTOR_BYTES;
-        let sectors = buf.len() as u64 / SECTOR_BYTES;
+        let sectors = piece_len as u64 / SECTOR_BYTES;
         // Pieces: (sector in region, sectors, extent start, extent)
         let mut pieces: smallvec_lite::Inline<Piece> = Default::default();
         sh.map
@@ -353,8 +367,8 @@ impl Engine {
                 break;
             }
             if ext.is_zero() {
-                let b = ((s - start) * SECTOR_BYTES) as usize;
-                buf[b..b + (n * SECTOR_BYTES) as usize].fill(0);
+                let b = buf_base + ((s - start) * SECTOR_BYTES) as usize;
+                buf.zero(b, (n * SECTOR_BYTES) as usize);
                 continue;
             }
             let seg_gen = self.segs.gen(ext.seg);
@@ -385,11 +399,13 @@ impl Engine {
                 result = Err(lost(s, n));
                 break;
             }
-            let b = ((s - start) * SECTOR_BYTES) as usize;
+            let b = buf_base + ((s - start) * SECTOR_BYTES) as usize;
             let blen = (n * SECTOR_BYTES) as usize;
-            self.region.read(
+            buf.load(
+                &self.region,
                 data_off(ext.seg, ext.data_byte_off()),
-                &mut buf[b..b + blen],
+                b,
+                blen,
             );
             hits.push((s, n, ext.seg, seg_gen));
         }

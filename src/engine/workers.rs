@@ -74,6 +74,7 @@ impl Workers {
         self.engine.halting.store(true, Ordering::Relaxed);
         self.engine.writeback_kick.kick();
         self.engine.gc_kick.kick();
+        self.engine.closer_kick.kick();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -150,11 +151,23 @@ fn gc_loop(e: &Engine, stop: &AtomicBool) {
     }
 }
 
+/// The kset timer, which is also the log closer: closes ksets whose
+/// oldest key waited a second, and, when kicked, the ksets guest requests
+/// left (nearly) full (`Engine::defer_log_closes`).
 fn timer_loop(e: &Engine, stop: &AtomicBool) {
+    let mut next_tick = Instant::now() + TIMER_TICK;
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(TIMER_TICK);
-        if let Err(err) = e.close_aged_ksets(KSET_MAX_AGE) {
-            tracing::debug!(error = %err, "timed kset close deferred");
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        if e.closer_kick.wait(wait) {
+            if let Err(err) = e.close_full_ksets() {
+                tracing::debug!(error = %err, "closing full ksets deferred");
+            }
+        }
+        if Instant::now() >= next_tick {
+            next_tick = Instant::now() + TIMER_TICK;
+            if let Err(err) = e.close_aged_ksets(KSET_MAX_AGE) {
+                tracing::debug!(error = %err, "timed kset close deferred");
+            }
         }
     }
 }

@@ -40,11 +40,12 @@
 //! like writes, so replay, writeback and GC see them where the guest put
 //! them.
 
-use super::meta::{le_u32, le_u64, put_u32, put_u64};
-use super::{
-    Error, Result, KEY_BYTES, KSET_HEADER_BYTES, KSET_KEYS_MAX, KSET_MAGIC, REGION_BYTES,
-    SECTOR_BYTES, SEG_DATA_BYTES,
+use super::check::{Error, Result};
+use super::layout::{
+    KEY_BYTES, KSET_HEADER_BYTES, KSET_KEYS_MAX, KSET_MAGIC, REGION_BYTES, SECTOR_BYTES,
+    SEG_DATA_BYTES,
 };
+use super::meta::{le_u32, le_u64, put_u32, put_u64};
 
 /// Kset flag: this kset only links to the next log segment.
 pub const KSET_FLAG_LAST: u32 = 1;
@@ -238,7 +239,7 @@ impl KsetHeader {
 
     /// Bytes of the whole kset on media.
     pub fn bytes(&self) -> usize {
-        super::KSET_HEADER_BYTES + super::KEY_BYTES * self.key_num as usize
+        super::layout::KSET_HEADER_BYTES + super::layout::KEY_BYTES * self.key_num as usize
     }
 }
 
@@ -274,13 +275,15 @@ pub struct KsetView<'a> {
 impl<'a> KsetView<'a> {
     /// Key `i` (i < key_num), decoded without validation.
     pub fn key(&self, i: usize) -> KeyOnMedia {
-        KeyOnMedia::decode(&self.keys[i * super::KEY_BYTES..(i + 1) * super::KEY_BYTES])
+        KeyOnMedia::decode(
+            &self.keys[i * super::layout::KEY_BYTES..(i + 1) * super::layout::KEY_BYTES],
+        )
     }
 
     /// Iterate the keys.
     pub fn iter(&self) -> impl Iterator<Item = KeyOnMedia> + 'a {
         self.keys
-            .chunks_exact(super::KEY_BYTES)
+            .chunks_exact(super::layout::KEY_BYTES)
             .map(KeyOnMedia::decode)
     }
 
@@ -314,7 +317,7 @@ impl<'a> KsetView<'a> {
         }
         // total <= buf.len(), so it fits in usize.
         let kset = &buf[..total as usize];
-        if le_u32(kset, 0) != super::record_crc(kset) {
+        if le_u32(kset, 0) != super::check::record_crc(kset) {
             return Err(KsetEnd::BadCrc);
         }
         let header = KsetHeader {
@@ -402,7 +405,7 @@ fn write_header(
     put_u64(kset, 32, epoch);
     put_u32(kset, 40, flags);
     put_u32(kset, 44, next_seg);
-    let crc = super::record_crc(kset);
+    let crc = super::check::record_crc(kset);
     put_u32(kset, 0, crc);
 }
 

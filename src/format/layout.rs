@@ -17,7 +17,7 @@
 //! 12 KiB .. 16 MiB     data area (cached payload, or ksets for a log segment)
 //! ```
 
-use super::{Error, Result};
+use super::check::{Error, Result};
 
 /// One logical sector, the unit of every key offset and length.
 pub const SECTOR_BYTES: u64 = 512;
@@ -43,8 +43,32 @@ pub const DIRTY_TAIL_OFF: [u64; 2] = [CTRL_OFF + 64, CTRL_OFF + 96];
 pub const WB_TARGET_OFF: [u64; 2] = [CTRL_OFF + 128, CTRL_OFF + 160];
 /// Bytes of metadata before segment 0: dm-pcache's 20 KiB, then the kset
 /// slots (148 KiB).
-pub const SEGMENTS_OFF: u64 =
-    super::slot::KSET_SLOTS_OFF + super::slot::KSET_SLOTS as u64 * super::slot::KSET_SLOT_BYTES;
+pub const SEGMENTS_OFF: u64 = KSET_SLOTS_OFF + KSET_SLOTS as u64 * KSET_SLOT_BYTES;
+
+/// Open ksets, one slot each (a key of 4 MiB region r goes to r % 16).
+pub const KSET_SLOTS: usize = 16;
+/// Bytes of one slot (64-byte header + 128 keys, rounded up to 8 KiB).
+pub const KSET_SLOT_BYTES: u64 = 8192;
+/// Device offset of slot 0 (after the cache_ctrl block).
+pub const KSET_SLOTS_OFF: u64 = 20480;
+/// Offset of `seq` in a slot.
+pub const SLOT_SEQ_OFF: u64 = 0;
+/// Offset of `closing` in a slot.
+pub const SLOT_CLOSING_OFF: u64 = 8;
+/// Offset of the first staged key in a slot.
+pub const SLOT_KEYS_OFF: u64 = 64;
+/// Bytes of a slot's header.
+pub const SLOT_HEADER_BYTES: usize = 16;
+
+/// Device offset of slot `i`.
+pub const fn slot_off(i: usize) -> u64 {
+    KSET_SLOTS_OFF + i as u64 * KSET_SLOT_BYTES
+}
+
+/// Device offset of staged key `k` of slot `i`.
+pub const fn staged_key_off(i: usize, k: usize) -> u64 {
+    slot_off(i) + SLOT_KEYS_OFF + (k * KEY_BYTES) as u64
+}
 
 /// Bytes of one segment (16 MiB, as dm-pcache).
 pub const SEG_BYTES: u64 = 16 << 20;
@@ -76,9 +100,7 @@ pub const KSET_MAGIC: u64 = 0x676894A64E164F1A;
 /// Superblock magic. Differs from dm-pcache's value on purpose: the layouts
 /// are not compatible, and neither implementation must mistake the other.
 pub const SB_MAGIC: u64 = 0x70636163_68655F31; // "pcache_1"
-/// On-media format version written by this build. Version 2 added the kset
-/// slots (and moved the segments after them); version 1 media are refused.
-pub const FORMAT_VERSION: u32 = 2;
+pub use super::check::FORMAT_VERSION;
 
 /// Largest disk (backing store) a cache can front: 256 TiB.
 pub const MAX_DISK_BYTES: u64 = 256 << 40;
@@ -221,7 +243,7 @@ mod tests {
         for w in ctrl.windows(2) {
             assert!(w[0] + rec <= w[1]);
         }
-        assert!(ctrl[5] + rec <= super::super::slot::KSET_SLOTS_OFF);
+        assert!(ctrl[5] + rec <= KSET_SLOTS_OFF);
         // Segment header: segment_info x2, gen x2, data area.
         assert!(SEG_INFO_OFF[0] + rec <= SEG_INFO_OFF[1]);
         assert!(SEG_INFO_OFF[1] + rec <= SEG_GEN_OFF[0]);

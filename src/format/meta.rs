@@ -15,7 +15,7 @@
 //! tag, and writers always target the slot that does not hold the newest
 //! valid copy (see [`Latest::write_slot`]).
 
-use super::{Error, Result};
+use super::check::{Error, Result};
 
 /// Header bytes shared by every replicated record.
 pub const META_HEADER_BYTES: usize = 16;
@@ -56,7 +56,7 @@ pub trait MetaRecord: Sized + Clone {
         put_u32(&mut buf, 4, Self::KIND);
         put_u64(&mut buf, 8, seq);
         self.encode_body(&mut buf[META_HEADER_BYTES..]);
-        let crc = super::record_crc(&buf);
+        let crc = super::check::record_crc(&buf);
         put_u32(&mut buf, 0, crc);
         buf
     }
@@ -82,7 +82,7 @@ pub trait MetaRecord: Sized + Clone {
             return Err(corrupt("never written (all zero)".into()));
         }
         let stored = le_u32(rec, 0);
-        let computed = super::record_crc(rec);
+        let computed = super::check::record_crc(rec);
         if stored != computed {
             return Err(corrupt(format!(
                 "crc mismatch: stored {stored:#010x}, computed {computed:#010x}"
@@ -226,19 +226,19 @@ pub struct CacheInfo {
 impl CacheInfo {
     /// The size of the disk: `disk_sectors` once grown, else the size the
     /// superblock was formatted for (a smaller `disk_sectors` is corrupt).
-    pub fn disk_bytes(&self, sb: &super::Superblock) -> Result<u64> {
+    pub fn disk_bytes(&self, backing_bytes: u64) -> Result<u64> {
         if self.disk_sectors == 0 {
-            return Ok(sb.backing_bytes);
+            return Ok(backing_bytes);
         }
-        let bytes = self.disk_sectors * super::SECTOR_BYTES;
-        if bytes < sb.backing_bytes || bytes > super::MAX_DISK_BYTES {
+        let bytes = self.disk_sectors * super::layout::SECTOR_BYTES;
+        if bytes < backing_bytes || bytes > super::layout::MAX_DISK_BYTES {
             return Err(Error::Corrupt {
                 what: Self::NAME,
-                offset: super::CACHE_INFO_OFF[0],
+                offset: super::layout::CACHE_INFO_OFF[0],
                 detail: format!(
                     "disk size {bytes} is below the formatted {} or above {}",
-                    sb.backing_bytes,
-                    super::MAX_DISK_BYTES
+                    backing_bytes,
+                    super::layout::MAX_DISK_BYTES
                 ),
             });
         }
@@ -278,8 +278,8 @@ impl PosOnMedia {
 
     /// Medium byte offset of key `i` of the kset at this position.
     pub fn key_at(self, i: usize) -> u64 {
-        super::data_off(self.seg, self.off)
-            + (super::KSET_HEADER_BYTES + i * super::KEY_BYTES) as u64
+        super::layout::data_off(self.seg, self.off)
+            + (super::layout::KSET_HEADER_BYTES + i * super::layout::KEY_BYTES) as u64
     }
 }
 
@@ -315,14 +315,14 @@ impl MetaRecord for CacheInfo {
                 u64::from_le_bytes(b)
             },
         };
-        if info.mode > super::MODE_MAX {
+        if info.mode > super::layout::MODE_MAX {
             return Err(corrupt(format!("unknown cache mode {}", info.mode)));
         }
-        if info.n_segs == 0 || info.n_segs > super::MAX_SEGS {
+        if info.n_segs == 0 || info.n_segs > super::layout::MAX_SEGS {
             return Err(corrupt(format!(
                 "n_segs {} out of range 1..={}",
                 info.n_segs,
-                super::MAX_SEGS
+                super::layout::MAX_SEGS
             )));
         }
         let unknown = info.flags & !CACHE_FLAGS_KNOWN;
@@ -339,11 +339,11 @@ impl MetaRecord for CacheInfo {
                 info.flags
             )));
         }
-        if info.gc_percent > super::GC_PERCENT_MAX {
+        if info.gc_percent > super::layout::GC_PERCENT_MAX {
             return Err(corrupt(format!(
                 "gc_percent {} above {}",
                 info.gc_percent,
-                super::GC_PERCENT_MAX
+                super::layout::GC_PERCENT_MAX
             )));
         }
         Ok(info)
@@ -358,8 +358,8 @@ const CACHE_FLAGS_KNOWN: u32 = CACHE_FLAG_DATA_CRC
     | CACHE_FLAG_WB_NEWEST;
 
 /// One struct serves key_tail, dirty_tail and the writeback target; errors
-/// tell them apart by offset ([`super::KEY_TAIL_OFF`],
-/// [`super::DIRTY_TAIL_OFF`], [`super::WB_TARGET_OFF`]).
+/// tell them apart by offset ([`super::layout::KEY_TAIL_OFF`],
+/// [`super::layout::DIRTY_TAIL_OFF`], [`super::layout::WB_TARGET_OFF`]).
 impl MetaRecord for PosOnMedia {
     const NAME: &'static str = "log position";
     const KIND: u32 = 2;

@@ -224,11 +224,11 @@ fn an_unknown_cache_mode_is_corrupt_and_the_disk_size_is_checked() {
         disk_sectors,
         ..cache_info()
     };
-    assert_eq!(info(0).disk_bytes(&sb).unwrap(), 1 << 30);
-    assert_eq!(info(4 << 21).disk_bytes(&sb).unwrap(), 4 << 30);
-    assert!(info((1 << 21) - 1).disk_bytes(&sb).is_err());
+    assert_eq!(info(0).disk_bytes(sb.backing_bytes).unwrap(), 1 << 30);
+    assert_eq!(info(4 << 21).disk_bytes(sb.backing_bytes).unwrap(), 4 << 30);
+    assert!(info((1 << 21) - 1).disk_bytes(sb.backing_bytes).is_err());
     assert!(info(crate::format::MAX_DISK_BYTES / 512 + 1)
-        .disk_bytes(&sb)
+        .disk_bytes(sb.backing_bytes)
         .is_err());
 }
 

@@ -28,33 +28,8 @@
 //! Differs from dm-pcache: the kernel keeps open ksets in DRAM only.
 
 use super::kset::KeyOnMedia;
+use super::layout::{KEY_BYTES, KSET_KEYS_MAX, SLOT_HEADER_BYTES};
 use super::meta::{le_u64, put_u32};
-use super::{KEY_BYTES, KSET_KEYS_MAX};
-
-/// Open ksets, one slot each (a key of 4 MiB region r goes to r % 16).
-pub const KSET_SLOTS: usize = 16;
-/// Bytes of one slot (64-byte header + 128 keys, rounded up to 8 KiB).
-pub const KSET_SLOT_BYTES: u64 = 8192;
-/// Device offset of slot 0 (after the cache_ctrl block).
-pub const KSET_SLOTS_OFF: u64 = 20480;
-/// Offset of `seq` in a slot.
-pub const SLOT_SEQ_OFF: u64 = 0;
-/// Offset of `closing` in a slot.
-pub const SLOT_CLOSING_OFF: u64 = 8;
-/// Offset of the first staged key in a slot.
-pub const SLOT_KEYS_OFF: u64 = 64;
-/// Bytes of a slot's header.
-pub const SLOT_HEADER_BYTES: usize = 16;
-
-/// Device offset of slot `i`.
-pub const fn slot_off(i: usize) -> u64 {
-    KSET_SLOTS_OFF + i as u64 * KSET_SLOT_BYTES
-}
-
-/// Device offset of staged key `k` of slot `i`.
-pub const fn staged_key_off(i: usize, k: usize) -> u64 {
-    slot_off(i) + SLOT_KEYS_OFF + (k * KEY_BYTES) as u64
-}
 
 /// A slot's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -130,6 +105,7 @@ pub const SLOT_KEYS_MAX: usize = KSET_KEYS_MAX;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::layout::{slot_off, staged_key_off, KSET_SLOTS, KSET_SLOTS_OFF};
 
     const FID: u64 = 0xfeed_f00d_1234_5678;
 

@@ -13,15 +13,16 @@
 //! 56   8     reserved, 0
 //! ```
 
+use super::check::{Error, Result};
+use super::layout::{FORMAT_VERSION, MAX_SEGS, SB_BYTES, SB_MAGIC, SB_OFF};
 use super::meta::{le_u32, le_u64, put_u32, put_u64};
-use super::{Error, Result, FORMAT_VERSION, MAX_SEGS, SB_BYTES, SB_MAGIC, SB_OFF};
 
 /// The decoded superblock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Superblock {
     /// Reserved flags (0).
     pub flags: u32,
-    /// Format version ([`super::FORMAT_VERSION`]).
+    /// Format version ([`super::layout::FORMAT_VERSION`]).
     pub version: u32,
     /// Number of segments on the medium.
     pub seg_num: u32,
@@ -40,8 +41,8 @@ impl Superblock {
         u64::from_le_bytes(self.uuid[..8].try_into().expect("uuid is 16 bytes"))
     }
 
-    /// Encode into the [`super::SB_BYTES`]-byte record, CRC included.
-    pub fn encode(&self) -> [u8; super::SB_BYTES] {
+    /// Encode into the [`super::layout::SB_BYTES`]-byte record, CRC included.
+    pub fn encode(&self) -> [u8; super::layout::SB_BYTES] {
         let mut buf = [0u8; SB_BYTES];
         put_u32(&mut buf, 4, self.flags);
         put_u64(&mut buf, 8, SB_MAGIC);
@@ -50,7 +51,7 @@ impl Superblock {
         buf[24..40].copy_from_slice(&self.uuid);
         put_u64(&mut buf, 40, self.cache_bytes);
         put_u64(&mut buf, 48, self.backing_bytes);
-        let crc = super::record_crc(&buf);
+        let crc = super::check::record_crc(&buf);
         put_u32(&mut buf, 0, crc);
         buf
     }
@@ -81,7 +82,7 @@ impl Superblock {
             )));
         }
         let stored = le_u32(rec, 0);
-        let computed = super::record_crc(rec);
+        let computed = super::check::record_crc(rec);
         if stored != computed {
             return Err(corrupt(format!(
                 "crc mismatch: stored {stored:#010x}, computed {computed:#010x}"
@@ -108,7 +109,7 @@ impl Superblock {
                 sb.seg_num
             )));
         }
-        let need = super::size_for_segs(sb.seg_num);
+        let need = super::layout::size_for_segs(sb.seg_num);
         if need > medium_bytes {
             return Err(corrupt(format!(
                 "seg_num {} needs {need} bytes but the medium has {medium_bytes}",

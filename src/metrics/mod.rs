@@ -21,8 +21,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::control::FrontendProbe;
+use crate::disk::Phase;
 use crate::engine::{Engine, StatsSnapshot};
-use crate::handover::Phase;
 use crate::vhost::{Counters, Op, Outcome, QueueCounters, BOUNDS_NS};
 
 pub mod http;

@@ -31,6 +31,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::iovec::IoVec;
+
 /// Bytes of a cache line, the unit of a flush instruction.
 const LINE_BYTES: usize = 64;
 /// Granularity of dirty tracking for msync (1 MiB: a 16 MiB segment is 16
@@ -100,32 +102,6 @@ impl std::fmt::Display for Durability {
     }
 }
 
-/// The instruction used to write back a cache line on DAX media.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FlushInsn {
-    /// clwb: writes back and keeps the line cached.
-    Clwb,
-    /// clflushopt: writes back and evicts, weakly ordered.
-    Clflushopt,
-    /// clflush: writes back and evicts, strongly ordered (slowest).
-    Clflush,
-}
-
-impl FlushInsn {
-    /// The best instruction this CPU has.
-    pub fn detect() -> FlushInsn {
-        let (clwb, clflushopt) = cpu_flush_features();
-        if clwb {
-            FlushInsn::Clwb
-        } else if clflushopt {
-            FlushInsn::Clflushopt
-        } else {
-            FlushInsn::Clflush
-        }
-    }
-}
-
 /// How stores are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PersistMode {
@@ -161,6 +137,8 @@ pub struct Region {
     mode: PersistMode,
     durability: Durability,
     read_only: bool,
+    /// The medium is a tmpfs file: an msync there does no I/O.
+    on_tmpfs: bool,
     dirty: Box<[AtomicU64]>,
     #[cfg(any(test, feature = "test-doubles"))]
     tracker: Option<tracked::Tracker>,
@@ -255,7 +233,8 @@ impl Region {
         } else {
             (PersistMode::Msync, Durability::File)
         };
-        if !opts.read_only && is_tmpfs(&file) {
+        let on_tmpfs = is_tmpfs(&file);
+        if !opts.read_only && on_tmpfs {
             // Fault every page in now: on tmpfs the first store to a page
             // costs a page fault and an allocation (microseconds), which
             // would otherwise land on the guest's write path. Real pmem is
@@ -283,6 +262,7 @@ impl Region {
             mode,
             durability,
             read_only: opts.read_only,
+            on_tmpfs,
             dirty,
             #[cfg(any(test, feature = "test-doubles"))]
             tracker: opts.track_stores.then(tracked::Tracker::default),
@@ -314,6 +294,15 @@ impl Region {
     /// How stores are persisted.
     pub fn mode(&self) -> PersistMode {
         self.mode
+    }
+
+    /// Does [`Region::persist`] wait for a device (an msync of a file on a
+    /// real file system)? Not on DAX, where it is an `sfence`, nor on tmpfs,
+    /// where an msync has nothing to write. Callers that must never block
+    /// on I/O (the queue workers) hand such persists to a thread of their
+    /// own.
+    pub fn persist_waits_for_io(&self) -> bool {
+        self.mode == PersistMode::Msync && !self.on_tmpfs
     }
 
     #[track_caller]
@@ -376,6 +365,43 @@ impl Region {
             }
         }
         self.written(o, data.len());
+    }
+
+    /// Copy bytes `at..at+len` of `src` (memory we do not own) to `off`, as
+    /// [`Region::write`] does.
+    pub fn write_iov(&self, off: u64, src: &IoVec<'_>, at: usize, len: usize) {
+        assert!(!self.read_only, "write to a read-only cache mapping");
+        let o = self.check(off, len);
+        self.track(o, len);
+        let mut done = 0;
+        for (p, n) in src.pieces(at, len) {
+            // SAFETY: `o+done..o+done+n` lies inside the live, writable
+            // mapping (checked for the whole range); `p..p+n` is readable
+            // (IoVec's invariant) and is guest memory or a caller's buffer,
+            // never a view of this mapping.
+            unsafe {
+                if n >= NT_MIN_BYTES {
+                    copy_nt(self.ptr.add(o + done), p, n);
+                } else {
+                    std::ptr::copy_nonoverlapping(p, self.ptr.add(o + done), n);
+                }
+            }
+            done += n;
+        }
+        self.written(o, len);
+    }
+
+    /// Copy `len` bytes at `off` into bytes `at..at+len` of `dst` (memory
+    /// we do not own).
+    pub fn read_iov(&self, off: u64, dst: &IoVec<'_>, at: usize, len: usize) {
+        let o = self.check(off, len);
+        let mut done = 0;
+        for (p, n) in dst.pieces(at, len) {
+            // SAFETY: the source lies inside the live mapping (checked);
+            // `p..p+n` is writable (IoVec's invariant) and not part of it.
+            unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(o + done), p, n) };
+            done += n;
+        }
     }
 
     /// Fill `len` bytes at `off` with zeros, as [`Region::write`] does.
@@ -576,74 +602,6 @@ impl Drop for Region {
     }
 }
 
-/// Smallest [`Region::write`] done with non-temporal stores.
-pub const NT_MIN_BYTES: usize = 512;
-
-/// Copy `len` bytes with non-temporal stores for the 16-byte-aligned middle
-/// of the destination and plain stores for the ends, then `sfence`.
-///
-/// # Safety
-/// `dst..dst+len` must be writable, `src..src+len` readable, and the two
-/// must not overlap.
-#[inline]
-unsafe fn copy_nt(dst: *mut u8, src: *const u8, len: usize) {
-    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
-    let head = ((16 - (dst as usize & 15)) & 15).min(len);
-    let body = (len - head) & !15;
-    // SAFETY: every pointer below stays inside dst..dst+len and
-    // src..src+len (head + body <= len); the stream stores' destinations are
-    // 16-byte aligned (dst + head is); unaligned loads need no alignment;
-    // sse2 (the stream and fence instructions) is part of x86_64.
-    unsafe {
-        std::ptr::copy_nonoverlapping(src, dst, head);
-        let (d, s) = (dst.add(head), src.add(head));
-        let mut i = 0;
-        while i < body {
-            let v = _mm_loadu_si128(s.add(i).cast::<__m128i>());
-            _mm_stream_si128(d.add(i).cast::<__m128i>(), v);
-            i += 16;
-        }
-        std::ptr::copy_nonoverlapping(s.add(body), d.add(body), len - head - body);
-        _mm_sfence();
-    }
-}
-
-/// Write back the cache line holding `p`.
-///
-/// # Safety
-/// `p` must point into mapped memory.
-#[inline(always)]
-unsafe fn flush_line(insn: FlushInsn, p: *mut u8) {
-    // SAFETY: the caller guarantees `p` is mapped; these instructions only
-    // write back a cache line and have no other effect on memory.
-    unsafe {
-        match insn {
-            FlushInsn::Clwb => {
-                std::arch::asm!("clwb [{0}]", in(reg) p, options(nostack, preserves_flags))
-            }
-            FlushInsn::Clflushopt => {
-                std::arch::asm!("clflushopt [{0}]", in(reg) p, options(nostack, preserves_flags))
-            }
-            FlushInsn::Clflush => std::arch::x86_64::_mm_clflush(p),
-        }
-    }
-}
-
-/// (clwb, clflushopt) support, from CPUID leaf 7 (EBX bits 24 and 23).
-fn cpu_flush_features() -> (bool, bool) {
-    #[allow(unused_unsafe)]
-    // SAFETY: cpuid is available on every x86_64 CPU and only reads
-    // processor identification registers.
-    let max = unsafe { std::arch::x86_64::__cpuid(0) }.eax;
-    if max < 7 {
-        return (false, false);
-    }
-    #[allow(unused_unsafe)]
-    // SAFETY: as above; leaf 7 exists since max >= 7.
-    let ebx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.ebx;
-    (ebx & (1 << 24) != 0, ebx & (1 << 23) != 0)
-}
-
 /// Is `file` on tmpfs (or another shmem file system)?
 fn is_tmpfs(file: &File) -> bool {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
@@ -667,133 +625,14 @@ fn devdax_size(meta: &std::fs::Metadata) -> io::Result<u64> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{p}: not a number")))
 }
 
+mod cpu;
 #[cfg(any(test, feature = "test-doubles"))]
 pub mod tracked;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+use cpu::cpu_flush_features;
+use cpu::{copy_nt, flush_line};
+pub use cpu::{FlushInsn, NT_MIN_BYTES};
 
-    fn file(len: u64) -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("m");
-        let f = File::create(&p).unwrap();
-        f.set_len(len).unwrap();
-        (dir, p)
-    }
-
-    #[test]
-    fn plain_file_maps_with_msync_and_round_trips() {
-        let (_d, p) = file(4 << 20);
-        let r = Region::open(&p, RegionOptions::default()).unwrap();
-        assert_eq!(r.mode(), PersistMode::Msync);
-        assert_eq!(r.durability(), Durability::File);
-        r.write(4096 + 3, b"hello");
-        r.persist().unwrap();
-        let mut b = [0u8; 5];
-        r.read(4096 + 3, &mut b);
-        assert_eq!(&b, b"hello");
-        drop(r);
-        let bytes = std::fs::read(&p).unwrap();
-        assert_eq!(&bytes[4099..4104], b"hello");
-    }
-
-    #[test]
-    fn persist_clears_dirty_chunks() {
-        let (_d, p) = file(8 << 20);
-        let r = Region::open(&p, RegionOptions::default()).unwrap();
-        r.write((1 << 20) - 2, &[1, 2, 3, 4]);
-        r.zero(5 << 20, 10);
-        let dirty: u64 = r.dirty.iter().map(|w| w.load(Ordering::Relaxed)).sum();
-        assert_eq!(dirty, 0b100011);
-        r.persist().unwrap();
-        assert!(r.dirty.iter().all(|w| w.load(Ordering::Relaxed) == 0));
-    }
-
-    #[test]
-    fn cache_line_flush_path_runs_on_a_plain_mapping() {
-        let (_d, p) = file(1 << 20);
-        let opts = RegionOptions {
-            force_cache_line_flush: true,
-            ..Default::default()
-        };
-        let r = Region::open(&p, opts).unwrap();
-        assert!(matches!(r.mode(), PersistMode::CacheLine(_)));
-        let data: Vec<u8> = (0..10_000).map(|i| i as u8).collect();
-        r.write(77, &data);
-        r.persist().unwrap();
-        let mut back = vec![0u8; data.len()];
-        r.read(77, &mut back);
-        assert_eq!(back, data);
-        assert_eq!(r.crc32c(77, data.len()), crc32c::crc32c(&data));
-    }
-
-    #[test]
-    fn non_temporal_copies_match_at_every_alignment_and_length() {
-        let src: Vec<u8> = (0..9000u32).map(|i| (i * 7 + 3) as u8).collect();
-        let mut dst = vec![0u8; 9100];
-        for dst_off in 0..17 {
-            for src_off in [0usize, 1, 5, 16] {
-                for len in [0usize, 1, 15, 16, 17, 63, 512, 513, 4096, 4097, 8191] {
-                    dst.fill(0xee);
-                    // SAFETY: both ranges lie inside their vectors, which
-                    // are distinct allocations.
-                    unsafe {
-                        copy_nt(
-                            dst.as_mut_ptr().add(dst_off),
-                            src.as_ptr().add(src_off),
-                            len,
-                        )
-                    };
-                    let at = (dst_off, src_off, len);
-                    assert_eq!(
-                        &dst[dst_off..dst_off + len],
-                        &src[src_off..src_off + len],
-                        "{at:?}"
-                    );
-                    assert!(dst[..dst_off].iter().all(|&b| b == 0xee), "{at:?}");
-                    assert!(dst[dst_off + len..].iter().all(|&b| b == 0xee), "{at:?}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn every_flush_instruction_this_cpu_has_works() {
-        let (_d, p) = file(1 << 20);
-        let r = Region::open(&p, RegionOptions::default()).unwrap();
-        let mut insns = vec![FlushInsn::Clflush];
-        let (clwb, clflushopt) = cpu_flush_features();
-        if clflushopt {
-            insns.push(FlushInsn::Clflushopt);
-        }
-        if clwb {
-            insns.push(FlushInsn::Clwb);
-        }
-        for insn in insns {
-            // SAFETY: the pointer is inside the live mapping.
-            unsafe { flush_line(insn, r.ptr.add(128)) };
-        }
-    }
-
-    #[test]
-    #[should_panic(expected = "outside the")]
-    fn out_of_range_access_is_refused() {
-        let (_d, p) = file(1 << 20);
-        let r = Region::open(&p, RegionOptions::default()).unwrap();
-        r.write((1 << 20) - 1, &[0, 0]);
-    }
-
-    #[test]
-    fn directory_is_refused_with_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let e = Region::open(dir.path(), RegionOptions::default())
-            .err()
-            .unwrap();
-        let msg = e.to_string();
-        assert!(
-            msg.contains("Cannot open") || msg.contains("not a regular file"),
-            "{msg}"
-        );
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -36,6 +36,9 @@ pub enum FaultKind {
     Enospc,
     /// Sleep this long, then perform the operation normally.
     Delay(Duration),
+    /// Perform the operation, then sleep this long before returning: it
+    /// lands at once but is reported late (as a completion can be).
+    DelayAfter(Duration),
 }
 
 /// When to inject one kind of fault into one kind of operation.
@@ -141,6 +144,8 @@ struct State {
 struct Decision {
     /// Sleep this long first (sum of the Delay plans that fired).
     delay: Duration,
+    /// Sleep this long after the operation (the DelayAfter plans).
+    delay_after: Duration,
     /// Then fail this way instead of (or, for Short, after part of) the
     /// operation.
     fault: Option<FaultKind>,
@@ -212,7 +217,10 @@ impl<B: Backing> FaultyBacking<B> {
         let state = &mut *guard;
         for active in state.plans.iter_mut().filter(|a| a.plan.op == op) {
             active.seen += 1;
-            let is_delay = matches!(active.plan.kind, FaultKind::Delay(_));
+            let is_delay = matches!(
+                active.plan.kind,
+                FaultKind::Delay(_) | FaultKind::DelayAfter(_)
+            );
             if !is_delay && decision.fault.is_some() {
                 continue;
             }
@@ -223,10 +231,22 @@ impl<B: Backing> FaultyBacking<B> {
             self.injected.fetch_add(1, Ordering::Relaxed);
             match active.plan.kind {
                 FaultKind::Delay(d) => decision.delay += d,
+                FaultKind::DelayAfter(d) => decision.delay_after += d,
                 kind => decision.fault = Some(kind),
             }
         }
         decision
+    }
+}
+
+/// Sleeps when dropped: after the operation, before its caller hears.
+struct Late(Duration);
+
+impl Drop for Late {
+    fn drop(&mut self) {
+        if !self.0.is_zero() {
+            std::thread::sleep(self.0);
+        }
     }
 }
 
@@ -287,6 +307,7 @@ impl<B: Backing> Backing for FaultyBacking<B> {
         if !d.delay.is_zero() {
             std::thread::sleep(d.delay);
         }
+        let _late = Late(d.delay_after);
         match d.fault {
             None => self.inner.read_at(buf, off),
             Some(FaultKind::Short) => {
@@ -303,6 +324,7 @@ impl<B: Backing> Backing for FaultyBacking<B> {
         if !d.delay.is_zero() {
             std::thread::sleep(d.delay);
         }
+        let _late = Late(d.delay_after);
         match d.fault {
             None => self.inner.write_at(buf, off),
             Some(FaultKind::Short) => {
@@ -319,6 +341,7 @@ impl<B: Backing> Backing for FaultyBacking<B> {
         if !d.delay.is_zero() {
             std::thread::sleep(d.delay);
         }
+        let _late = Late(d.delay_after);
         match d.fault {
             None => self.inner.flush(),
             Some(kind) => Err(fault_error(kind, FaultOp::Flush)),

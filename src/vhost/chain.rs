@@ -1,63 +1,29 @@
-//! The layout of a descriptor chain, and writing a request's answer into it.
+//! A descriptor chain's bytes, and writing a request's answer into it.
 //!
-//! Linux and libblkio lay a request out as a 16-byte header descriptor (a
-//! write's data may follow in it), at most one data descriptor and a 1-byte
-//! status descriptor: [`SimpleLayout::of`] finds that in one walk with no
-//! allocation. Any other layout goes through virtio-queue's Reader and
-//! Writer, by byte offsets.
+//! The chain is read by byte offsets, not by descriptor (VERSION_1 allows
+//! any layout): its device-readable bytes in order, then its device-writable
+//! bytes in order. The header is the first 16 readable bytes (a DISCARD or
+//! WRITE_ZEROES range the next 16), a write's data the readable bytes after
+//! them, a read's data every writable byte but the last, which is the
+//! status. Each descriptor is mapped into our address space once, as
+//! [`IoVec`] pieces that keep the guest memory table they were found in
+//! mapped; nothing is copied until the disk copies the data itself.
+//!
+//! Linux and libblkio send a 16-byte header descriptor, one data
+//! descriptor and a 1-byte status descriptor: that is three descriptors
+//! walked and three mappings, with no allocation.
+#![allow(unsafe_code)]
 
-use std::io::Write;
+use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryLoadGuard};
+use vm_memory::GuestMemoryBackend;
 
-use super::request::{status, HEADER_BYTES};
+use super::request::{status, HEADER_BYTES, RANGE_BYTES};
 use super::Mem;
+use crate::iovec::IoVec;
 
 /// A descriptor chain, holding the guest memory table it was read with.
-pub type Chain = virtio_queue::DescriptorChain<GuestMemoryLoadGuard<Mem>>;
-
-/// Where a request laid out as Linux and libblkio lay them out keeps its
-/// parts: a 16-byte header descriptor (a write's data may follow in it),
-/// at most one data descriptor, and a 1-byte status descriptor.
-pub struct SimpleLayout {
-    /// Guest address of the header.
-    pub hdr: u64,
-    /// The data's guest address, length and whether the device writes it.
-    pub data: Option<(u64, usize, bool)>,
-    /// Guest address of the status byte.
-    pub status: u64,
-}
-
-impl SimpleLayout {
-    /// The chain's layout, if it is the simple one; None for anything else.
-    /// One walk over at most three descriptors, with no allocation.
-    pub fn of(chain: &Chain) -> Option<SimpleLayout> {
-        // (address, length, device-writable) of each descriptor.
-        let mut d = [(0u64, 0usize, false); 3];
-        let mut n = 0;
-        for desc in chain.clone() {
-            if n == d.len() {
-                return None;
-            }
-            d[n] = (desc.addr().0, desc.len() as usize, desc.is_write_only());
-            n += 1;
-        }
-        match (n, d[0], d[1], d[2]) {
-            (2, (h, hl, false), (s, 1, true), _) if hl >= HEADER_BYTES => Some(SimpleLayout {
-                hdr: h,
-                data: (hl > HEADER_BYTES)
-                    .then(|| (h + HEADER_BYTES as u64, hl - HEADER_BYTES, false)),
-                status: s,
-            }),
-            (3, (h, HEADER_BYTES, false), (a, l, w), (s, 1, true)) => Some(SimpleLayout {
-                hdr: h,
-                data: Some((a, l, w)),
-                status: s,
-            }),
-            _ => None,
-        }
-    }
-}
+pub type Chain = virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<Mem>>;
 
 /// A request answered: its head and used length, for the used ring, and
 /// the status it was given.
@@ -84,70 +50,76 @@ impl Done {
     }
 }
 
-/// Write the status byte of a request with no data to return.
-pub fn complete(chain: &Chain, st: u8) -> Done {
-    let mem = chain.memory();
-    if let Ok(mut w) = chain.clone().writer(mem) {
-        let n = w.available_bytes();
-        if n > 0 {
-            if let Ok(mut s) = w.split_at(n - 1) {
-                let _ = s.write_all(&[st]);
-                return Done::new(chain.head_index(), 1, st);
-            }
-        }
-    }
-    Done::unanswered(chain.head_index())
+/// A chain's bytes, mapped.
+pub struct Bytes {
+    /// Every device-readable byte, in order.
+    pub readable: IoVec<'static>,
+    /// Every device-writable byte, in order (the status is the last).
+    pub writable: IoVec<'static>,
 }
 
-/// Copy a finished read's `data` to the guest and write its status
-/// (IOERR, with no data, when `failed`).
-///
-/// The chain is walked again from guest memory, which the guest may have
-/// rewritten while the read was in flight: nothing about its layout at
-/// start can be assumed (it may have no writable byte left, or fewer than
-/// the data needs).
-pub fn finish_read(chain: &Chain, failed: bool, data: &[u8]) -> Done {
-    let head = chain.head_index();
-    let mem = chain.memory();
-    // The usual layout, mapped once; anything else takes the Writer below.
-    if let Some(SimpleLayout {
-        data: Some((a, l, true)),
-        status,
-        ..
-    }) = SimpleLayout::of(chain)
-    {
-        if let (Ok(dst), Ok(st)) = (
-            mem.get_slice(GuestAddress(a), l),
-            mem.get_slice(GuestAddress(status), 1),
-        ) {
-            if failed || l != data.len() {
-                let _ = st.write_obj(status::IOERR, 0);
-                return Done::new(head, 1, status::IOERR);
+impl Bytes {
+    /// Map the descriptors of `chain`, found in the memory table `mem`
+    /// (the one the chain holds). None if any lies outside guest memory:
+    /// nothing can be written back then, not even a status.
+    pub fn of(chain: &Chain, mem: &Arc<Mem>) -> Option<Bytes> {
+        let mut r: smallvec::SmallVec<[(*mut u8, usize); 4]> = smallvec::SmallVec::new();
+        let mut w: smallvec::SmallVec<[(*mut u8, usize); 4]> = smallvec::SmallVec::new();
+        for desc in chain.clone() {
+            let list = if desc.is_write_only() { &mut w } else { &mut r };
+            let len = desc.len() as usize;
+            if len == 0 {
+                continue;
             }
-            // SAFETY: `get_slice` checked the bytes lie in one mapped region,
-            // kept mapped by the chain's guard on the memory table; we only
-            // store into them.
-            let dst = unsafe { std::slice::from_raw_parts_mut(dst.ptr_guard_mut().as_ptr(), l) };
-            dst.copy_from_slice(data);
-            let _ = st.write_obj(status::OK, 0);
-            return Done::new(head, l as u32 + 1, status::OK);
+            // A descriptor may span two memory regions: one piece each.
+            for s in mem.get_slices(desc.addr(), len) {
+                let s = s.ok()?;
+                list.push((s.ptr_guard_mut().as_ptr(), s.len()));
+            }
         }
+        let keep: Arc<dyn Send + Sync> = mem.clone();
+        // SAFETY: every range was checked by `get_slices` to lie in a
+        // region of `mem`, which `keep` holds mapped for as long as the
+        // IoVecs live; guest memory is never referenced by Rust code.
+        let (readable, writable) =
+            unsafe { (IoVec::from_raw(r, keep.clone()), IoVec::from_raw(w, keep)) };
+        Some(Bytes { readable, writable })
     }
-    let Ok(mut w) = chain.clone().writer(mem) else {
-        return Done::unanswered(head);
-    };
-    let Some(data_w) = w.available_bytes().checked_sub(1) else {
-        return Done::unanswered(head);
-    };
-    let Ok(mut st) = w.split_at(data_w) else {
-        return Done::unanswered(head);
-    };
-    if failed {
-        let _ = st.write_all(&[status::IOERR]);
-        return Done::new(head, 1, status::IOERR);
+
+    /// The 16-byte header, if there are that many readable bytes.
+    pub fn header(&self) -> Option<[u8; HEADER_BYTES]> {
+        let mut h = [0u8; HEADER_BYTES];
+        (self.readable.len() >= HEADER_BYTES).then(|| {
+            self.readable.copy_out(0, &mut h);
+            h
+        })
     }
-    let ok = data_w == data.len() && w.write_all(data).is_ok();
-    let s = if ok { status::OK } else { status::IOERR };
-    let _ = st.write_all(&[s]);
-    Done::new(head, w.bytes_written() as u32 + 1, s)
+
+    /// The DISCARD / WRITE_ZEROES range after the header, if there.
+    pub fn range(&self) -> Option<[u8; RANGE_BYTES]> {
+        let mut r = [0u8; RANGE_BYTES];
+        (self.readable.len() >= HEADER_BYTES + RANGE_BYTES).then(|| {
+            self.readable.copy_out(HEADER_BYTES, &mut r);
+            r
+        })
+    }
+
+    /// Writable bytes before the status byte; None with no writable byte.
+    pub fn data_writable(&self) -> Option<usize> {
+        self.writable.len().checked_sub(1)
+    }
+
+    /// Where the status byte goes.
+    pub fn status(&self) -> Option<IoVec<'static>> {
+        let n = self.data_writable()?;
+        Some(self.writable.slice(n, 1))
+    }
+}
+
+/// Write `st` into the status byte `at` and say what goes in the used
+/// ring: `data` bytes of a read's answer, plus the status byte.
+pub fn answer(head: u16, at: &IoVec<'_>, st: u8, data: u32) -> Done {
+    at.copy_in(0, &[st]);
+    let data = if st == status::OK { data } else { 0 };
+    Done::new(head, data + 1, st)
 }

@@ -1,26 +1,22 @@
 //! The virtio-blk device one frontend connection sees: its features, its
-//! config space, the guest's cache mode, and one [`QueueState`] per queue.
+//! config space, and one [`QueueState`] per queue.
 //!
-//! The engine and the backing store outlive it: a new device is built for
-//! each connection.
+//! The disk outlives it: a new device is built for each connection.
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::{bits, BlkConfig, PROTOCOL_FEATURES, PROTOCOL_FEATURES_BIT, VIRTIO_FEATURES};
 use super::counters::{Counters, Track};
 use super::dirty::DirtyLog;
 use super::queue::QueueState;
 use super::Gm;
-use crate::backing::Backing;
-use crate::engine::Engine;
-use crate::handover::Handover;
+use crate::disk::Disk;
 
 /// What the backend serves.
 #[derive(Debug, Clone)]
@@ -44,31 +40,19 @@ pub struct ServeConfig {
     /// adapts below that (`poll.rs`). Saves a wake-up per request when
     /// requests arrive close together.
     pub poll_us: u32,
-    /// A sequential run of requests past this many bytes goes around the
-    /// cache (writes) or is not filled in (reads); 0: never.
-    pub sequential_cutoff: u64,
 }
 
 /// The device of one frontend connection.
 pub struct Device {
-    pub(super) engine: Arc<Engine>,
-    /// For the writes that go to the backing store themselves (modes
-    /// other than write-back, sequential streams); reads use each queue's
-    /// asynchronous backing queue.
-    pub(super) backing: Arc<dyn Backing>,
-    /// Who writes the disk; the live migration switchover.
-    pub(super) handover: Arc<Handover>,
+    /// The disk it serves (shared by every connection).
+    pub(super) disk: Arc<Disk>,
     /// Pages of guest memory we write, while the frontend migrates.
     pub(super) log: Arc<DirtyLog>,
     pub(super) cfg: ServeConfig,
     pub(super) mem: Gm,
     pub(super) event_idx: AtomicBool,
-    /// Cache mode the guest sees: writeback (FLUSH needed) or writethrough.
-    pub(super) writeback: AtomicBool,
     acked: AtomicU64,
     pub(super) queues: Vec<Mutex<QueueState>>,
-    /// Written by the engine when it frees space (one per queue).
-    pub(super) space_fds: Vec<EventFd>,
     /// Set when the process is stopping: no new request is taken.
     pub(super) stopping: AtomicBool,
     /// Our copy of the back-end request socket (`notify.rs`), once the
@@ -77,32 +61,22 @@ pub struct Device {
 }
 
 impl Device {
-    /// A device serving the cache and backing store of `handover`, with
-    /// guest memory `mem` (filled in by the frontend's memory table).
-    pub fn new(handover: Arc<Handover>, cfg: ServeConfig, mem: Gm) -> io::Result<Device> {
-        let engine = handover.engine().clone();
-        let backing = handover.backing().clone();
+    /// A device serving `disk`, with guest memory `mem` (filled in by the
+    /// frontend's memory table).
+    pub fn new(disk: Arc<Disk>, cfg: ServeConfig, mem: Gm) -> io::Result<Device> {
         let mut queues = Vec::new();
-        let mut space_fds = Vec::new();
         for q in 0..cfg.num_queues as usize {
             let track = Track::new(cfg.counters.clone(), q, cfg.queue_size);
-            queues.push(Mutex::new(QueueState::new(backing.clone(), track)?));
-            let fd = EventFd::new(EFD_NONBLOCK)?;
-            engine.add_space_fd(fd.as_raw_fd());
-            space_fds.push(fd);
+            queues.push(Mutex::new(QueueState::new(disk.queue()?, track)));
         }
         Ok(Device {
-            writeback: AtomicBool::new(!engine.guest_writethrough()),
-            engine,
-            backing,
-            handover,
+            disk,
             log: Arc::new(DirtyLog::default()),
             cfg,
             mem,
             event_idx: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             queues,
-            space_fds,
             stopping: AtomicBool::new(false),
             config_notifier: Mutex::new(None),
         })
@@ -110,7 +84,7 @@ impl Device {
 
     /// Size of the disk in bytes.
     pub(super) fn capacity(&self) -> u64 {
-        self.engine.size()
+        self.disk.size()
     }
 
     /// The frontend gave us a back-end request socket.
@@ -144,15 +118,9 @@ impl Device {
         &self.mem
     }
 
-    /// The fds a queue's worker watches besides its kick: backing
-    /// completions, freed space and the pacing timer.
-    pub fn worker_fds(&self, q: usize) -> [RawFd; 3] {
-        let qs = self.queues[q].lock().expect("queue lock");
-        [
-            qs.bq.notifier(),
-            self.space_fds[q].as_raw_fd(),
-            qs.timer.as_raw_fd(),
-        ]
+    /// The fd a queue's worker watches besides its kick: its disk queue's.
+    pub fn worker_fd(&self, q: usize) -> RawFd {
+        self.queues[q].lock().expect("queue lock").dq.fd()
     }
 
     /// Virtio features offered (a read-only disk offers RO, and neither
@@ -176,10 +144,9 @@ impl Device {
     pub fn set_acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Relaxed);
         // Without FLUSH the driver cannot ask for durability: writethrough.
-        // With it, what the guest chose last (CONFIG_WCE), kept in the cache
-        // because a reconnecting frontend does not say it again.
-        let wb = features & bits::FLUSH != 0 && !self.engine.guest_writethrough();
-        self.writeback.store(wb, Ordering::Relaxed);
+        // With it, what the guest chose last (CONFIG_WCE), which the disk
+        // keeps because a reconnecting frontend does not say it again.
+        self.disk.set_flush_negotiated(features & bits::FLUSH != 0);
         self.event_idx.store(
             features & bits::EVENT_IDX != 0,
             std::sync::atomic::Ordering::Relaxed,
@@ -192,7 +159,7 @@ impl Device {
             capacity: self.capacity() / 512,
             blk_size: self.cfg.blk_size,
             num_queues: self.cfg.num_queues,
-            writeback: u8::from(self.writeback.load(Ordering::Relaxed)),
+            writeback: u8::from(self.disk.write_cache()),
         }
         .read(offset, size)
     }
@@ -210,31 +177,6 @@ impl Device {
         let Some(v) = wb.checked_sub(offset).and_then(|i| buf.get(i as usize)) else {
             return Ok(());
         };
-        let writeback = *v != 0;
-        if !writeback {
-            // Switching to writethrough: make what is cached durable first.
-            self.engine.flush().map_err(io::Error::other)?;
-        }
-        if !self.cfg.read_only {
-            self.engine
-                .set_guest_writethrough(!writeback)
-                .map_err(io::Error::other)?;
-        }
-        self.writeback.store(writeback, Ordering::Relaxed);
-        tracing::info!(writeback, "guest set the write cache mode");
-        Ok(())
-    }
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        for fd in &self.space_fds {
-            self.engine.remove_space_fd(fd.as_raw_fd());
-        }
-        for q in &self.queues {
-            let mut qs = q.lock().expect("queue lock");
-            let mut head = std::mem::take(&mut qs.head);
-            self.engine.head_release(&mut head);
-        }
+        self.disk.set_write_cache(*v != 0)
     }
 }

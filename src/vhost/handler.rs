@@ -14,7 +14,7 @@
 //! VHOST_F_LOG_ALL while it copies the guest, and clears it if the
 //! migration is cancelled; the last ring stopped while it logs is the
 //! switchover, answered only once the disk is handed over
-//! ([`crate::handover`]).
+//! ([`crate::disk::handover`]).
 
 use std::fs::File;
 use std::io;
@@ -137,7 +137,8 @@ impl Handler {
     fn start_ring(&mut self, q: usize) -> Result<()> {
         // The first write may follow at once: the store must be ours.
         self.dev
-            .handover
+            .disk
+            .handover()
             .ring_starting(self.logging())
             .map_err(Error::ReqHandlerError)?;
         let vring = self.vrings[q].clone();
@@ -250,7 +251,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         if logging != was_logging {
             tracing::info!(logging, "the frontend's dirty-page log");
             if self.any_started() {
-                self.dev.handover.set_logging(logging);
+                self.dev.disk.handover().set_logging(logging);
             }
         }
         // Without protocol features every ring is enabled at once.
@@ -364,7 +365,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             // destination with the frontend's final read of the log.
             self.dev.log.mark_used_ring(&vring);
             if !self.any_started() {
-                self.dev.handover.switchover();
+                self.dev.disk.handover().switchover();
             }
         }
         vring.set_kick(None);

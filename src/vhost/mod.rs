@@ -11,11 +11,9 @@
 //! - `dirty.rs`: marking the guest pages we write while the frontend
 //!   migrates the guest (its dirty log).
 //! - `device.rs`: the device one connection sees: features, config space,
-//!   the guest's cache mode, per-queue state.
-//! - `queue.rs`: one queue's pipeline: requests against the engine, writes
-//!   deferred while the cache is full, stopping.
-//! - `read.rs`: read misses: backing reads, completion, cache fills.
-//! - `stream.rs`: recognising sequential streams (the sequential cutoff).
+//!   per-queue state.
+//! - `queue.rs`: one queue's pipeline: chains parsed into requests for the
+//!   disk layer, answers into the used ring, stopping.
 //! - `worker.rs`: one thread per queue, an epoll loop.
 //! - `counters.rs`, `latency.rs`: requests, bytes and completion latency
 //!   per queue, for metrics and status.
@@ -26,8 +24,8 @@
 //!   hostile driver without a vhost-user connection, for the chain-level
 //!   tests and the fuzz targets in `fuzz/`.
 //!
-//! It must not know the on-media format: it talks to [`crate::engine`] in
-//! byte offsets and buffers.
+//! It must not know the cache: it hands each request to the disk layer
+//! ([`crate::disk`]) and returns the answers.
 #![allow(unsafe_code)]
 
 mod chain;
@@ -41,12 +39,10 @@ mod latency;
 mod notify;
 mod poll;
 mod queue;
-mod read;
 mod request;
 mod ring;
 mod session;
 mod shm;
-mod stream;
 mod worker;
 
 #[cfg(any(test, feature = "fuzzing"))]

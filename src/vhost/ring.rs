@@ -144,7 +144,7 @@ impl Ring {
 /// placed after guest memory, and a second queue over the driver's
 /// descriptor table takes them from there. The chains hold that memory
 /// table, whose guest regions are the driver's own.
-pub fn chains_for(vring: &Vring, mem: &Gm, heads: &[u16]) -> io::Result<Vec<Chain>> {
+pub fn chains_for(vring: &Vring, mem: &Gm, heads: &[u16]) -> io::Result<Vec<(Chain, Arc<Mem>)>> {
     if heads.is_empty() {
         return Ok(Vec::new());
     }
@@ -186,9 +186,10 @@ pub fn chains_for(vring: &Vring, mem: &Gm, heads: &[u16]) -> io::Result<Vec<Chai
     let used = avail_at + used_off;
     q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
     q.set_ready(true);
+    let keep = own_mem.memory().into_inner();
     let mut chains = Vec::with_capacity(heads.len());
     while let Some(c) = q.pop_descriptor_chain(own_mem.memory()) {
-        chains.push(c);
+        chains.push((c, keep.clone()));
     }
     Ok(chains)
 }

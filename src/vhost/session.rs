@@ -2,8 +2,7 @@
 //!
 //! A session builds a fresh [`Device`] and [`Handler`] (with a worker per
 //! queue), answers the frontend's messages until it disconnects, then
-//! finishes what its queues had taken. The engine and the backing store
-//! outlive it.
+//! finishes what its queues had taken. The disk outlives it.
 
 use std::io;
 use std::net::Shutdown;
@@ -16,7 +15,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::device::{Device, ServeConfig};
 use super::handler::Handler;
-use crate::handover::Handover;
+use crate::disk::Disk;
 
 /// How long a closing connection waits for deferred writes to find space.
 const CLOSE_SETTLE: Duration = Duration::from_secs(10);
@@ -50,14 +49,14 @@ impl Active {
             .count()
     }
 
-    /// (reads waiting on the backing store, writes waiting for space), over
-    /// every queue.
+    /// (reads waiting on the backing store, writes and flushes waiting),
+    /// over every queue.
     pub fn waiting(&self) -> (u64, u64) {
         let (mut r, mut w) = (0, 0);
         for q in &self.dev.queues {
-            let qs = q.lock().expect("queue lock");
-            r += qs.reads.len() as u64;
-            w += qs.deferred.len() as u64;
+            let (qr, qw) = q.lock().expect("queue lock").dq.waiting();
+            r += qr;
+            w += qw;
         }
         (r, w)
     }
@@ -100,12 +99,12 @@ pub trait SessionHook {
 /// [`Active::quiesce`] closes it).
 pub fn serve(
     stream: UnixStream,
-    handover: Arc<Handover>,
+    disk: Arc<Disk>,
     cfg: ServeConfig,
     hook: &dyn SessionHook,
 ) -> io::Result<()> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let dev = Arc::new(Device::new(handover.clone(), cfg, mem)?);
+    let dev = Arc::new(Device::new(disk.clone(), cfg, mem)?);
     let handler = Arc::new(Mutex::new(Handler::new(dev.clone())?));
     let conn = Arc::new(stream.try_clone()?);
     hook.enter(Active {
@@ -147,8 +146,10 @@ pub fn serve(
         }
     }
     handler.lock().expect("handler lock").stop_all();
-    handover.session_ended();
     drop(req);
     drop(handler);
+    drop(dev);
+    // Its queues are gone: give their memory back.
+    disk.session_ended();
     result
 }

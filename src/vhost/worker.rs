@@ -1,6 +1,6 @@
 //! One thread per queue: an epoll loop over the queue's kick eventfd, its
-//! backing completions, the engine's freed-space signal, its pacing timer,
-//! a wake-up and an exit event.
+//! disk queue (backing completions, freed space and memory, pacing), a
+//! wake-up and an exit event.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -15,11 +15,9 @@ use super::device::Device;
 
 /// Epoll data of each event a worker watches.
 const KICK: u64 = 0;
-const COMPLETIONS: u64 = 1;
-const SPACE: u64 = 2;
+const DISK: u64 = 1;
 const WAKE: u64 = 3;
 const EXIT: u64 = 4;
-const TIMER: u64 = 5;
 
 /// A queue's worker thread. Dropping it stops and joins the thread.
 pub struct Worker {
@@ -37,11 +35,8 @@ impl Worker {
         let epoll = Arc::new(Epoll::new()?);
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         let exit = EventFd::new(EFD_NONBLOCK)?;
-        let [bq, space, timer] = dev.worker_fds(q);
         for (fd, data) in [
-            (bq, COMPLETIONS),
-            (space, SPACE),
-            (timer, TIMER),
+            (dev.worker_fd(q), DISK),
             (wake.as_raw_fd(), WAKE),
             (exit.as_raw_fd(), EXIT),
         ] {
@@ -126,9 +121,7 @@ fn run(dev: &Device, q: usize, epoll: &Epoll, wake: &EventFd) {
                     let _ = wake.read();
                     dev.on_kick(q)
                 }
-                COMPLETIONS => dev.on_completions(q),
-                SPACE => dev.on_space(q),
-                TIMER => dev.on_timer(q),
+                DISK => dev.on_disk(q),
                 _ => Ok(()),
             };
             if let Err(e) = r {

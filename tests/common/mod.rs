@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ceph;
+pub mod disk;
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};

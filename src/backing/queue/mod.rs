@@ -22,82 +22,19 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::{AlignedBuf, Backing};
+use super::store::Backing;
 
+mod op;
 mod pool;
 mod rbd;
 mod uring;
 
+use op::{signal_eventfd, POOL_THREADS, SECTOR};
+pub use op::{Completion, IoOp};
+
 use pool::Pool;
 use rbd::Rbd;
 use uring::Uring;
-
-/// Offsets and lengths must be multiples of this.
-const SECTOR: u64 = 512;
-
-/// Threads in the fallback pool.
-const POOL_THREADS: usize = 4;
-
-/// Largest transfer one SQE asks for (the SQE length is 32 bits); longer
-/// operations continue where the previous piece stopped.
-const MAX_SQE_BYTES: usize = 1 << 30;
-
-/// Times an operation is resubmitted after EINTR/EAGAIN before its error is
-/// reported.
-const MAX_RETRIES: u32 = 16;
-
-/// Consecutive failures of `io_uring_enter` after which `Drop` gives up
-/// waiting and leaks the in-flight buffers instead of hanging.
-const MAX_DROP_ENTER_FAILURES: u32 = 1000;
-
-/// Largest ring asked for (the kernel's limit without IORING_SETUP_CLAMP).
-const MAX_RING_ENTRIES: u32 = 32768;
-
-/// One operation on the backing store. The buffer travels with the
-/// operation and comes back in its [`Completion`].
-#[derive(Debug)]
-pub enum IoOp {
-    /// Fill `buf` from the store at byte offset `off`.
-    Read {
-        /// Byte offset (a multiple of 512).
-        off: u64,
-        /// Destination; its length (a multiple of 512) is the transfer size.
-        buf: AlignedBuf,
-    },
-    /// Write all of `buf` to the store at byte offset `off`.
-    Write {
-        /// Byte offset (a multiple of 512).
-        off: u64,
-        /// Source; its length (a multiple of 512) is the transfer size.
-        buf: AlignedBuf,
-    },
-    /// Make every write completed before this was submitted durable.
-    Flush,
-}
-
-impl IoOp {
-    /// A short name for messages.
-    fn name(&self) -> &'static str {
-        match self {
-            IoOp::Read { .. } => "read",
-            IoOp::Write { .. } => "write",
-            IoOp::Flush => "flush",
-        }
-    }
-}
-
-/// A finished operation.
-#[derive(Debug)]
-pub struct Completion {
-    /// The value given to [`BackingQueue::submit`].
-    pub user_data: u64,
-    /// The operation, with its buffer handed back (filled, for a read that
-    /// succeeded).
-    pub op: IoOp,
-    /// Whether it succeeded. A read or write either transferred every byte
-    /// or reports an error; a partial transfer is never `Ok`.
-    pub result: io::Result<()>,
-}
 
 /// Which engine a [`BackingQueue`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,10 +190,7 @@ impl BackingQueue {
             self.complete_now(user_data, op, Err(e));
             return;
         }
-        let empty = match &op {
-            IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => buf.is_empty(),
-            IoOp::Flush => false,
-        };
+        let empty = !matches!(op, IoOp::Flush) && op.range().1 == 0;
         if empty {
             self.complete_now(user_data, op, Ok(()));
             return;
@@ -426,10 +360,10 @@ impl Drop for BackingQueue {
 
 /// Check a request against the store: sector-aligned, inside `size`.
 fn validate(op: &IoOp, size: u64) -> io::Result<()> {
-    let (off, len) = match op {
-        IoOp::Read { off, buf } | IoOp::Write { off, buf } => (*off, buf.len() as u64),
-        IoOp::Flush => return Ok(()),
-    };
+    if let IoOp::Flush = op {
+        return Ok(());
+    }
+    let (off, len) = op.range();
     if !off.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -461,20 +395,6 @@ fn new_eventfd() -> io::Result<OwnedFd> {
     // SAFETY: `fd` is a descriptor eventfd just returned to us, owned by
     // nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Add one to an eventfd. Failure (only EAGAIN when the counter is
-/// saturated, which means it is readable anyway) is ignored.
-fn signal_eventfd(fd: RawFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live local u64; the caller keeps `fd`
-    // open for the duration of the call.
-    let _ = unsafe { libc::write(fd, (&one as *const u64).cast::<libc::c_void>(), 8) };
-}
-
-/// The error for a negative CQE result.
-fn errno_error(res: i32) -> io::Error {
-    io::Error::from_raw_os_error(-res)
 }
 
 #[cfg(test)]

@@ -6,7 +6,13 @@ use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use super::*;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use super::op::*;
+use crate::backing::store::Backing;
 
 /// A queued job.
 struct Job {
@@ -171,6 +177,7 @@ fn pool_thread(
             IoOp::Read { off, buf } => backing.read_at(buf, *off),
             IoOp::Write { off, buf } => backing.write_at(buf, *off),
             IoOp::Flush => backing.flush(),
+            IoOp::Zeroes { off, len, unmap } => backing.write_zeroes(*off, *len, *unmap),
         };
         if tx
             .send(Completion {

@@ -19,8 +19,13 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::*;
-use crate::backing::rbd::{rbd_completion_t, RbdHandle};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use super::op::*;
+use crate::backing::aligned::AlignedBuf;
+use crate::backing::librbd::{rbd_completion_t, RbdHandle};
 
 /// How often the watchdog looks at the reads in flight.
 const WATCHDOG_TICK: Duration = Duration::from_millis(250);
@@ -185,6 +190,12 @@ impl Rbd {
                     (api.rbd_aio_write)(image, *off, buf.len(), buf.as_ptr().cast(), c)
                 }
                 IoOp::Flush => (api.rbd_aio_flush)(image, c),
+                // Whatever `unmap` says, as the synchronous write_zeroes
+                // (a partial discard may leave old data readable).
+                IoOp::Zeroes { off, len, .. } => match usize::try_from(*len) {
+                    Ok(n) => (api.rbd_aio_write_zeroes)(image, *off, n, c, 0, 0),
+                    Err(_) => -libc::EINVAL,
+                },
             }
         };
         if r < 0 {
@@ -258,7 +269,7 @@ impl Rbd {
 unsafe extern "C" fn on_complete(c: rbd_completion_t, arg: *mut c_void) {
     // SAFETY: `arg` is the Box<Op> leaked at submit; librbd calls back once.
     let op = unsafe { Box::from_raw(arg.cast::<Op>()) };
-    let api = match crate::backing::rbd::api() {
+    let api = match crate::backing::librbd::api() {
         Ok(api) => api,
         // Loaded before any submit, so this cannot fail.
         Err(_) => return,

@@ -1,11 +1,14 @@
 //! Tests of the backing queue, on both engines.
 use super::super::FileBacking;
 use super::*;
+use crate::backing::aligned::AlignedBuf;
+use crate::backing::store::Backing;
 use crate::testing::{FaultKind, FaultOp, FaultPlan, FaultyBacking, MemBacking};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Hides the descriptor of a store, forcing the thread pool.

@@ -5,7 +5,13 @@ use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 
-use super::*;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::op::*;
+use crate::backing::aligned::AlignedBuf;
 
 /// An operation owned by the ring engine from `queue` until its CQE is
 /// reaped: the slot owns the buffer the kernel reads or writes.
@@ -19,6 +25,9 @@ struct Slot {
     done: usize,
     /// Resubmissions after EINTR/EAGAIN.
     retries: u32,
+    /// A write-zeroes the store cannot fallocate: zeros are written
+    /// instead, `done` bytes so far.
+    writing_zeros: bool,
 }
 
 /// The io_uring engine.
@@ -48,7 +57,22 @@ pub(super) struct Uring {
     pub(super) limit: usize,
     /// Scratch for reaped CQEs (user_data, result).
     reaped: Vec<(u64, i32)>,
+    /// The kernel has IORING_OP_FALLOCATE (write-zeroes without moving data).
+    fallocate: bool,
 }
+
+/// Zeros written by a write-zeroes the store cannot fallocate, a piece at a
+/// time (the kernel only reads them, from any number of SQEs at once).
+static ZEROS: std::sync::OnceLock<AlignedBuf> = std::sync::OnceLock::new();
+/// Bytes of [`ZEROS`].
+const ZEROS_BYTES: usize = 1 << 20;
+
+fn zeros() -> &'static AlignedBuf {
+    ZEROS.get_or_init(|| AlignedBuf::new(ZEROS_BYTES))
+}
+
+/// Logged once: a store that cannot fallocate.
+static LOGGED_ZERO_FALLBACK: AtomicBool = AtomicBool::new(false);
 
 impl Uring {
     /// Set up a ring of `depth` entries for `fd`, check the opcodes we need
@@ -71,6 +95,7 @@ impl Uring {
                 ));
             }
         }
+        let fallocate = probe.is_supported(opcode::Fallocate::CODE);
         if let Some(efd) = notifier {
             ring.submitter().register_eventfd(efd)?;
         }
@@ -85,12 +110,14 @@ impl Uring {
             live: 0,
             limit,
             reaped: Vec::new(),
+            fallocate,
         })
     }
 
     /// Take ownership of a validated, non-empty operation.
     pub(super) fn queue(&mut self, user_data: u64, op: IoOp) {
         let slot = Slot {
+            writing_zeros: matches!(op, IoOp::Zeroes { .. }) && !self.fallocate,
             user_data,
             op,
             done: 0,
@@ -207,18 +234,32 @@ impl Uring {
             tracing::error!("io_uring completion for unknown slot {idx} (ignored)");
             return;
         };
-        let total = match &slot.op {
-            IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => buf.len(),
-            IoOp::Flush => 0,
-        };
+        let total = slot.op.range().1 as usize;
+        let zeroes = matches!(slot.op, IoOp::Zeroes { .. });
         let result = if res < 0 {
             if (res == -libc::EINTR || res == -libc::EAGAIN) && slot.retries < MAX_RETRIES {
                 slot.retries += 1;
                 self.pending.push_front(idx);
                 return;
             }
+            if zeroes
+                && !slot.writing_zeros
+                && matches!(-res, libc::EOPNOTSUPP | libc::EINVAL | libc::ENODEV)
+            {
+                // The file system or device cannot zero a range (tmpfs has
+                // no ZERO_RANGE, some devices no discard): write the zeros.
+                if !LOGGED_ZERO_FALLBACK.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        error = %errno_error(res),
+                        "fallocate cannot zero the backing store; writing zeros instead"
+                    );
+                }
+                slot.writing_zeros = true;
+                self.pending.push_front(idx);
+                return;
+            }
             Err(errno_error(res))
-        } else if matches!(slot.op, IoOp::Flush) {
+        } else if matches!(slot.op, IoOp::Flush) || (zeroes && !slot.writing_zeros) {
             Ok(())
         } else if res == 0 {
             // No progress: the file shrank under us (read) or the device
@@ -308,10 +349,7 @@ impl Uring {
 impl Slot {
     /// The operation's starting offset (0 for flush).
     pub(super) fn op_offset(&self) -> u64 {
-        match &self.op {
-            IoOp::Read { off, .. } | IoOp::Write { off, .. } => *off,
-            IoOp::Flush => 0,
-        }
+        self.op.range().0
     }
 }
 
@@ -320,6 +358,7 @@ impl Slot {
 fn sqe_for(fd: RawFd, slots: &mut [Option<Slot>], idx: usize) -> Option<squeue::Entry> {
     let slot = slots.get_mut(idx)?.as_mut()?;
     let done = slot.done;
+    let writing_zeros = slot.writing_zeros;
     let entry = match &mut slot.op {
         IoOp::Read { off, buf } => {
             let len = (buf.len() - done).min(MAX_SQE_BYTES);
@@ -343,6 +382,27 @@ fn sqe_for(fd: RawFd, slots: &mut [Option<Slot>], idx: usize) -> Option<squeue::
         IoOp::Flush => opcode::Fsync::new(types::Fd(fd))
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
+        IoOp::Zeroes { off, len, .. } if writing_zeros => {
+            let n = (*len as usize - done).min(ZEROS_BYTES);
+            // The kernel only reads ZEROS, which lives for the whole process.
+            opcode::Write::new(types::Fd(fd), zeros().as_ptr(), n as u32)
+                .offset(*off + done as u64)
+                .build()
+        }
+        IoOp::Zeroes { off, len, unmap } => {
+            // A punched hole reads zeros (a block device may unmap it);
+            // ZERO_RANGE keeps the blocks. Neither changes the size.
+            let mode = libc::FALLOC_FL_KEEP_SIZE
+                | if *unmap {
+                    libc::FALLOC_FL_PUNCH_HOLE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE
+                };
+            opcode::Fallocate::new(types::Fd(fd), *len)
+                .offset(*off)
+                .mode(mode)
+                .build()
+        }
     };
     Some(entry.user_data(idx as u64))
 }

@@ -20,9 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::ffi::{self, rados_ioctx_t, rados_t, rbd_image_t, Api};
-use super::RbdSpec;
-use crate::backing::Backing;
+use super::spec::RbdSpec;
+use crate::backing::librbd::ffi::{self, rados_ioctx_t, rados_t, rbd_image_t, Api};
+use crate::backing::librbd::RbdHandle;
+use crate::backing::store::Backing;
 
 /// Offsets and lengths are multiples of this.
 const SECTOR: u64 = 512;
@@ -33,22 +34,6 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest piece one librbd call moves (its lengths are `size_t` but its
 /// results are `ssize_t`/`int`).
 const MAX_CALL_BYTES: usize = 1 << 30;
-
-/// An image handle for the asynchronous engine: plain pointers, valid while
-/// the [`RbdBacking`] that gave them lives.
-#[derive(Debug, Clone, Copy)]
-pub struct RbdHandle {
-    /// The loaded API.
-    pub api: &'static Api,
-    /// The open image.
-    pub image: rbd_image_t,
-    /// How long a read may wait for the cluster before it fails.
-    pub read_timeout: Duration,
-}
-
-// SAFETY: librbd image handles may be used from any thread for I/O; the
-// handle is only a pointer, kept valid by the owning RbdBacking.
-unsafe impl Send for RbdHandle {}
 
 /// A callback run (on a librbd thread) when the image's header changes.
 type UpdateFn = Box<dyn Fn() + Send + Sync>;

@@ -43,15 +43,19 @@ use std::time::{Duration, Instant};
 use super::index::{Extent, ExtentMap};
 
 mod gather;
+mod writer;
+
+use writer::{flush_backing, Writer};
 
 use super::{stats, Engine, Error, Result, Tail};
-use crate::backing::{AlignedBuf, BackingQueue, BufPool, Completion, IoOp};
+use std::sync::Arc;
+
+use crate::backing::{Arena, BackingQueue};
 use crate::format::{self, data_off, SECTOR_BYTES};
 
-/// Most bytes of backing writes in flight at once.
-pub(super) const INFLIGHT_BYTES: u64 = 32 << 20;
-/// Largest merged backing write.
-const MERGE_BYTES: usize = 1 << 20;
+/// Memory for writeback's buffers when the server gives none
+/// ([`Engine::set_writeback_memory`]): the offline tools.
+const DEFAULT_MEMORY: usize = 32 << 20;
 /// Time a pass is sized to spend writing, at the measured rate: long
 /// enough to amortise the backing flush, short enough that space comes
 /// back often.
@@ -118,8 +122,8 @@ pub enum Progress {
 /// also serialises passes: the online worker against `drain`).
 #[derive(Debug)]
 pub(super) struct WbState {
-    /// Reusable write buffers.
-    pool: BufPool,
+    /// Where write buffers come from (created when first needed).
+    memory: Option<Arc<Arena>>,
     /// The writeback target record: where the batch being written ends.
     target: Tail,
     /// Backing write rate of recent passes while writing, bytes per second.
@@ -135,12 +139,20 @@ impl WbState {
     /// State for an engine whose target record is `target`.
     pub(super) fn new(target: Tail) -> WbState {
         WbState {
-            pool: BufPool::new(INFLIGHT_BYTES as usize),
+            memory: None,
             target,
             rate: RATE_START,
             fixed: 0.0,
             last_pass: Duration::ZERO,
         }
+    }
+
+    /// The buffers' arena.
+    fn memory(&mut self) -> Result<Arc<Arena>> {
+        if self.memory.is_none() {
+            self.memory = Some(Arena::new("writeback", DEFAULT_MEMORY).map_err(Error::Backing)?);
+        }
+        Ok(self.memory.clone().expect("just set"))
     }
 
     /// Distinct bytes the next batch may hold.
@@ -290,8 +302,10 @@ impl Engine {
         // as long as the last one.
         let mut pacing = self.pacer.batch(st.last_pass);
         let Some(batch) = self.gather(st.target.pos, budget)? else {
-            // Nothing to do for a while, probably: give the buffers back.
-            st.pool = BufPool::new(INFLIGHT_BYTES as usize);
+            // Nothing to do for a while, probably: give the memory back.
+            if let Some(m) = &st.memory {
+                m.trim();
+            }
             return Ok(Progress::Clean);
         };
         for key in &batch.bad {
@@ -308,7 +322,8 @@ impl Engine {
         let distinct = batch.map.covered() * SECTOR_BYTES;
         let expected = st.expected(distinct);
         pacing.expect(expected);
-        let bytes = self.write_batch(q, &batch.map, &mut st.pool)?;
+        let memory = st.memory()?;
+        let bytes = self.write_batch(q, &batch.map, &memory)?;
         let written = started.elapsed();
         // dirty_tail may only pass these keys once they are durable on the
         // backing store.
@@ -351,20 +366,16 @@ impl Engine {
     }
 
     /// Write a batch's extents, sorted by offset, merging neighbours into
-    /// writes of up to [`MERGE_BYTES`]. Returns the bytes written.
+    /// writes of up to one buffer ([`Writer::merge_bytes`]). Returns the
+    /// bytes written.
     fn write_batch(
         &self,
         q: &mut BackingQueue,
         map: &ExtentMap<u64, WbExt>,
-        pool: &mut BufPool,
+        memory: &Arc<Arena>,
     ) -> Result<u64> {
-        let mut w = Writer {
-            q,
-            done: Vec::new(),
-            inflight: 0,
-            total: 0,
-            first_err: None,
-        };
+        let mut w = Writer::new(q, memory);
+        let merge = w.merge_bytes();
         // The run being merged: its backing offset, length, and where each
         // piece lives in the cache.
         let mut run_off = 0u64;
@@ -395,51 +406,55 @@ impl Engine {
                 }
                 continue;
             }
-            if run_len > 0 && (run_off + run_len as u64 != off || run_len + len > MERGE_BYTES) {
-                self.submit_run(&mut w, pool, run_off, run_len, &mut pieces);
-                run_len = 0;
+            // An extent larger than a buffer goes in several.
+            let mut done = 0;
+            while done < len {
+                let at = off + done as u64;
+                let n = (len - done).min(merge);
+                if run_len > 0 && (run_off + run_len as u64 != at || run_len + n > merge) {
+                    self.submit_run(&mut w, run_off, run_len, &mut pieces);
+                    run_len = 0;
+                }
+                if run_len == 0 {
+                    run_off = at;
+                }
+                pieces.push((data_off(e.seg, e.seg_off) + done as u64, n));
+                run_len += n;
+                done += n;
             }
-            if run_len == 0 {
-                run_off = off;
-            }
-            pieces.push((data_off(e.seg, e.seg_off), len));
-            run_len += len;
         }
         if run_len > 0 && !halted {
-            self.submit_run(&mut w, pool, run_off, run_len, &mut pieces);
+            self.submit_run(&mut w, run_off, run_len, &mut pieces);
         }
         if let Some(z) = zeros.filter(|_| !halted) {
             w.zero(z);
         }
-        w.finish(pool);
-        if let Some(e) = w.first_err {
+        let total = w.total();
+        if let Err(e) = w.finish() {
             stats::add(&self.stats.writeback_errors, 1);
             return Err(Error::Backing(e));
         }
         if halted {
             return Err(Error::Stopping);
         }
-        Ok(w.total)
+        Ok(total)
     }
 
     /// Copy a run's pieces into one buffer and submit it as one write.
-    fn submit_run(
-        &self,
-        w: &mut Writer<'_>,
-        pool: &mut BufPool,
-        off: u64,
-        len: usize,
-        pieces: &mut Vec<(u64, usize)>,
-    ) {
-        // Buffers come in power-of-two sizes so the pool can reuse them.
-        let mut buf = pool.take(len.next_power_of_two());
-        buf.set_len(len);
+    fn submit_run(&self, w: &mut Writer<'_>, off: u64, len: usize, pieces: &mut Vec<(u64, usize)>) {
+        let mut buf = w.buffer(len);
         let mut at = 0;
         for (src, n) in pieces.drain(..) {
             self.region.read(src, &mut buf[at..at + n]);
             at += n;
         }
-        w.submit(off, buf, pool);
+        w.submit(off, buf);
+    }
+
+    /// Take writeback's buffers from `memory` (the server's I/O budget)
+    /// from the next pass on.
+    pub fn set_writeback_memory(&self, memory: Arc<Arena>) {
+        self.writeback.lock().expect("writeback lock").memory = Some(memory);
     }
 
     /// Write back everything dirty now (the offline `pcache writeback`, and
@@ -498,65 +513,4 @@ impl Engine {
     pub fn is_dirty(&self) -> bool {
         self.dirty_tail().lsn < self.key_head().lsn
     }
-}
-
-/// Backing writes of one batch in flight, bounded by [`INFLIGHT_BYTES`].
-struct Writer<'q> {
-    q: &'q mut BackingQueue,
-    done: Vec<Completion>,
-    inflight: u64,
-    total: u64,
-    first_err: Option<std::io::Error>,
-}
-
-impl Writer<'_> {
-    /// Zero a range on the store, now, on this thread (rare, and the store
-    /// usually does it without moving data).
-    fn zero(&mut self, (off, len, unmap): (u64, u64, bool)) {
-        if let Err(e) = self.q.backing().write_zeroes(off, len, unmap) {
-            self.first_err.get_or_insert(e);
-        }
-    }
-
-    fn submit(&mut self, off: u64, buf: AlignedBuf, pool: &mut BufPool) {
-        let held = buf.capacity() as u64;
-        while self.inflight > 0 && self.inflight + held > INFLIGHT_BYTES {
-            self.q.wait(1, &mut self.done);
-            self.reap(pool);
-        }
-        self.total += buf.len() as u64;
-        self.q.submit(0, IoOp::Write { off, buf });
-        self.inflight += held;
-    }
-
-    fn reap(&mut self, pool: &mut BufPool) {
-        for c in self.done.drain(..) {
-            if let IoOp::Write { buf, .. } = c.op {
-                self.inflight -= buf.capacity() as u64;
-                pool.give(buf);
-            }
-            if let Err(e) = c.result {
-                self.first_err.get_or_insert(e);
-            }
-        }
-    }
-
-    fn finish(&mut self, pool: &mut BufPool) {
-        while self.q.in_flight() > 0 {
-            self.q.wait(1, &mut self.done);
-            self.reap(pool);
-        }
-    }
-}
-
-fn flush_backing(q: &mut BackingQueue) -> Result<()> {
-    let mut done = Vec::new();
-    q.submit(0, IoOp::Flush);
-    while q.in_flight() > 0 {
-        q.wait(1, &mut done);
-    }
-    for c in done {
-        c.result.map_err(Error::Backing)?;
-    }
-    Ok(())
 }

@@ -44,8 +44,8 @@ use super::device::{Device, ServeConfig};
 use super::ring::Ring;
 use super::Vring;
 use crate::backing::Backing;
-use crate::engine::{Engine, FormatOptions, OpenOptions, Workers, WritebackPolicy};
-use crate::handover::Handover;
+use crate::disk::{Disk, DiskConfig, DEFAULT_IO_MEMORY};
+use crate::engine::{Engine, FormatOptions, OpenOptions, WritebackPolicy};
 use crate::pmem::{Region, RegionOptions};
 use crate::testing::MemBacking;
 use crate::vhost::request::{status, types, HEADER_BYTES, ID_BYTES};
@@ -127,8 +127,6 @@ pub struct Options {
     pub read_only: bool,
     /// Serial returned by GET_ID.
     pub serial: String,
-    /// Run writeback and GC, so a full cache frees space.
-    pub workers: bool,
     /// The queue's longest polling window, µs (`ServeConfig::poll_us`).
     pub poll_us: u32,
 }
@@ -140,7 +138,6 @@ impl Default for Options {
             backing_bytes: 8 << 20,
             read_only: false,
             serial: "pcache-hostile-0001".into(),
-            workers: true,
             poll_us: 0,
         }
     }
@@ -198,7 +195,6 @@ pub struct CaseReport {
 pub struct Harness {
     // Dropped first: it releases its data heads into the engine.
     blk: Device,
-    _workers: Option<Workers>,
     vring: Vring,
     /// A second queue on the same rings, to see chains as the device will.
     oracle: Queue,
@@ -244,15 +240,22 @@ impl Harness {
         let _ = std::fs::remove_file(cache);
         let engine = opened?;
         let backing: Arc<dyn Backing> = Arc::new(MemBacking::new(o.backing_bytes));
-        let workers = o
-            .workers
-            .then(|| Workers::start(engine.clone(), backing.clone(), WritebackPolicy::IMMEDIATE));
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), o.guest_bytes as usize)])
             .map_err(other)?;
         let gm = GuestMemoryAtomic::new(mem);
-        let handover = Arc::new(Handover::new(engine, backing, true));
+        let disk = Disk::new(
+            engine,
+            backing,
+            true,
+            DiskConfig {
+                sequential_cutoff: 0,
+                read_only: o.read_only,
+                io_memory: DEFAULT_IO_MEMORY,
+            },
+            WritebackPolicy::IMMEDIATE,
+        )?;
         let blk = Device::new(
-            handover,
+            Arc::new(disk),
             ServeConfig {
                 num_queues: 1,
                 counters: Counters::new(1),
@@ -261,7 +264,6 @@ impl Harness {
                 read_only: o.read_only,
                 serial: o.serial.clone(),
                 poll_us: o.poll_us,
-                sequential_cutoff: 0,
             },
             gm.clone(),
         )?;
@@ -291,7 +293,6 @@ impl Harness {
         serial[..n].copy_from_slice(&s[..n]);
         Ok(Harness {
             blk,
-            _workers: workers,
             vring,
             oracle,
             guest_bytes: o.guest_bytes,
@@ -454,11 +455,13 @@ impl Harness {
             return Outcome::Dropped;
         };
         let head = u32::from(chain.head_index());
+        let keep = mem.clone().into_inner();
         let mut qs = self.blk.queues[0].lock().expect("queue lock");
-        let (r0, d0) = (qs.reads.len(), qs.deferred.len());
+        let (r0, d0) = qs.dq.waiting();
         let ring = qs.ring.clone().expect("ring started");
-        let done = self.blk.run_chain(&mut qs, &ring, chain);
-        self.last_pending = (qs.reads.len() - r0, qs.deferred.len() - d0);
+        let done = self.blk.run_chain(&mut qs, &ring, &chain, &keep);
+        let (r1, d1) = qs.dq.waiting();
+        self.last_pending = ((r1 - r0) as usize, (d1 - d0) as usize);
         let pending = self.last_pending != (0, 0);
         if end && self.blk.end_batch(&mut qs, &ring) {
             let _ = ring.notify();
@@ -513,8 +516,8 @@ impl Harness {
     /// (reads waiting for the backing store, writes/flushes waiting for
     /// space).
     pub fn pending(&self) -> (usize, usize) {
-        let qs = self.blk.queues[0].lock().expect("queue lock");
-        (qs.reads.len(), qs.deferred.len())
+        let (r, w) = self.blk.queues[0].lock().expect("queue lock").dq.waiting();
+        (r as usize, w as usize)
     }
 
     /// Mark the ring ready or not (GET_VRING_BASE makes it not ready

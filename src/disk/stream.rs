@@ -5,15 +5,15 @@
 
 /// The read and the write stream of one queue.
 #[derive(Debug, Default)]
-pub(super) struct Streams {
-    pub(super) read: Stream,
-    pub(super) write: Stream,
+pub(crate) struct Streams {
+    pub(crate) read: Stream,
+    pub(crate) write: Stream,
 }
 
 /// One stream: where the last request ended, and how long the run of
 /// requests each starting where the previous one ended has grown.
 #[derive(Debug, Default)]
-pub(super) struct Stream {
+pub(crate) struct Stream {
     next: u64,
     run: u64,
 }
@@ -21,7 +21,7 @@ pub(super) struct Stream {
 impl Stream {
     /// Note a request of `len` bytes at `off`: is it past `cutoff` bytes
     /// into a sequential run? (Never with `cutoff` 0.)
-    pub(super) fn note(&mut self, off: u64, len: u64, cutoff: u64) -> bool {
+    pub(crate) fn note(&mut self, off: u64, len: u64, cutoff: u64) -> bool {
         self.run = if off == self.next {
             self.run.saturating_add(len)
         } else {
