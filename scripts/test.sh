@@ -17,6 +17,9 @@ if [[ -n ${PCACHE_LONG:-} ]]; then
 fi
 
 cargo fmt --check
+# Dependencies point down (docs/layers.toml): no file uses a layer above
+# its own, and neither modules nor the files of one import in a circle.
+python3 scripts/check-layers.py
 cargo clippy --all-targets -- -D warnings
 
 # A throwaway Ceph cluster for the RBD tests (scripts/ceph-cluster.sh

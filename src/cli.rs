@@ -86,7 +86,7 @@ pub enum Command {
         #[arg(long, default_value = "pcache-data/pcache.ctl")]
         control: PathBuf,
         /// The mode to switch to; none given: print the mode.
-        #[arg(value_enum)]
+        #[arg(value_parser = mode_names())]
         mode: Option<crate::engine::CacheMode>,
         /// Give up the drain after this many seconds.
         #[arg(long)]
@@ -257,14 +257,14 @@ pub struct ServeArgs {
     /// newest durable version of each block (for slow backing stores such
     /// as RBD; the backing store alone is consistent only once clean)
     /// [default: the cache's, batch for a new one].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = order_names())]
     pub writeback_order: Option<crate::engine::WritebackOrder>,
     /// Cache mode, kept in the cache: writeback, writethrough (writes
     /// complete on the cache and the backing store), writearound (writes
     /// go to the backing store only; reads fill) or none (the cache is not
     /// used). Leaving writeback writes everything back first [default: the
     /// cache's, writeback for a new one].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = mode_names())]
     pub mode: Option<crate::engine::CacheMode>,
     /// A sequential run of requests past this size goes around the cache
     /// (writes) or is not cached (reads), so a copy or a backup does not
@@ -288,6 +288,22 @@ fn parse_io_memory(s: &str) -> Result<u64, String> {
         ));
     }
     Ok(v)
+}
+
+/// The cache modes by name, listed in `--help`.
+fn mode_names() -> impl clap::builder::TypedValueParser<Value = crate::engine::CacheMode> {
+    use clap::builder::TypedValueParser;
+    let names = crate::engine::CacheMode::ALL.map(|m| m.name());
+    clap::builder::PossibleValuesParser::new(names)
+        .try_map(|s| s.parse::<crate::engine::CacheMode>())
+}
+
+/// The writeback orders by name, listed in `--help`.
+fn order_names() -> impl clap::builder::TypedValueParser<Value = crate::engine::WritebackOrder> {
+    use clap::builder::TypedValueParser;
+    let names = crate::engine::WritebackOrder::ALL.map(|o| o.name());
+    clap::builder::PossibleValuesParser::new(names)
+        .try_map(|s| s.parse::<crate::engine::WritebackOrder>())
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {

@@ -11,8 +11,10 @@
 //! of its range the index still holds as bad is logged again, before
 //! key_tail moves past it, so a restart finds it again.
 
+use super::cache::{region_of, Engine};
+use super::error::Result;
 use super::key::CacheExt;
-use super::{region_of, stats, Engine, Result};
+use super::stats;
 use crate::format::{KeyOnMedia, KEY_FLAG_BAD, REGION_BYTES, SECTOR_BYTES};
 
 impl Engine {
@@ -87,9 +89,8 @@ impl Engine {
         Ok(marked)
     }
 
-    /// Up to `limit` ranges (guest byte offset, bytes) marked bad, in
-    /// order.
-    pub fn bad_ranges(&self, limit: usize) -> Vec<(u64, u64)> {
+    /// See [`Engine::bad_ranges`].
+    pub(super) fn bad_list(&self, limit: usize) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for (region, shard) in self.shards.iter() {
             let base = region * REGION_BYTES;

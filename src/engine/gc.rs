@@ -7,7 +7,9 @@
 //! invalidated and freed. Log segments are freed when key_tail leaves them.
 //! Eviction is FIFO in log order, as in dm-pcache.
 
-use super::{stats, Engine, Error, Result};
+use super::cache::Engine;
+use super::error::{Error, Result};
+use super::stats;
 use crate::format::{self, data_off, KSET_MAX_BYTES};
 
 /// Persist key_tail at least this often (in ksets) during a GC pass.
@@ -28,9 +30,8 @@ impl Engine {
         forced || used * 100 >= self.n_segs as u64 * pct
     }
 
-    /// One GC pass. `forced` ignores gc_percent (a writer is waiting for
-    /// space). Returns the number of segments freed.
-    pub fn gc_once(&self, forced: bool) -> Result<u32> {
+    /// See [`Engine::gc_once`].
+    pub(super) fn gc_pass(&self, forced: bool) -> Result<u32> {
         let _pass = self.gc_lock.lock().expect("gc lock");
         if self.read_only {
             return Err(Error::ReadOnly);

@@ -7,7 +7,8 @@
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
-use super::{Engine, Error, Result};
+use super::cache::Engine;
+use super::error::{Error, Result};
 
 /// Resumes guest writes when dropped.
 pub(super) struct Paused<'a>(&'a Engine);
@@ -38,11 +39,8 @@ impl Engine {
         (!self.writes_paused.load(SeqCst)).then_some(w)
     }
 
-    /// Drop every cached extent; see the module documentation. Fails,
-    /// dropping nothing, if dirty data is not written back within
-    /// `timeout` (drain first: `pcache invalidate` does). Returns the
-    /// segments freed.
-    pub fn invalidate(&self, timeout: Duration) -> Result<u32> {
+    /// See [`Engine::invalidate`].
+    pub(super) fn drop_everything(&self, timeout: Duration) -> Result<u32> {
         self.check_writable()?;
         let _resume = self.hold_writes_and_drain(timeout)?;
         let freed = self.drop_cached()?;

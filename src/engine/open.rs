@@ -4,10 +4,13 @@
 use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::cache::{Engine, Kick};
+use super::error::{Error, Result};
 use super::kset::{LogHead, OpenKset};
+use super::record::{Settings, Tail};
 use super::replay::Staged;
 use super::segment::SegTable;
-use super::{Engine, Error, Kick, Result, Settings, Stats, Tail};
+use super::stats::Stats;
 use crate::format::KSET_SLOTS;
 use crate::format::{
     self, pick_latest, seg_off, segs_for_size, CacheInfo, MetaRecord, PosOnMedia, SegGen, SegInfo,
@@ -178,7 +181,7 @@ impl Engine {
 
     /// Open the pcache on `region`: validate every metadata record, replay
     /// the key log and rebuild the index. Background workers are not
-    /// started (see [`super::Workers`]).
+    /// started (see [`super::workers::Workers`]).
     pub fn open(region: Arc<Region>, opts: &OpenOptions) -> Result<Arc<Engine>> {
         let sb_bytes = read_vec(&region, SB_OFF, format::SB_BYTES);
         let sb = Superblock::decode(&sb_bytes, region.len())?;
@@ -292,7 +295,7 @@ impl Engine {
             writeback_kick: Kick::default(),
             gc_kick: Kick::default(),
             closer_kick: Kick::default(),
-            writeback: Mutex::new(super::writeback::WbState::new(wb_target)),
+            writeback: Mutex::new(super::wb_state::WbState::new(wb_target)),
             pacer: super::pace::Pacer::new(),
             gc_lock: Mutex::new(()),
             staged_dirty: OnceLock::new(),

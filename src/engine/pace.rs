@@ -16,7 +16,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{stats, Engine};
 use crate::format::SEG_DATA_BYTES;
 
 /// How far ahead of real time admissions may run before a write waits.
@@ -38,31 +37,6 @@ const MARGIN_SEGS: u64 = 4;
 /// Writes are not paced while at least 1/n of the cache is reclaimable.
 const FREE_RUN_SHARE: u64 = 2;
 
-impl Engine {
-    /// How long a guest write of `bytes` should wait before it goes into
-    /// the cache (zero unless a writeback batch runs and the reclaimable
-    /// space would not last until it ends).
-    pub fn pace(&self, bytes: u64) -> Duration {
-        if !self.pacer.active() {
-            return Duration::ZERO;
-        }
-        let capacity = self.n_segs as u64 * SEG_DATA_BYTES;
-        let margin = capacity / MARGIN_SHARE + MARGIN_SEGS * SEG_DATA_BYTES;
-        let dirty = self.stats.dirty_bytes.load(Ordering::Relaxed);
-        let free = capacity.saturating_sub(dirty + margin);
-        if free >= capacity / FREE_RUN_SHARE {
-            // A burst into a roomy cache goes at full speed: it may end
-            // long before the space does.
-            return Duration::ZERO;
-        }
-        let wait = self.pacer.delay(bytes, free);
-        if !wait.is_zero() {
-            stats::add(&self.stats.writes_paced, 1);
-        }
-        wait
-    }
-}
-
 /// See the module documentation.
 #[derive(Debug)]
 pub(super) struct Pacer {
@@ -78,6 +52,19 @@ pub(super) struct Pacer {
 }
 
 impl Pacer {
+    /// How long a write of `bytes` waits while a batch runs, in a cache of
+    /// `capacity` bytes of which `dirty` are not reclaimable yet.
+    pub(super) fn wait_for(&self, bytes: u64, capacity: u64, dirty: u64) -> Duration {
+        let margin = capacity / MARGIN_SHARE + MARGIN_SEGS * SEG_DATA_BYTES;
+        let free = capacity.saturating_sub(dirty + margin);
+        if free >= capacity / FREE_RUN_SHARE {
+            // A burst into a roomy cache goes at full speed: it may end
+            // long before the space does.
+            return Duration::ZERO;
+        }
+        self.delay(bytes, free)
+    }
+
     pub(super) fn new() -> Pacer {
         Pacer {
             origin: Instant::now(),
@@ -87,7 +74,7 @@ impl Pacer {
         }
     }
 
-    fn active(&self) -> bool {
+    pub(super) fn active(&self) -> bool {
         self.batch_end.load(Ordering::Relaxed) != 0
     }
 

@@ -26,8 +26,9 @@
 
 use std::sync::atomic::Ordering;
 
+use super::cache::{region_of, Engine};
+use super::error::Result;
 use super::key::CacheExt;
-use super::{region_of, Engine, Result};
 use crate::format::{
     self, data_off, decode_staged, slot_off, staged_key_off, KeyOnMedia, KsetEnd, KsetView,
     PosOnMedia, SlotHeader, KEY_BYTES, KSET_MAX_BYTES, KSET_SLOTS, REGION_BYTES, SECTOR_BYTES,
@@ -220,7 +221,7 @@ impl Engine {
         let mut zero_bytes = 0u64;
         let mut max_epoch = 0u64;
         let mut buf = [0u8; KSET_MAX_BYTES];
-        let corrupt = |pos: PosOnMedia, detail: String| -> super::Error {
+        let corrupt = |pos: PosOnMedia, detail: String| -> super::error::Error {
             format::Error::Corrupt {
                 what: "key log",
                 offset: data_off(pos.seg, pos.off),

@@ -10,11 +10,13 @@
 
 use std::sync::atomic::{fence, Ordering};
 
+use super::cache::{check_range, region_of, Engine};
 use super::data::{DataIn, DataOut};
+use super::error::{Error, Result};
 use super::key::CacheExt;
+use super::mode::CacheMode;
 use super::segment::SegKind;
-use super::{check_range, region_of, stats, Engine, Error, Result};
-use crate::backing::Backing;
+use super::stats;
 use crate::format::{
     data_off, KeyOnMedia, KEY_FLAG_CLEAN, KEY_FLAG_UNMAP, KEY_FLAG_ZERO, REGION_BYTES,
     SECTOR_BYTES, SEG_DATA_BYTES,
@@ -105,9 +107,8 @@ impl Engine {
         Some(a)
     }
 
-    /// Drop `head`'s segment (its unused remainder is reclaimed when GC
-    /// frees the segment).
-    pub fn head_release(&self, head: &mut DataHead) {
+    /// See [`Engine::head_release`].
+    pub(super) fn release_head(&self, head: &mut DataHead) {
         if let Some(seg) = head.seg.take() {
             if let Err(e) = self.segs.put_ref(&self.region, seg) {
                 self.note_persist_error(e);
@@ -121,14 +122,13 @@ impl Engine {
         }
     }
 
-    /// Cache a guest write of `data` at logical byte `off` (dirty: written
-    /// back later).
-    ///
-    /// On `Err(CacheFull { done })` the first `done` bytes are cached; retry
-    /// the rest once space frees up (see [`Engine::wait_for_space`]). On
-    /// `Err(LogBusy { done })` the same, once the log closer has closed the
-    /// full kset (a space signal says so too).
-    pub fn write<D: DataIn + ?Sized>(&self, head: &mut DataHead, off: u64, data: &D) -> Result<()> {
+    /// See [`Engine::write`].
+    pub(super) fn write_data<D: DataIn + ?Sized>(
+        &self,
+        head: &mut DataHead,
+        off: u64,
+        data: &D,
+    ) -> Result<()> {
         self.write_flagged(head, off, data, 0)
     }
 
@@ -190,14 +190,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Make `len` bytes at `off` read zeros (a guest's write-zeroes or
-    /// discard), as a dataless key per 4 MiB region: logged like a write,
-    /// so it keeps its place in log order. With `unmap`, writeback may
-    /// deallocate the range on the backing store.
-    ///
-    /// On `Err(CacheFull { done })` the first `done` bytes are done; retry
-    /// the rest once the key log has room.
-    pub fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+    /// See [`Engine::write_zeroes`].
+    pub(super) fn log_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
         check_range(off, len, self.size())?;
         let Some(_writing) = self.writing() else {
@@ -252,10 +246,8 @@ impl Engine {
         Ok(true)
     }
 
-    /// Read `buf.len()` bytes at logical byte `off`. Cached pieces are
-    /// copied into `buf`; the rest is appended to `misses` for the caller to
-    /// read from the backing store (into `buf[miss.buf_off..]`).
-    pub fn read<D: DataOut + ?Sized>(
+    /// See [`Engine::read`].
+    pub(super) fn read_cached<D: DataOut + ?Sized>(
         &self,
         off: u64,
         buf: &mut D,
@@ -263,7 +255,7 @@ impl Engine {
     ) -> Result<()> {
         let len = buf.len() as u64;
         check_range(off, len, self.size())?;
-        if self.mode() == super::CacheMode::None {
+        if self.mode() == CacheMode::None {
             // The cache is not used: all of it from the backing store.
             misses.push(Miss {
                 off,
@@ -430,13 +422,11 @@ impl Engine {
         self.region.crc32c(data_off(ext.seg, key_off as u32), len) == ext.crc
     }
 
-    /// Cache `data`, read from the backing store for `miss`, as clean data.
-    /// Best effort: skipped when the cache is full or a write reached the
-    /// region since the miss was found.
-    pub fn fill(&self, head: &mut DataHead, miss: &Miss, data: &[u8]) {
+    /// See [`Engine::fill`].
+    pub(super) fn fill_clean(&self, head: &mut DataHead, miss: &Miss, data: &[u8]) {
         if self.check_writable().is_err()
             || data.len() as u64 != miss.len
-            || self.mode() == super::CacheMode::None
+            || self.mode() == CacheMode::None
         {
             return;
         }
@@ -473,67 +463,6 @@ impl Engine {
             }
             done += a.len as u64;
         }
-    }
-
-    /// Read through the cache, reading misses from `backing` on this thread
-    /// and filling them in. For tools and tests; queue workers use
-    /// [`Engine::read`] with their own asynchronous backing queue.
-    pub fn read_sync(
-        &self,
-        head: &mut DataHead,
-        backing: &dyn Backing,
-        off: u64,
-        buf: &mut [u8],
-    ) -> Result<()> {
-        let mut misses = Vec::new();
-        self.read(off, buf, &mut misses)?;
-        for m in &misses {
-            let piece = &mut buf[m.buf_off..m.buf_off + m.len as usize];
-            backing.read_at(piece, m.off).map_err(Error::Backing)?;
-            self.fill(head, m, piece);
-        }
-        Ok(())
-    }
-
-    /// Write, waiting for GC to free space whenever the cache is full.
-    pub fn write_blocking(&self, head: &mut DataHead, off: u64, data: &[u8]) -> Result<()> {
-        let mut done = 0usize;
-        loop {
-            let epoch = self.segs.space_epoch();
-            match self.write(head, off + done as u64, &data[done..]) {
-                Err(Error::CacheFull { done: d }) => {
-                    done += d as usize;
-                    self.wait_for_space(epoch);
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// Sleep until a segment is freed after the space epoch `epoch` was read
-    /// (or a short timeout), kicking GC and writeback.
-    pub fn wait_for_space(&self, epoch: u64) {
-        self.space_wanted.store(true, Ordering::Relaxed);
-        self.writeback_wanted.store(true, Ordering::Relaxed);
-        self.gc_kick.kick();
-        self.writeback_kick.kick();
-        self.segs
-            .wait_space(epoch, std::time::Duration::from_millis(50));
-    }
-
-    /// Current space epoch (see [`Engine::wait_for_space`]).
-    pub fn space_epoch(&self) -> u64 {
-        self.segs.space_epoch()
-    }
-
-    /// Register an eventfd written whenever a segment is freed.
-    pub fn add_space_fd(&self, fd: std::os::fd::RawFd) {
-        self.segs.add_space_fd(fd)
-    }
-
-    /// Unregister a space eventfd.
-    pub fn remove_space_fd(&self, fd: std::os::fd::RawFd) {
-        self.segs.remove_space_fd(fd)
     }
 }
 

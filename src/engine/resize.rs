@@ -7,14 +7,13 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Engine, Error, Result};
+use super::cache::Engine;
+use super::error::{Error, Result};
 use crate::format::{self, REGION_BYTES, SECTOR_BYTES};
 
 impl Engine {
-    /// Grow the disk to `bytes` (the backing store's new size) and persist
-    /// it. Returns the old size; nothing changes when the size is the same.
-    /// A smaller size is refused.
-    pub fn grow(&self, bytes: u64) -> Result<u64> {
+    /// See [`Engine::grow`].
+    pub(super) fn grow_to(&self, bytes: u64) -> Result<u64> {
         let old = self.size();
         if bytes == old {
             return Ok(old);

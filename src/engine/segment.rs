@@ -13,7 +13,6 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
 
 use crate::format::{seg_off, MetaRecord, SegGen, SEG_GEN_OFF};
 use crate::pmem::Region;
@@ -220,7 +219,8 @@ impl SegTable {
     }
 
     /// Sleep until space is freed after `epoch` was read, or `timeout`.
-    pub fn wait_space(&self, epoch: u64, timeout: Duration) {
+    #[cfg(any(test, feature = "test-doubles"))]
+    pub fn wait_space(&self, epoch: u64, timeout: std::time::Duration) {
         let g = self.space.lock().expect("space lock");
         let _ = self
             .space_cv

@@ -10,7 +10,18 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use super::Shard;
+use super::index::ExtentMap;
+use super::key::CacheExt;
+
+/// One index shard: the extents of a 4 MiB region.
+#[derive(Debug, Default)]
+pub(super) struct Shard {
+    pub(super) map: ExtentMap<u16, CacheExt>,
+    /// Bumped by every write into the region; a miss fill whose read
+    /// started at an older version is dropped, since the backing data it
+    /// read may be older than what the guest wrote meanwhile.
+    pub(super) write_version: u64,
+}
 
 /// Regions per chunk (16 GiB of disk).
 const CHUNK_REGIONS: usize = 4096;

@@ -5,7 +5,8 @@
 //! writeback; clean data that fails is refetched from the backing store at
 //! run time and is not checked here.
 
-use super::{Engine, Error, Result};
+use super::cache::Engine;
+use super::error::{Error, Result};
 use crate::format::{self, data_off, KeyOnMedia, KSET_MAX_BYTES};
 
 /// A dirty extent whose data fails its CRC.
@@ -34,9 +35,8 @@ pub struct DataCheck {
 }
 
 impl Engine {
-    /// Check the data CRC of every dirty key; see the module documentation.
-    /// Fails if the cache keeps no data CRCs (formatted without data_crc).
-    pub fn verify_dirty_data(&self) -> Result<DataCheck> {
+    /// See [`Engine::verify_dirty_data`].
+    pub(super) fn check_dirty_data(&self) -> Result<DataCheck> {
         if !self.data_crc {
             return Err(Error::NoDataCrc);
         }

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::cache::Engine;
+use super::error::Error;
 use super::kset::KSET_MAX_AGE;
+use super::policy::{Gate, WritebackPolicy};
 use super::writeback::Progress;
-use super::{Engine, Gate, WritebackPolicy};
 use crate::backing::{Backing, BackingQueue};
 
 /// How often the kset timer looks at open ksets.
@@ -128,7 +130,7 @@ fn writeback_loop(
             Ok(Progress::Clean) => {
                 e.writeback_kick.wait(IDLE_POLL);
             }
-            Err(super::Error::Stopping) => break,
+            Err(Error::Stopping) => break,
             Err(err) => {
                 tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "writeback failed; dirty data stays cached and will be retried");
                 e.writeback_kick.wait(backoff);

@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryBackend;
 
+use super::guest::Mem;
 use super::request::{status, HEADER_BYTES, RANGE_BYTES};
-use super::Mem;
 use crate::iovec::IoVec;
 
 /// A descriptor chain, holding the guest memory table it was read with.

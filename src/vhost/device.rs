@@ -12,49 +12,19 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 use super::config::{bits, BlkConfig, PROTOCOL_FEATURES, PROTOCOL_FEATURES_BIT, VIRTIO_FEATURES};
-use super::counters::{Counters, Track};
+use super::conn::{Conn, ServeConfig};
+use super::counters::Track;
 use super::dirty::DirtyLog;
+use super::guest::Gm;
 use super::queue::QueueState;
-use super::Gm;
 use crate::disk::Disk;
-
-/// What the backend serves.
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    /// Request queues offered.
-    pub num_queues: u16,
-    /// Every queue's request counters and latencies, shared by every
-    /// connection (they count for the life of the process); at least
-    /// `num_queues` queues.
-    pub counters: Arc<Counters>,
-    /// Largest queue size accepted.
-    pub queue_size: u16,
-    /// Logical block size advertised (512 or 4096).
-    pub blk_size: u32,
-    /// Refuse writes.
-    pub read_only: bool,
-    /// Serial returned by GET_ID (at most 20 bytes are sent).
-    pub serial: String,
-    /// After the ring runs dry, keep polling it at most this long before
-    /// going back to sleep on the kick eventfd (0: never poll); the window
-    /// adapts below that (`poll.rs`). Saves a wake-up per request when
-    /// requests arrive close together.
-    pub poll_us: u32,
-}
 
 /// The device of one frontend connection.
 pub struct Device {
-    /// The disk it serves (shared by every connection).
-    pub(super) disk: Arc<Disk>,
-    /// Pages of guest memory we write, while the frontend migrates.
-    pub(super) log: Arc<DirtyLog>,
-    pub(super) cfg: ServeConfig,
-    pub(super) mem: Gm,
-    pub(super) event_idx: AtomicBool,
+    /// What its queues share.
+    pub(super) conn: Conn,
     acked: AtomicU64,
     pub(super) queues: Vec<Mutex<QueueState>>,
-    /// Set when the process is stopping: no new request is taken.
-    pub(super) stopping: AtomicBool,
     /// Our copy of the back-end request socket (`notify.rs`), once the
     /// frontend sent one.
     config_notifier: Mutex<Option<OwnedFd>>,
@@ -70,21 +40,23 @@ impl Device {
             queues.push(Mutex::new(QueueState::new(disk.queue()?, track)));
         }
         Ok(Device {
-            disk,
-            log: Arc::new(DirtyLog::default()),
-            cfg,
-            mem,
-            event_idx: AtomicBool::new(false),
+            conn: Conn {
+                disk,
+                log: Arc::new(DirtyLog::default()),
+                cfg,
+                mem,
+                event_idx: AtomicBool::new(false),
+                stopping: AtomicBool::new(false),
+            },
             acked: AtomicU64::new(0),
             queues,
-            stopping: AtomicBool::new(false),
             config_notifier: Mutex::new(None),
         })
     }
 
     /// Size of the disk in bytes.
     pub(super) fn capacity(&self) -> u64 {
-        self.disk.size()
+        self.conn.disk.size()
     }
 
     /// The frontend gave us a back-end request socket.
@@ -105,17 +77,52 @@ impl Device {
 
     /// Queues offered.
     pub fn num_queues(&self) -> usize {
-        self.cfg.num_queues as usize
+        self.conn.cfg.num_queues as usize
     }
 
     /// Largest ring accepted.
     pub fn max_queue_size(&self) -> u16 {
-        self.cfg.queue_size
+        self.conn.cfg.queue_size
     }
 
     /// Guest memory, as the frontend's memory table maps it.
     pub fn memory(&self) -> &Gm {
-        &self.mem
+        &self.conn.mem
+    }
+
+    /// The ring was kicked (or started): run what it holds.
+    pub(super) fn on_kick(&self, q: usize) -> io::Result<()> {
+        self.queues[q]
+            .lock()
+            .expect("queue lock")
+            .on_kick(&self.conn)
+    }
+
+    /// Queue `q`'s disk queue has news.
+    pub(super) fn on_disk(&self, q: usize) -> io::Result<()> {
+        self.queues[q]
+            .lock()
+            .expect("queue lock")
+            .on_disk(&self.conn)
+    }
+
+    /// Finish what queue `q` has taken, before `deadline`; returns how
+    /// many are left (see `QueueState::settle`).
+    pub(super) fn settle_queue(&self, q: usize, deadline: std::time::Instant) -> io::Result<usize> {
+        self.queues[q]
+            .lock()
+            .expect("queue lock")
+            .settle(&self.conn, deadline)
+    }
+
+    /// Stop queue `q` (see `QueueState::stop`).
+    pub(super) fn stop_queue(&self, q: usize) -> io::Result<()> {
+        self.queues[q].lock().expect("queue lock").stop(&self.conn)
+    }
+
+    /// Is the process stopping (no new request is taken)?
+    pub(super) fn is_stopping(&self) -> bool {
+        self.conn.is_stopping()
     }
 
     /// The fd a queue's worker watches besides its kick: its disk queue's.
@@ -126,7 +133,7 @@ impl Device {
     /// Virtio features offered (a read-only disk offers RO, and neither
     /// DISCARD nor WRITE_ZEROES).
     pub fn features(&self) -> u64 {
-        if self.cfg.read_only {
+        if self.conn.cfg.read_only {
             (VIRTIO_FEATURES & !(bits::DISCARD | bits::WRITE_ZEROES))
                 | bits::RO
                 | PROTOCOL_FEATURES_BIT
@@ -146,8 +153,10 @@ impl Device {
         // Without FLUSH the driver cannot ask for durability: writethrough.
         // With it, what the guest chose last (CONFIG_WCE), which the disk
         // keeps because a reconnecting frontend does not say it again.
-        self.disk.set_flush_negotiated(features & bits::FLUSH != 0);
-        self.event_idx.store(
+        self.conn
+            .disk
+            .set_flush_negotiated(features & bits::FLUSH != 0);
+        self.conn.event_idx.store(
             features & bits::EVENT_IDX != 0,
             std::sync::atomic::Ordering::Relaxed,
         );
@@ -157,9 +166,9 @@ impl Device {
     pub fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         BlkConfig {
             capacity: self.capacity() / 512,
-            blk_size: self.cfg.blk_size,
-            num_queues: self.cfg.num_queues,
-            writeback: u8::from(self.disk.write_cache()),
+            blk_size: self.conn.cfg.blk_size,
+            num_queues: self.conn.cfg.num_queues,
+            writeback: u8::from(self.conn.disk.write_cache()),
         }
         .read(offset, size)
     }
@@ -177,6 +186,6 @@ impl Device {
         let Some(v) = wb.checked_sub(offset).and_then(|i| buf.get(i as usize)) else {
             return Ok(());
         };
-        self.disk.set_write_cache(*v != 0)
+        self.conn.disk.set_write_cache(*v != 0)
     }
 }

@@ -26,8 +26,8 @@ use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::guest::{Mem, Vring};
 use super::shm::SharedMap;
-use super::{Mem, Vring};
 
 /// Bytes of guest memory one bit covers (VHOST_LOG_PAGE).
 pub const LOG_PAGE: u64 = 4096;

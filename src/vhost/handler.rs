@@ -36,10 +36,10 @@ use vm_memory::{
 };
 
 use super::device::Device;
+use super::guest::Vring;
 use super::inflight::InflightRegion;
 use super::ring::{chains_for, Ring};
 use super::worker::Worker;
-use super::Vring;
 
 /// Memory slots offered (the kernel's vhost limit, as QEMU's libvhost-user).
 const MAX_MEM_SLOTS: u64 = 509;
@@ -137,6 +137,7 @@ impl Handler {
     fn start_ring(&mut self, q: usize) -> Result<()> {
         // The first write may follow at once: the store must be ours.
         self.dev
+            .conn
             .disk
             .handover()
             .ring_starting(self.logging())
@@ -170,7 +171,7 @@ impl Handler {
             qs.ring = Some(Ring::new(
                 vring.clone(),
                 tracker,
-                self.dev.log.clone(),
+                self.dev.conn.log.clone(),
                 self.dev.memory().clone(),
             ));
             qs.resubmit = resubmit.into();
@@ -247,11 +248,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
         let was_logging = self.logging();
         self.acked_features = features;
         let logging = self.logging();
-        self.dev.log.set_logging(logging);
+        self.dev.conn.log.set_logging(logging);
         if logging != was_logging {
             tracing::info!(logging, "the frontend's dirty-page log");
             if self.any_started() {
-                self.dev.disk.handover().set_logging(logging);
+                self.dev.conn.disk.handover().set_logging(logging);
             }
         }
         // Without protocol features every ring is enabled at once.
@@ -363,9 +364,9 @@ impl VhostUserBackendReqHandlerMut for Handler {
         if self.logging() {
             // The used ring's last writes (avail_event too) reach the
             // destination with the frontend's final read of the log.
-            self.dev.log.mark_used_ring(&vring);
+            self.dev.conn.log.mark_used_ring(&vring);
             if !self.any_started() {
-                self.dev.disk.handover().switchover();
+                self.dev.conn.disk.handover().switchover();
             }
         }
         vring.set_kick(None);
@@ -553,6 +554,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
         self.dev
+            .conn
             .log
             .set_base(&file, log.mmap_size, log.mmap_offset)
             .map_err(|e| {

@@ -30,9 +30,11 @@
 
 mod chain;
 mod config;
+mod conn;
 mod counters;
 mod device;
 mod dirty;
+mod guest;
 mod handler;
 mod inflight;
 mod latency;
@@ -51,19 +53,10 @@ pub mod harness;
 mod tests;
 
 pub use config::{BlkConfig, PROTOCOL_FEATURES, VIRTIO_FEATURES};
+pub use conn::ServeConfig;
 pub use counters::{Counters, Op, Outcome, QueueCounters};
-pub use device::{Device, ServeConfig};
+pub use device::Device;
 pub use inflight::{InflightQueue, InflightRegion, Recovered};
 pub use latency::{Buckets, Histogram, BOUNDS_NS};
 pub use request::{parse, Reject, RequestKind};
 pub use session::{serve, Active, SessionHook};
-
-use vhost_user_backend::VringRwLock;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-
-/// Guest memory as the frontend's memory table maps it.
-type Mem = GuestMemoryMmap<()>;
-/// Guest memory, replaceable as the frontend changes its table.
-type Gm = GuestMemoryAtomic<Mem>;
-/// A ring's state, shared by the message handler and the queue's worker.
-type Vring = VringRwLock<Gm>;

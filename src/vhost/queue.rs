@@ -17,12 +17,12 @@ use vhost_user_backend::VringT;
 use vm_memory::GuestAddressSpace;
 
 use super::chain::{answer, Bytes, Chain, Done};
+use super::conn::Conn;
 use super::counters::Track;
-use super::device::Device;
+use super::guest::Mem;
 use super::poll::PollWindow;
 use super::request::{needs_range, parse, status, RequestKind, HEADER_BYTES, ID_BYTES};
 use super::ring::Ring;
-use super::Mem;
 use crate::disk::{self, DiskQueue, Op, Request, Status};
 use crate::iovec::IoVec;
 
@@ -105,18 +105,16 @@ impl QueueState {
     }
 }
 
-impl Device {
+impl QueueState {
     /// Process everything available on `ring`, following the EVENT_IDX
     /// protocol: with notifications disabled, drain the ring; re-enable
     /// them; if the driver added requests in between (enable returns true),
     /// drain again. One pass is not enough: a request added after the last
     /// pop but before re-enabling would otherwise wait for the next kick.
-    pub(super) fn process_vring(&self, qs: &mut QueueState, ring: &Ring) -> io::Result<()> {
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        qs.poll.woke(
-            Instant::now(),
-            Duration::from_micros(self.cfg.poll_us as u64),
-        );
+    pub(super) fn process_vring(&mut self, c: &Conn, ring: &Ring) -> io::Result<()> {
+        let event_idx = c.event_idx.load(Ordering::Relaxed);
+        self.poll
+            .woke(Instant::now(), Duration::from_micros(c.cfg.poll_us as u64));
         // A ring being stopped takes nothing more: its pending requests stay.
         while ring.is_ready() {
             if event_idx {
@@ -124,13 +122,13 @@ impl Device {
                     .disable_notification()
                     .map_err(io::Error::other)?;
             }
-            self.drain_avail(qs, ring)?;
-            if self.is_stopping() {
+            self.drain_avail(c, ring)?;
+            if c.is_stopping() {
                 // Nothing more is taken: what the driver adds now is left
                 // in the ring for the next process.
                 break;
             }
-            if self.poll_for_more(qs, ring) {
+            if self.poll_for_more(c, ring) {
                 continue;
             }
             if !event_idx || !ring.vring.enable_notification().map_err(io::Error::other)? {
@@ -145,59 +143,54 @@ impl Device {
     /// shows up. The window restarts with every batch found, and adapts to
     /// how soon requests follow (`poll.rs`): a busy guest is polled, an
     /// idle queue soon spins no more.
-    fn poll_for_more(&self, qs: &mut QueueState, ring: &Ring) -> bool {
+    fn poll_for_more(&mut self, c: &Conn, ring: &Ring) -> bool {
         let start = Instant::now();
         // With backing I/O in flight, sleep instead: its completions wake
         // the worker, and the kernel needs the CPU to complete it
         // (spinning cost 5-10 % of all-miss IOPS when measured).
-        let window = qs.poll.window();
-        if window.is_zero() || qs.dq.backing_in_flight() > 0 || self.is_stopping() {
-            qs.poll.went_idle(start);
+        let window = self.poll.window();
+        if window.is_zero() || self.dq.backing_in_flight() > 0 || c.is_stopping() {
+            self.poll.went_idle(start);
             return false;
         }
         let deadline = start + window;
-        let mem = self.mem.memory();
+        let mem = c.mem.memory();
         loop {
             if ring.avail_pending(&mem) {
                 return true;
             }
             if Instant::now() >= deadline {
-                qs.poll.went_idle(start);
+                self.poll.went_idle(start);
                 return false;
             }
             std::hint::spin_loop();
         }
     }
 
-    /// Is the process stopping (no new request is taken)?
-    pub(super) fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
-    }
-
-    fn drain_avail(&self, qs: &mut QueueState, ring: &Ring) -> io::Result<()> {
-        let mem = self.mem.memory();
+    fn drain_avail(&mut self, c: &Conn, ring: &Ring) -> io::Result<()> {
+        let mem = c.mem.memory();
         let keep = mem.clone().into_inner();
         let mut pending = 0;
         let mut taken = Instant::now();
         // What a previous backend left taken runs first, in its order.
-        while let Some((chain, m)) = qs.resubmit.pop_front() {
-            if self.run_chain_at(qs, ring, &chain, &m, &mut taken) {
+        while let Some((chain, m)) = self.resubmit.pop_front() {
+            if self.run_chain_at(c, ring, &chain, &m, &mut taken) {
                 ring.signal_every_batch(&mut pending)?;
             }
         }
-        while !self.is_stopping() {
+        while !c.is_stopping() {
             let Some(chain) = ring.pop(&mem) else {
                 break;
             };
-            if self.run_chain_at(qs, ring, &chain, &keep, &mut taken) {
+            if self.run_chain_at(c, ring, &chain, &keep, &mut taken) {
                 ring.signal_every_batch(&mut pending)?;
             }
         }
         // Misses already back complete now, with this batch.
-        if qs.dq.pending() > 0 {
-            qs.dq.reap(&mut qs.answers);
+        if self.dq.pending() > 0 {
+            self.dq.reap(&mut self.answers);
         }
-        if qs.deliver(Some(ring), &mut pending) || pending > 0 {
+        if self.deliver(Some(ring), &mut pending) || pending > 0 {
             ring.notify()?;
         }
         Ok(())
@@ -207,21 +200,21 @@ impl Device {
     /// chains one at a time); true if it completed at once.
     #[cfg(any(test, feature = "fuzzing"))]
     pub(super) fn run_chain(
-        &self,
-        qs: &mut QueueState,
+        &mut self,
+        c: &Conn,
         ring: &Ring,
         chain: &Chain,
         mem: &Arc<Mem>,
     ) -> bool {
-        self.run_chain_at(qs, ring, chain, mem, &mut Instant::now())
+        self.run_chain_at(c, ring, chain, mem, &mut Instant::now())
     }
 
     /// After a batch: answer the requests whose backing I/O is back
     /// already. Returns whether any went into the used ring.
     #[cfg(any(test, feature = "fuzzing"))]
-    pub(super) fn end_batch(&self, qs: &mut QueueState, ring: &Ring) -> bool {
-        qs.dq.reap(&mut qs.answers);
-        qs.deliver(Some(ring), &mut 0)
+    pub(super) fn end_batch(&mut self, ring: &Ring) -> bool {
+        self.dq.reap(&mut self.answers);
+        self.deliver(Some(ring), &mut 0)
     }
 
     /// Start one taken chain (found in memory table `mem`); put it in the
@@ -230,18 +223,18 @@ impl Device {
     /// wait: in a batch, the next chain is taken as the one before it is
     /// done with, so counting a request's latency costs one clock read.
     fn run_chain_at(
-        &self,
-        qs: &mut QueueState,
+        &mut self,
+        c: &Conn,
         ring: &Ring,
         chain: &Chain,
         mem: &Arc<Mem>,
         taken: &mut Instant,
     ) -> bool {
         let head = chain.head_index();
-        qs.track.begin(head, *taken);
-        match self.start(qs, chain, mem) {
+        self.track.begin(head, *taken);
+        match self.start(c, chain, mem) {
             Some(done) => {
-                *taken = qs.track.done(&done);
+                *taken = self.track.done(&done);
                 ring.put_used(done.head, done.len)
             }
             None => {
@@ -254,7 +247,7 @@ impl Device {
     /// Parse a chain into a request and submit it. Returns how it was
     /// answered when it completed at once; None when the disk answers
     /// later.
-    fn start(&self, qs: &mut QueueState, chain: &Chain, mem: &Arc<Mem>) -> Option<Done> {
+    fn start(&mut self, c: &Conn, chain: &Chain, mem: &Arc<Mem>) -> Option<Done> {
         let head = chain.head_index();
         let Some(bytes) = Bytes::of(chain, mem) else {
             // Buffers outside guest memory: nothing can be written back,
@@ -269,14 +262,14 @@ impl Device {
         let header = bytes.header();
         let range = header.filter(needs_range).and_then(|_| bytes.range());
         let readable = bytes.readable.len().saturating_sub(HEADER_BYTES);
-        qs.track.header(head, header.as_ref());
+        self.track.header(head, header.as_ref());
         let kind = match parse(
             header,
             range,
             readable,
             data_w,
-            self.disk.size(),
-            self.cfg.read_only,
+            c.disk.size(),
+            c.cfg.read_only,
         ) {
             Ok(k) => k,
             Err(why) => {
@@ -284,11 +277,11 @@ impl Device {
                 return Some(answer(head, &st, why.status(), 0));
             }
         };
-        qs.track.parsed(head, &kind);
+        self.track.parsed(head, &kind);
         let (op, off, len, buf, data) = match kind {
             RequestKind::GetId => {
                 let mut id = [0u8; ID_BYTES];
-                let s = self.cfg.serial.as_bytes();
+                let s = c.cfg.serial.as_bytes();
                 let n = s.len().min(ID_BYTES);
                 id[..n].copy_from_slice(&s[..n]);
                 let n = data_w.min(ID_BYTES);
@@ -308,8 +301,8 @@ impl Device {
                 (Op::Zeroes { unmap }, off, len, IoVec::empty(), 0)
             }
         };
-        let tag = qs.next_tag;
-        qs.next_tag += 1;
+        let tag = self.next_tag;
+        self.next_tag += 1;
         let req = Request {
             op,
             off,
@@ -317,7 +310,7 @@ impl Device {
             buf,
             tag,
         };
-        match qs.dq.submit(req) {
+        match self.dq.submit(req) {
             Some(s) => {
                 let st_byte = match s {
                     Status::Ok => status::OK,
@@ -326,7 +319,7 @@ impl Device {
                 Some(answer(head, &st, st_byte, data))
             }
             None => {
-                qs.taken.insert(
+                self.taken.insert(
                     tag,
                     Taken {
                         head,
@@ -342,85 +335,78 @@ impl Device {
     /// Run the disk's background work (fills) until there is none, going
     /// back to the ring for new requests before each piece: the guest does
     /// not wait for a fill, so requests it queued meanwhile go first.
-    fn background(&self, qs: &mut QueueState, ring: Option<&Ring>) -> io::Result<()> {
+    fn background(&mut self, c: &Conn, ring: Option<&Ring>) -> io::Result<()> {
         let mut turns = BACKGROUND_RING_TURNS;
-        let mem = self.mem.memory();
-        while qs.dq.has_background_work() {
-            if let Some(r) = ring.filter(|_| turns > 0 && !self.is_stopping()) {
+        let mem = c.mem.memory();
+        while self.dq.has_background_work() {
+            if let Some(r) = ring.filter(|_| turns > 0 && !c.is_stopping()) {
                 if r.avail_pending(&mem) {
                     turns -= 1;
-                    self.process_vring(qs, r)?;
+                    self.process_vring(c, r)?;
                 }
             }
-            qs.dq.background_step();
+            self.dq.background_step();
         }
         Ok(())
     }
 
     /// The ring was kicked (or started): run what it holds, then the
     /// background work.
-    pub(super) fn on_kick(&self, q: usize) -> io::Result<()> {
-        let mut qs = self.queues[q].lock().expect("queue lock");
-        let Some(ring) = qs.ring.clone() else {
+    pub(super) fn on_kick(&mut self, c: &Conn) -> io::Result<()> {
+        let Some(ring) = self.ring.clone() else {
             return Ok(());
         };
-        self.process_vring(&mut qs, &ring)?;
-        self.background(&mut qs, Some(&ring))
+        self.process_vring(c, &ring)?;
+        self.background(c, Some(&ring))
     }
 
-    /// The disk has news for queue `q`: answer what finished.
-    pub(super) fn on_disk(&self, q: usize) -> io::Result<()> {
-        let mut qs = self.queues[q].lock().expect("queue lock");
-        let qs = &mut *qs;
-        qs.dq.process(&mut qs.answers);
-        let ring = qs.ring.clone();
+    /// The disk has news: answer what finished.
+    pub(super) fn on_disk(&mut self, c: &Conn) -> io::Result<()> {
+        self.dq.process(&mut self.answers);
+        let ring = self.ring.clone();
         let mut pending = 0;
-        if qs.deliver(ring.as_ref(), &mut pending) {
+        if self.deliver(ring.as_ref(), &mut pending) {
             if let Some(r) = &ring {
                 r.notify()?;
             }
         }
-        self.background(qs, ring.as_ref())
+        self.background(c, ring.as_ref())
     }
 
-    /// Finish the requests queue `q` has taken, before `deadline`: those
-    /// on the backing store always come back; those waiting for space get
-    /// until the deadline. Returns how many are left (they stay taken, for
-    /// the next backend to run again).
-    pub(super) fn settle_queue(&self, q: usize, deadline: Instant) -> io::Result<usize> {
-        let mut qs = self.queues[q].lock().expect("queue lock");
-        let qs = &mut *qs;
-        let Some(ring) = qs.ring.clone() else {
-            return Ok(qs.unfinished());
+    /// Finish the requests taken, before `deadline`: those on the backing
+    /// store always come back; those waiting for space get until the
+    /// deadline. Returns how many are left (they stay taken, for the next
+    /// backend to run again).
+    pub(super) fn settle(&mut self, c: &Conn, deadline: Instant) -> io::Result<usize> {
+        let Some(ring) = self.ring.clone() else {
+            return Ok(self.unfinished());
         };
         // Requests a previous backend left are taken too.
         let mut now = Instant::now();
-        while let Some((chain, m)) = qs.resubmit.pop_front() {
-            self.run_chain_at(qs, &ring, &chain, &m, &mut now);
+        while let Some((chain, m)) = self.resubmit.pop_front() {
+            self.run_chain_at(c, &ring, &chain, &m, &mut now);
         }
-        qs.dq.settle(deadline, &mut qs.answers);
-        qs.deliver(Some(&ring), &mut 0);
+        self.dq.settle(deadline, &mut self.answers);
+        self.deliver(Some(&ring), &mut 0);
         ring.notify()?;
-        Ok(qs.unfinished())
+        Ok(self.unfinished())
     }
 
-    /// Stop queue `q` (the frontend asked for the ring's base): finish every
-    /// request taken from it, so no used-ring write lands after the
+    /// Stop the queue (the frontend asked for the ring's base): finish
+    /// every request taken from it, so no used-ring write lands after the
     /// frontend reads the base. Requests that find no space in
     /// [`STOP_TIMEOUT`] fail with IOERR.
-    pub(super) fn stop_queue(&self, q: usize) -> io::Result<()> {
-        let left = self.settle_queue(q, Instant::now() + STOP_TIMEOUT)?;
-        let mut qs = self.queues[q].lock().expect("queue lock");
-        let qs = &mut *qs;
+    pub(super) fn stop(&mut self, c: &Conn) -> io::Result<()> {
+        let left = self.settle(c, Instant::now() + STOP_TIMEOUT)?;
         if left > 0 {
             tracing::error!(
                 n = left,
                 "cache stayed full while stopping a queue; failing the requests left"
             );
         }
-        let ring = qs.ring.take();
-        qs.dq.abort(&mut qs.answers);
-        qs.deliver(ring.as_ref(), &mut 0);
+        let ring = self.ring.take();
+        self.dq.abort(&mut self.answers);
+        self.deliver(ring.as_ref(), &mut 0);
         if let Some(r) = &ring {
             r.notify()?;
         }

@@ -14,8 +14,8 @@ use vm_memory::{
 
 use super::chain::Chain;
 use super::dirty::DirtyLog;
+use super::guest::{Gm, Mem, Vring};
 use super::inflight::InflightQueue;
-use super::{Gm, Mem, Vring};
 
 /// Completions between used-ring signals while a batch is still running.
 /// Signalling each one wakes the driver once per request; signalling only

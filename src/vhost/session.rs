@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::device::{Device, ServeConfig};
+use super::conn::ServeConfig;
+use super::device::Device;
 use super::handler::Handler;
 use crate::disk::Disk;
 
@@ -71,6 +72,7 @@ impl Active {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.dev
+            .conn
             .stopping
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let deadline = Instant::now() + budget;

@@ -2,9 +2,10 @@
 //! sector over a stretch of ksets from dirty_tail, and for
 //! [`WritebackOrder::Newest`] the cut that leaves replaced versions out.
 
-use super::{WbExt, WbKind, WritebackOrder, LOGGED_PER_BUDGET, LOGGED_SHARE_OF_CACHE};
+use super::batch::{WbExt, WbKind, WritebackOrder, LOGGED_PER_BUDGET, LOGGED_SHARE_OF_CACHE};
+use crate::engine::cache::Engine;
+use crate::engine::error::{Error, Result};
 use crate::engine::index::ExtentMap;
-use crate::engine::{Engine, Error, Result};
 use crate::format::{
     self, data_off, PosOnMedia, KEY_FLAG_BAD, KEY_FLAG_FORGET, KEY_FLAG_UNMAP, KEY_FLAG_ZERO,
     KSET_MAX_BYTES, SECTOR_BYTES,

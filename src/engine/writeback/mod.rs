@@ -38,71 +38,27 @@
 //! in another process, so later passes never leave a sector of the cut-off
 //! batch newer than the rest of the backing store.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::index::{Extent, ExtentMap};
+use super::index::ExtentMap;
 
+mod batch;
 mod gather;
 mod writer;
 
+pub use batch::WritebackOrder;
+use batch::{WbExt, WbKind};
+
 use writer::{flush_backing, Writer};
 
-use super::{stats, Engine, Error, Result, Tail};
+use super::cache::Engine;
+use super::error::{Error, Result};
+use super::stats;
+use crate::engine::wb_state::WbState;
 use std::sync::Arc;
 
 use crate::backing::{Arena, BackingQueue};
 use crate::format::{self, data_off, SECTOR_BYTES};
-
-/// Memory for writeback's buffers when the server gives none
-/// ([`Engine::set_writeback_memory`]): the offline tools.
-const DEFAULT_MEMORY: usize = 32 << 20;
-/// Time a pass is sized to spend writing, at the measured rate: long
-/// enough to amortise the backing flush, short enough that space comes
-/// back often.
-const PASS_SECS: f64 = 1.5;
-/// Batch budget bounds, in distinct bytes.
-const BUDGET_MIN: u64 = 4 << 20;
-const BUDGET_MAX: u64 = 1 << 30;
-/// A batch covers at most this many times its budget of logged bytes, so
-/// one pass over a huge cache stays bounded.
-const LOGGED_PER_BUDGET: u64 = 16;
-/// A batch covers at most this share of the cache (1/n): the rest is the
-/// room guest writes use while it runs, and the next batch covers what
-/// they wrote. Larger batches would leave the next ones smaller, and the
-/// sizes would swing between the two.
-const LOGGED_SHARE_OF_CACHE: u64 = 2;
-/// Backing write rate assumed before the first pass is measured: low, so
-/// the first batch of a process is small on a slow disk (a batch cut off
-/// by a restart must be finished by the next process before dirty_tail
-/// moves); one pass measures the real rate.
-const RATE_START: f64 = 16e6;
-
-/// How writeback orders what reaches the backing store; see the module
-/// documentation. Persisted in the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WritebackOrder {
-    /// Coalesce many flush epochs per batch; the backing store alone is
-    /// consistent at batch boundaries.
-    #[default]
-    Batch,
-    /// One flush epoch per batch; the backing store alone is always a flush
-    /// boundary plus part of the next epoch.
-    Strict,
-    /// Only the newest durable version of each sector is written; the
-    /// backing store alone is consistent only once the cache is clean.
-    Newest,
-}
-
-impl std::fmt::Display for WritebackOrder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            WritebackOrder::Batch => "batch",
-            WritebackOrder::Strict => "strict",
-            WritebackOrder::Newest => "newest",
-        })
-    }
-}
 
 /// What one writeback pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,176 +74,16 @@ pub enum Progress {
     },
 }
 
-/// The writeback worker's state, behind the engine's writeback lock (which
-/// also serialises passes: the online worker against `drain`).
-#[derive(Debug)]
-pub(super) struct WbState {
-    /// Where write buffers come from (created when first needed).
-    memory: Option<Arc<Arena>>,
-    /// The writeback target record: where the batch being written ends.
-    target: Tail,
-    /// Backing write rate of recent passes while writing, bytes per second.
-    rate: f64,
-    /// Time of a pass not spent writing (gathering, the backing flush),
-    /// seconds.
-    fixed: f64,
-    /// How long the last pass took.
-    last_pass: Duration,
-}
-
-impl WbState {
-    /// State for an engine whose target record is `target`.
-    pub(super) fn new(target: Tail) -> WbState {
-        WbState {
-            memory: None,
-            target,
-            rate: RATE_START,
-            fixed: 0.0,
-            last_pass: Duration::ZERO,
-        }
-    }
-
-    /// The buffers' arena.
-    fn memory(&mut self) -> Result<Arc<Arena>> {
-        if self.memory.is_none() {
-            self.memory = Some(Arena::new("writeback", DEFAULT_MEMORY).map_err(Error::Backing)?);
-        }
-        Ok(self.memory.clone().expect("just set"))
-    }
-
-    /// Distinct bytes the next batch may hold.
-    fn budget(&self) -> u64 {
-        ((self.rate * PASS_SECS) as u64).clamp(BUDGET_MIN, BUDGET_MAX)
-    }
-
-    /// How long a batch of `bytes` distinct bytes should take.
-    fn expected(&self, bytes: u64) -> Duration {
-        Duration::from_secs_f64(bytes as f64 / self.rate + self.fixed)
-    }
-
-    /// Fold a finished pass into the estimates: its bytes over the time its
-    /// writes took (passes too small to time say little about bandwidth),
-    /// and the rest of its time.
-    fn measured(&mut self, bytes: u64, writing: Duration, total: Duration) {
-        self.last_pass = total;
-        let fixed = total.saturating_sub(writing).as_secs_f64();
-        self.fixed = 0.5 * self.fixed + 0.5 * fixed;
-        let secs = writing.as_secs_f64();
-        if bytes >= BUDGET_MIN / 4 && secs > 0.0 {
-            let r = bytes as f64 / secs;
-            // Up at once (the first guess is low on purpose), down gently.
-            self.rate = if r > self.rate {
-                r
-            } else {
-                0.5 * self.rate + 0.5 * r
-            };
-        }
-    }
-}
-
-/// What a batch writes for a range: its newest version in the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WbKind {
-    /// Data in the cache, at `seg`/`seg_off`.
-    Data,
-    /// Zeros (`unmap`: the store may deallocate).
-    Zero { unmap: bool },
-    /// Nothing: the newest data was lost (a range marked bad).
-    Skip,
-}
-
-/// A dirty extent in a batch: what its newest version is, and for data,
-/// where it lives in the cache.
-#[derive(Debug, Clone, Copy)]
-struct WbExt {
-    sectors: u32,
-    seg: u32,
-    seg_off: u32,
-    kind: WbKind,
-    /// The lsn of the kset holding this version.
-    lsn: u64,
-}
-
-impl Extent for WbExt {
-    const EMPTY: WbExt = WbExt {
-        sectors: 0,
-        seg: 0,
-        seg_off: 0,
-        kind: WbKind::Skip,
-        lsn: 0,
-    };
-    fn len(&self) -> u32 {
-        self.sectors
-    }
-    fn set_len(&mut self, len: u32) {
-        self.sectors = len;
-    }
-    fn skip_front(&mut self, n: u32) {
-        self.sectors -= n;
-        if self.kind == WbKind::Data {
-            self.seg_off += n * SECTOR_BYTES as u32;
-        }
-    }
-}
-
-impl WbExt {
-    /// The batch entry for a dataless key, or a key marked bad.
-    fn dataless(key: &format::KeyOnMedia, kind: WbKind, lsn: u64) -> WbExt {
-        WbExt {
-            sectors: key.len / SECTOR_BYTES as u32,
-            seg: 0,
-            seg_off: 0,
-            kind,
-            lsn,
-        }
-    }
-}
-
 impl Engine {
-    /// How writeback orders what reaches the backing store.
-    pub fn writeback_order(&self) -> WritebackOrder {
-        let s = self.settings.lock().expect("settings lock");
-        if s.info.flags & format::CACHE_FLAG_WB_STRICT != 0 {
-            WritebackOrder::Strict
-        } else if s.info.flags & format::CACHE_FLAG_WB_NEWEST != 0 {
-            WritebackOrder::Newest
-        } else {
-            WritebackOrder::Batch
-        }
-    }
-
-    /// Choose the writeback order and persist it (nothing is written when
-    /// it does not change). Takes effect at the next batch.
-    pub fn set_writeback_order(&self, order: WritebackOrder) -> Result<()> {
-        self.check_writable()?;
-        let mut s = self.settings.lock().expect("settings lock");
-        let mut info = s.info;
-        info.flags &= !(format::CACHE_FLAG_WB_STRICT | format::CACHE_FLAG_WB_NEWEST);
-        match order {
-            WritebackOrder::Strict => info.flags |= format::CACHE_FLAG_WB_STRICT,
-            WritebackOrder::Newest => info.flags |= format::CACHE_FLAG_WB_NEWEST,
-            WritebackOrder::Batch => {}
-        }
-        if info == s.info {
-            return Ok(());
-        }
-        self.write_settings(&mut s, info)
-    }
-
-    /// One writeback pass: write back a batch from dirty_tail and persist
-    /// the new dirty_tail. The batch is sized from the backing store's
-    /// measured rate and how long the free space lasts. On a backing
-    /// error dirty_tail does not move; the caller retries later (with
-    /// backoff) and the dirty data stays in the cache.
-    pub fn writeback_once(&self, q: &mut BackingQueue) -> Result<Progress> {
+    /// See [`Engine::writeback_once`].
+    pub(super) fn wb_pass(&self, q: &mut BackingQueue) -> Result<Progress> {
         let mut st = self.writeback.lock().expect("writeback lock");
         let budget = st.budget();
         self.pass(&mut st, q, budget)
     }
 
-    /// One writeback pass whose batch holds at most about `budget` distinct
-    /// bytes (more only to finish a batch a crash or an error cut off).
-    pub fn writeback_with_budget(&self, q: &mut BackingQueue, budget: u64) -> Result<Progress> {
+    /// See [`Engine::writeback_with_budget`].
+    pub(super) fn wb_pass_budget(&self, q: &mut BackingQueue, budget: u64) -> Result<Progress> {
         let mut st = self.writeback.lock().expect("writeback lock");
         self.pass(&mut st, q, budget)
     }
@@ -451,16 +247,8 @@ impl Engine {
         w.submit(off, buf);
     }
 
-    /// Take writeback's buffers from `memory` (the server's I/O budget)
-    /// from the next pass on.
-    pub fn set_writeback_memory(&self, memory: Arc<Arena>) {
-        self.writeback.lock().expect("writeback lock").memory = Some(memory);
-    }
-
-    /// Write back everything dirty now (the offline `pcache writeback`, and
-    /// shutdown with draining). Closes open ksets first. `progress` gets the
-    /// dirty bytes left after each pass.
-    pub fn writeback_all(&self, q: &mut BackingQueue, mut progress: impl FnMut(u64)) -> Result<()> {
+    /// See [`Engine::writeback_all`].
+    pub(super) fn wb_all(&self, q: &mut BackingQueue, mut progress: impl FnMut(u64)) -> Result<()> {
         self.flush()?;
         loop {
             match self.writeback_once(q)? {
@@ -472,7 +260,7 @@ impl Engine {
 
     /// What the writeback policy looks at, now. Clears the flag set by a
     /// writer waiting for space.
-    pub fn observe(&self) -> super::Observation {
+    pub(super) fn observe(&self) -> super::policy::Observation {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.stats;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
@@ -481,7 +269,7 @@ impl Engine {
         if dirty_lsn >= head_lsn {
             self.drain_wanted.store(false, Relaxed);
         }
-        super::Observation {
+        super::policy::Observation {
             now: std::time::Instant::now(),
             dirty_bytes: load(&s.dirty_bytes),
             capacity: self.n_segs as u64 * format::SEG_DATA_BYTES,
@@ -496,21 +284,13 @@ impl Engine {
         }
     }
 
-    /// Write back everything now, whatever the policy says: close the open
-    /// ksets (so every completed write is in the log) and run writeback
-    /// until nothing is dirty. Returns at once; `dirty_bytes` says when it
-    /// is done (writes that arrive meanwhile are dirty again).
-    pub fn request_drain(&self) -> Result<()> {
+    /// See [`Engine::request_drain`].
+    pub(super) fn drain_request(&self) -> Result<()> {
         self.flush()?;
         self.check_writable()?;
         self.drain_wanted
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.writeback_kick.kick();
         Ok(())
-    }
-
-    /// Is there logged dirty data not yet written back?
-    pub fn is_dirty(&self) -> bool {
-        self.dirty_tail().lsn < self.key_head().lsn
     }
 }

@@ -104,14 +104,14 @@ impl<'q> Writer<'q> {
 }
 
 /// Flush the backing store and wait for it.
-pub(super) fn flush_backing(q: &mut BackingQueue) -> super::Result<()> {
+pub(super) fn flush_backing(q: &mut BackingQueue) -> crate::engine::error::Result<()> {
     let mut done = Vec::new();
     q.submit(0, IoOp::Flush);
     while q.in_flight() > 0 {
         q.wait(1, &mut done);
     }
     for c in done {
-        c.result.map_err(super::Error::Backing)?;
+        c.result.map_err(crate::engine::error::Error::Backing)?;
     }
     Ok(())
 }

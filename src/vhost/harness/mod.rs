@@ -39,10 +39,11 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 mod case;
 
+use super::conn::ServeConfig;
 use super::counters::Counters;
-use super::device::{Device, ServeConfig};
+use super::device::Device;
+use super::guest::Vring;
 use super::ring::Ring;
-use super::Vring;
 use crate::backing::Backing;
 use crate::disk::{Disk, DiskConfig, DEFAULT_IO_MEMORY};
 use crate::engine::{Engine, FormatOptions, OpenOptions, WritebackPolicy};
@@ -278,7 +279,7 @@ impl Harness {
         blk.queues[0].lock().expect("queue lock").ring = Some(Ring::new(
             vring.clone(),
             None,
-            blk.log.clone(),
+            blk.conn.log.clone(),
             blk.memory().clone(),
         ));
         let mut oracle = Queue::new(QUEUE_SIZE).map_err(other)?;
@@ -307,7 +308,7 @@ impl Harness {
 
     /// The queue's request counters.
     pub fn counters(&self) -> &Counters {
-        &self.blk.cfg.counters
+        &self.blk.conn.cfg.counters
     }
 
     /// Bytes of guest memory.
@@ -327,6 +328,7 @@ impl Harness {
             return false;
         }
         self.blk
+            .conn
             .mem
             .memory()
             .write_slice(data, GuestAddress(addr))
@@ -340,6 +342,7 @@ impl Harness {
         }
         let mut v = vec![0u8; len];
         self.blk
+            .conn
             .mem
             .memory()
             .read_slice(&mut v, GuestAddress(addr))
@@ -366,6 +369,7 @@ impl Harness {
         self.in_guest(addr, 16)
             && self
                 .blk
+                .conn
                 .mem
                 .memory()
                 .write_obj(d.raw(), GuestAddress(addr))
@@ -418,7 +422,7 @@ impl Harness {
 
     fn peek_at(&mut self, avail: u16) -> Vec<Desc> {
         self.oracle.set_next_avail(avail);
-        let mem = self.blk.mem.memory();
+        let mem = self.blk.conn.mem.memory();
         match self.oracle.pop_descriptor_chain(&*mem) {
             Some(chain) => chain
                 .map(|d| Desc {
@@ -445,7 +449,7 @@ impl Harness {
     /// whatever the backing store's speed (the guest may rewrite its chain
     /// in between).
     pub fn submit_with(&mut self, end: bool) -> Outcome {
-        let mem = self.blk.mem.memory();
+        let mem = self.blk.conn.mem.memory();
         let Some(chain) = self
             .vring
             .get_mut()
@@ -459,11 +463,11 @@ impl Harness {
         let mut qs = self.blk.queues[0].lock().expect("queue lock");
         let (r0, d0) = qs.dq.waiting();
         let ring = qs.ring.clone().expect("ring started");
-        let done = self.blk.run_chain(&mut qs, &ring, &chain, &keep);
+        let done = qs.run_chain(&self.blk.conn, &ring, &chain, &keep);
         let (r1, d1) = qs.dq.waiting();
         self.last_pending = ((r1 - r0) as usize, (d1 - d0) as usize);
         let pending = self.last_pending != (0, 0);
-        if end && self.blk.end_batch(&mut qs, &ring) {
+        if end && qs.end_batch(&ring) {
             let _ = ring.notify();
         }
         drop(qs);
@@ -493,7 +497,7 @@ impl Harness {
         self.blk.queues[0].lock().expect("queue lock").ring = Some(Ring::new(
             self.vring.clone(),
             None,
-            self.blk.log.clone(),
+            self.blk.conn.log.clone(),
             self.blk.memory().clone(),
         ));
         Ok(self.take_used())
@@ -502,7 +506,7 @@ impl Harness {
     /// Used ring entries (id, len) added since the last call.
     pub fn take_used(&mut self) -> Vec<(u32, u32)> {
         let end = self.vring.get_ref().get_queue().next_used();
-        let mem = self.blk.mem.memory();
+        let mem = self.blk.conn.mem.memory();
         let mut v = Vec::new();
         while self.used_seen != end {
             let at = USED_RING + 4 + 8 * u64::from(self.used_seen % QUEUE_SIZE);
@@ -530,15 +534,16 @@ impl Harness {
     /// (what SET_LOG_BASE and VHOST_F_LOG_ALL do), or stop logging.
     pub fn log_dirty(&self, file: Option<(&std::fs::File, u64)>) -> io::Result<()> {
         if let Some((f, bytes)) = file {
-            self.blk.log.set_base(f, bytes, 0)?;
+            self.blk.conn.log.set_base(f, bytes, 0)?;
         }
-        self.blk.log.set_logging(file.is_some());
+        self.blk.conn.log.set_logging(file.is_some());
         Ok(())
     }
 
     /// Negotiate VIRTIO_RING_F_EVENT_IDX or not.
     pub fn set_event_idx(&self, on: bool) {
         self.blk
+            .conn
             .event_idx
             .store(on, std::sync::atomic::Ordering::Relaxed);
         self.vring.set_queue_event_idx(on);
