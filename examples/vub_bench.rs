@@ -664,7 +664,9 @@ fn run(a: &Args) -> Result<(), String> {
     if a.rwmix_read != 50 && a.rw != Rw::Randrw {
         return Err("--rwmix-read only applies to --rw randrw".into());
     }
-    let mem_bytes = u64::from(a.queues) * u64::from(a.qd) * a.bs;
+    // An aliasing client has one buffer per queue.
+    let per_queue = if a.alias { 1 } else { u64::from(a.qd) };
+    let mem_bytes = u64::from(a.queues) * per_queue * a.bs;
     if mem_bytes > 4 << 30 {
         return Err(format!(
             "queues x qd x bs = {mem_bytes} bytes of buffers; keep it under 4G"
@@ -818,7 +820,7 @@ fn run(a: &Args) -> Result<(), String> {
             random_map: a.random_map,
             total: per_q_bytes,
             seed: a.seed.wrapping_mul(1_000_003).wrapping_add(i),
-            buf_addr: region.addr + (i as usize) * qd * a.bs as usize,
+            buf_addr: region.addr + (i * per_queue * a.bs) as usize,
             alias: a.alias,
             seg_len,
         })

@@ -46,6 +46,10 @@ pub struct Report {
     pub bad_ranges: Vec<(u64, u64)>,
     /// Extents in the index.
     pub keys: u64,
+    /// Memory the extent index takes, bytes (estimated from its shards and
+    /// extents; the rest of pcache's memory is bounded by --io-memory).
+    #[serde(default)]
+    pub index_bytes: u64,
     /// Keys replayed.
     pub keys_replayed: u64,
     /// Stale keys skipped at replay.
@@ -92,6 +96,7 @@ impl Report {
             dirty_zero_bytes: s.dirty_zero_bytes,
             bad_ranges: e.bad_ranges(BAD_RANGES_SHOWN),
             keys: e.extent_count(),
+            index_bytes: e.index_bytes(),
             keys_replayed: s.replay_keys,
             stale_keys: s.replay_stale_keys,
             staged_keys: s.replay_staged_keys,
@@ -113,7 +118,7 @@ impl Report {
              key_tail       {}\n\
              dirty          {} bytes, {} bytes of zeroes\n\
              bad ranges     {}\n\
-             keys           {} extents ({} keys replayed, {} from kset slots, {} stale skipped)\n\
+             keys           {} extents ({} keys replayed, {} from kset slots, {} stale skipped), index {} KiB\n\
              durability     {}\n",
             self.cache,
             self.version,
@@ -136,6 +141,7 @@ impl Report {
             self.keys_replayed,
             self.staged_keys,
             self.stale_keys,
+            self.index_bytes >> 10,
             self.durability
         )
     }

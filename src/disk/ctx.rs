@@ -87,6 +87,15 @@ impl Ctx {
         }
     }
 
+    /// A request has queued its backing operations: hand them to the
+    /// kernel now, not at the end of the batch. The device then works
+    /// while the rest of the batch is parsed (4 KiB misses at QD32: a
+    /// fifth more than submitting per batch, measured; batching every 8
+    /// or 64 requests was slower for misses and for write-through).
+    pub fn kick(&mut self) {
+        self.bq.start();
+    }
+
     /// Send piece `piece` of job `job` to the backing store.
     pub fn submit(&mut self, job: JobId, piece: u32, op: IoOp) {
         self.bq.submit(user_data(job, piece), op);

@@ -99,7 +99,7 @@ impl FlushJob {
                         return Step::Done(Status::Ok);
                     }
                     cx.submit(id, 0, IoOp::Flush);
-                    cx.bq.start();
+                    cx.kick();
                     self.in_flight = 1;
                     self.stage = Stage::BackingSent;
                 }

@@ -273,8 +273,10 @@ impl DiskQueue {
     /// space or memory, a paced write's time) and append the requests that
     /// finished to `out`.
     pub fn process(&mut self, out: &mut Vec<Done>) {
-        let woken = self.drain_signals();
-        self.take_completions();
+        let (woken, io) = self.ready();
+        if io {
+            self.take_completions();
+        }
         self.cx.mailbox.take(&mut self.synced);
         for (ticket, s) in std::mem::take(&mut self.synced) {
             let id = ticket as JobId;
@@ -326,24 +328,39 @@ impl DiskQueue {
         self.touched = touched;
     }
 
-    /// Read the wake-up and the timer; true if either fired.
-    fn drain_signals(&mut self) -> bool {
-        let woken = self.cx.wake.read().is_ok();
-        let mut n = 0u64;
-        // SAFETY: reads 8 bytes into a live local from a non-blocking
-        // timerfd we own; EAGAIN (not fired, or re-armed) is fine.
-        #[allow(unsafe_code)]
-        let fired = unsafe {
-            libc::read(
-                self.cx.timer.as_raw_fd(),
-                (&mut n as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        } == 8;
-        if fired {
-            self.cx.timer_fired();
+    /// Which sources are ready (one epoll_wait, no blind reads): (woken by
+    /// the wake-up or the timer, backing completions in). The wake-up and
+    /// the timer are reset.
+    fn ready(&mut self) -> (bool, bool) {
+        let mut ev = [EpollEvent::default(); 4];
+        let n = self.epoll.wait(0, &mut ev).unwrap_or(0);
+        let (wake, timer) = (self.cx.wake.as_raw_fd(), self.cx.timer.as_raw_fd());
+        let (mut woken, mut io) = (false, false);
+        for e in &ev[..n] {
+            let fd = e.data() as RawFd;
+            if fd == wake {
+                woken |= self.cx.wake.read().is_ok();
+            } else if fd == timer {
+                let mut n = 0u64;
+                // SAFETY: reads 8 bytes into a live local from a
+                // non-blocking timerfd we own; EAGAIN (re-armed) is fine.
+                #[allow(unsafe_code)]
+                let fired = unsafe {
+                    libc::read(
+                        timer,
+                        (&mut n as *mut u64).cast(),
+                        std::mem::size_of::<u64>(),
+                    )
+                } == 8;
+                if fired {
+                    self.cx.timer_fired();
+                    woken = true;
+                }
+            } else {
+                io = true;
+            }
         }
-        woken || fired
+        (woken, io)
     }
 
     /// Step every job that waits for something outside, then the queued

@@ -107,7 +107,7 @@ impl ReadJob {
             // On the device now, not at the end of the batch: under a
             // stream of misses the device works while the rest of the
             // batch is parsed.
-            cx.bq.start();
+            cx.kick();
         }
         let all_sent = self.failed || self.next.0 == self.misses.len();
         match (self.in_flight, all_sent) {

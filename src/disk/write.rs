@@ -195,7 +195,7 @@ impl WriteJob {
                     if !self.asked && !cx.shared.write_cache() {
                         self.asked = true;
                         cx.submit(id, 0, IoOp::Flush);
-                        cx.bq.start();
+                        cx.kick();
                         self.in_flight = 1;
                         return Step::InFlight;
                     }
@@ -327,7 +327,7 @@ impl WriteJob {
                     unmap,
                 },
             );
-            cx.bq.start();
+            cx.kick();
             self.in_flight += 1;
             self.sent = l;
             return Some(Stage::Update);
@@ -352,7 +352,7 @@ impl WriteJob {
             out = true;
         }
         if out {
-            cx.bq.start();
+            cx.kick();
         }
         (self.failed || self.sent == l).then_some(Stage::Update)
     }

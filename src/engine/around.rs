@@ -78,7 +78,7 @@ impl Engine {
             return Ok(true);
         }
         let key = KeyOnMedia::dataless(pos, n as u32, KEY_FLAG_FORGET);
-        let mut ks = self.kset_for(region).lock().expect("kset lock");
+        let mut ks = self.kset_for_request(region)?;
         self.kset_room(&mut ks)?;
         CacheExt::from_key(&key).apply(&mut sh.map, start);
         self.kset_push(&mut ks, &key);

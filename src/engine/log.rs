@@ -2,6 +2,7 @@
 //! medium first), closing ksets into the log, flushes and commits, and the
 //! log closer's work.
 
+use std::sync::{MutexGuard, TryLockError};
 use std::time::Duration;
 
 use super::cache::Engine;
@@ -119,6 +120,24 @@ impl Engine {
             && self.region.persist_waits_for_io()
     }
 
+    /// The open kset of `region`, for a guest request's key. When closes
+    /// wait for I/O, the log closer holds a kset's lock for as long as its
+    /// msync takes; a request then gets `LogBusy` rather than wait for it.
+    pub(super) fn kset_for_request(&self, region: u64) -> Result<MutexGuard<'_, OpenKset>> {
+        let m = self.kset_for(region);
+        if !self.closes_deferred() {
+            return Ok(m.lock().expect("kset lock"));
+        }
+        match m.try_lock() {
+            Ok(g) => Ok(g),
+            Err(TryLockError::WouldBlock) => {
+                stats::add(&self.stats.log_busy, 1);
+                Err(Error::LogBusy { done: 0 })
+            }
+            Err(TryLockError::Poisoned(_)) => panic!("kset lock poisoned"),
+        }
+    }
+
     /// Room in `ks` for one more key of a guest request: close it if it is
     /// full, unless that would wait for I/O and closes are deferred; then
     /// the log closer is asked to, and `LogBusy` tells the caller to retry
@@ -129,6 +148,7 @@ impl Engine {
         }
         if self.closes_deferred() {
             self.closer_kick.kick();
+            stats::add(&self.stats.log_busy, 1);
             return Err(Error::LogBusy { done: 0 });
         }
         self.kset_close(ks)

@@ -68,6 +68,7 @@ pub use policy::{Gate, Observation, Reason, WritebackPolicy};
 pub use req::{DataHead, Miss};
 pub use segment::LOG_RESERVE_SEGS;
 pub use stats::{Stats, StatsSnapshot};
+pub use status::INDEX_BYTES_PER_EXTENT;
 pub use verify::{BadData, DataCheck};
 pub use workers::Workers;
 pub use writeback::{Progress, WritebackOrder};

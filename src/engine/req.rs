@@ -232,7 +232,7 @@ impl Engine {
                 return Ok(false);
             }
         }
-        let mut ks = self.kset_for(region).lock().expect("kset lock");
+        let mut ks = self.kset_for_request(region)?;
         self.kset_room(&mut ks)?;
         let start = (key.off & (REGION_BYTES - 1)) / SECTOR_BYTES;
         CacheExt::from_key(key).apply(&mut sh.map, start);

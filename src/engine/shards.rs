@@ -33,6 +33,10 @@ const _: () = assert!(
 
 type Chunk = Box<[OnceLock<Box<Mutex<Shard>>>]>;
 
+/// What the allocator adds to each allocation (glibc: a 16-byte header,
+/// rounded up).
+const MALLOC_OVERHEAD: usize = 16;
+
 /// See the module documentation.
 pub(super) struct ShardTable {
     top: Box<[OnceLock<Chunk>]>,
@@ -76,6 +80,16 @@ impl ShardTable {
         let chunk =
             self.top[c].get_or_init(|| (0..CHUNK_REGIONS).map(|_| OnceLock::new()).collect());
         chunk[i].get_or_init(Default::default)
+    }
+
+    /// Bytes the table and its shards take, but for the extents in them.
+    pub(super) fn bytes(&self) -> u64 {
+        let top = self.top.len() * std::mem::size_of::<OnceLock<Chunk>>();
+        let slot = std::mem::size_of::<OnceLock<Box<Mutex<Shard>>>>();
+        let shard = std::mem::size_of::<Mutex<Shard>>() + MALLOC_OVERHEAD;
+        let chunks = self.top.iter().filter(|c| c.get().is_some()).count();
+        let shards = self.iter().count();
+        (top + chunks * CHUNK_REGIONS * slot + shards * shard) as u64
     }
 
     /// Every shard created so far, with its region, in region order.

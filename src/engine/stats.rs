@@ -27,6 +27,9 @@ pub struct Stats {
     pub flushes: AtomicU64,
     /// Times a request found the cache full.
     pub cache_full: AtomicU64,
+    /// Times a request found its kset being closed, or full and left to
+    /// the log closer (a cache file whose persists wait for I/O).
+    pub log_busy: AtomicU64,
     /// Writes made to wait so that a running writeback batch frees space
     /// before the cache fills.
     pub writes_paced: AtomicU64,
@@ -87,6 +90,9 @@ pub struct StatsSnapshot {
     pub flushes: u64,
     /// See [`Stats::cache_full`].
     pub cache_full: u64,
+    /// See [`Stats::log_busy`].
+    #[serde(default)]
+    pub log_busy: u64,
     /// See [`Stats::writes_paced`].
     #[serde(default)]
     pub writes_paced: u64,
@@ -136,6 +142,7 @@ impl Stats {
             read_nofill_bytes: g(&self.read_nofill_bytes),
             flushes: g(&self.flushes),
             cache_full: g(&self.cache_full),
+            log_busy: g(&self.log_busy),
             writes_paced: g(&self.writes_paced),
             ksets_closed: g(&self.ksets_closed),
             dirty_bytes: g(&self.dirty_bytes),

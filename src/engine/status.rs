@@ -11,6 +11,11 @@ use super::writeback::WritebackOrder;
 use crate::format::{self, PosOnMedia, Superblock};
 use crate::pmem::Region;
 
+/// Heap bytes one extent of the index takes: 44 measured by
+/// `benches/engine.rs` (a B-tree entry and its share of a node), plus the
+/// allocator's share.
+pub const INDEX_BYTES_PER_EXTENT: u64 = 48;
+
 impl Engine {
     /// The superblock.
     pub fn superblock(&self) -> &Superblock {
@@ -91,6 +96,12 @@ impl Engine {
             .iter()
             .map(|(_, s)| s.lock().expect("shard lock").map.len() as u64)
             .sum()
+    }
+
+    /// Memory the extent index takes, in bytes: its table of shards, and
+    /// each extent at [`INDEX_BYTES_PER_EXTENT`].
+    pub fn index_bytes(&self) -> u64 {
+        self.shards.bytes() + self.extent_count() * INDEX_BYTES_PER_EXTENT
     }
 
     /// The cache mode now.

@@ -108,8 +108,15 @@ fn writeback_loop(
     let mut backoff = BACKOFF_MIN;
     let mut gate = Gate::new(policy, Instant::now());
     let mut running = None;
+    // Memory writeback held is given back once nothing is dirty.
+    let mut trimmed = true;
     while !stop.load(Ordering::Relaxed) {
         let seen = e.observe();
+        if seen.dirty_lsn >= seen.head_lsn && !trimmed {
+            e.trim_writeback_memory();
+            crate::util::trim_heap();
+            trimmed = true;
+        }
         let why = gate.check(&seen);
         if why != running {
             tracing::debug!(reason = ?why, "writeback {}", if why.is_some() { "running" } else { "waiting" });
@@ -126,7 +133,10 @@ fn writeback_loop(
             continue;
         }
         match e.writeback_once(&mut q) {
-            Ok(Progress::Advanced { .. }) => backoff = BACKOFF_MIN,
+            Ok(Progress::Advanced { .. }) => {
+                backoff = BACKOFF_MIN;
+                trimmed = false;
+            }
             Ok(Progress::Clean) => {
                 e.writeback_kick.wait(IDLE_POLL);
             }

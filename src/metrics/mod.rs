@@ -84,6 +84,7 @@ const COUNTERS: &[Stat] = &[
     ("flushes", "Cache flushes completed", |s| s.flushes),
     ("ksets_closed", "Key sets closed into the log", |s| s.ksets_closed),
     ("cache_full", "Writes that found the cache full and waited", |s| s.cache_full),
+    ("log_busy", "Writes that waited for the log closer to close their kset", |s| s.log_busy),
     ("writes_paced", "Writes held back behind a writeback batch", |s| s.writes_paced),
     ("writeback_bytes", "Bytes written back", |s| s.writeback_bytes),
     ("writeback_batches", "Writeback batches completed", |s| s.writeback_batches),

@@ -32,6 +32,12 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// disk has background work (fills), before it does the rest without
 /// looking.
 const BACKGROUND_RING_TURNS: usize = 64;
+/// Requests of one queue the disk may hold unanswered. Past that the queue
+/// takes nothing more from the ring until some are answered (they wait in
+/// the ring, in the guest's memory), so the memory their buffer lists take
+/// is bounded whatever the ring's size (a 16 MiB chain of 128 descriptors
+/// takes 2 KiB).
+const MAX_PENDING: usize = 128;
 
 /// A request the disk has not answered yet.
 struct Taken {
@@ -122,7 +128,11 @@ impl QueueState {
                     .disable_notification()
                     .map_err(io::Error::other)?;
             }
-            self.drain_avail(c, ring)?;
+            if self.drain_avail(c, ring)? {
+                // Full: notifications stay off; answers bring the worker
+                // back to the ring (`on_disk`).
+                break;
+            }
             if c.is_stopping() {
                 // Nothing more is taken: what the driver adds now is left
                 // in the ring for the next process.
@@ -167,7 +177,9 @@ impl QueueState {
         }
     }
 
-    fn drain_avail(&mut self, c: &Conn, ring: &Ring) -> io::Result<()> {
+    /// Take and start what the ring holds; true if it stopped because the
+    /// disk holds [`MAX_PENDING`] requests of this queue.
+    fn drain_avail(&mut self, c: &Conn, ring: &Ring) -> io::Result<bool> {
         let mem = c.mem.memory();
         let keep = mem.clone().into_inner();
         let mut pending = 0;
@@ -178,7 +190,12 @@ impl QueueState {
                 ring.signal_every_batch(&mut pending)?;
             }
         }
+        let mut full = false;
         while !c.is_stopping() {
+            if self.dq.pending() >= MAX_PENDING {
+                full = true;
+                break;
+            }
             let Some(chain) = ring.pop(&mem) else {
                 break;
             };
@@ -193,7 +210,7 @@ impl QueueState {
         if self.deliver(Some(ring), &mut pending) || pending > 0 {
             ring.notify()?;
         }
-        Ok(())
+        Ok(full)
     }
 
     /// Start one taken chain, as one of a batch (the fuzz harness drives
@@ -368,6 +385,10 @@ impl QueueState {
         if self.deliver(ring.as_ref(), &mut pending) {
             if let Some(r) = &ring {
                 r.notify()?;
+                // Requests left in the ring while the disk held too many.
+                if self.dq.pending() < MAX_PENDING && r.avail_pending(&c.mem.memory()) {
+                    self.process_vring(c, r)?;
+                }
             }
         }
         self.background(c, ring.as_ref())

@@ -75,6 +75,14 @@ pub enum Progress {
 }
 
 impl Engine {
+    /// Give the pages of writeback's free buffers back to the kernel
+    /// (nothing is dirty for now).
+    pub(super) fn trim_writeback_memory(&self) {
+        if let Some(m) = &self.writeback.lock().expect("writeback lock").memory {
+            m.trim();
+        }
+    }
+
     /// See [`Engine::writeback_once`].
     pub(super) fn wb_pass(&self, q: &mut BackingQueue) -> Result<Progress> {
         let mut st = self.writeback.lock().expect("writeback lock");
@@ -98,10 +106,6 @@ impl Engine {
         // as long as the last one.
         let mut pacing = self.pacer.batch(st.last_pass);
         let Some(batch) = self.gather(st.target.pos, budget)? else {
-            // Nothing to do for a while, probably: give the memory back.
-            if let Some(m) = &st.memory {
-                m.trim();
-            }
             return Ok(Progress::Clean);
         };
         for key in &batch.bad {
