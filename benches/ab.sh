@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Two pcache binaries on the cache-hit rows of benches/compare.sh, in the
-# same interleaved run: what a change costs on the request path.
+# Two pcache binaries on the request-path rows of benches/compare.sh
+# (hits, writes within the cache, write + FLUSH, misses), in the same
+# interleaved run: what a change costs on the request path.
 #
 #   benches/ab.sh OLD_PCACHE NEW_PCACHE
 #
@@ -43,15 +44,22 @@ truncate -s 4G "$W/disk.raw"
 # The points: name, then vub_bench arguments.
 POINTS=(
     "r32:--rw randread --qd 32 --size 256M"
-    "w32:--rw randwrite --qd 32 --size 512M --total 512M"
     "r1:--rw randread --qd 1 --size 256M"
+    "r32q2:--rw randread --qd 32 --queues 2 --size 256M"
+    "w32:--rw randwrite --qd 32 --size 512M --total 512M"
     "w1:--rw randwrite --qd 1 --size 512M --total 512M"
+    "w32q2:--rw randwrite --qd 32 --queues 2 --size 512M --total 512M"
+    "wf1:--rw randwrite --qd 1 --flush-every 1 --size 256M"
+    "wf1poll:--rw randwrite --qd 1 --flush-every 1 --poll --size 256M --total 512M"
+    "r32miss:--rw randread --qd 32 --random-map"
 )
 
 serve() {
     rm -f "$W/cache.img" "$W/s.sock"
+    # No sequential cutoff: the sequential fill before the hit points must
+    # go into the cache.
     taskset -c 0 "$1" serve --socket "$W/s.sock" --cache "$W/cache.img" --cache-size 2G \
-        --backing "$W/disk.raw" --format --num-queues 2 >"$W/server.log" 2>&1 &
+        --backing "$W/disk.raw" --format --num-queues 2 --sequential-cutoff 0 >"$W/server.log" 2>&1 &
     SPID=$!
     for _ in $(seq 300); do
         [[ -S $W/s.ctl ]] && return 0
@@ -78,7 +86,7 @@ for r in $(seq "$ROUNDS"); do
             name=${p%%:*}
             read -ra args <<<"${p#*:}"
             serve "$b"
-            if [[ $name == r* ]]; then
+            if [[ $name == r* && $name != *miss ]]; then
                 # Reads hit: the region is written first.
                 bench --rw write --bs 128k --qd 32 --size 256M --total 256M --runtime 0 >/dev/null
             fi

@@ -25,6 +25,10 @@
 # driver against pcache --backing rbd:..., on the same image; its report is
 # docs/benchmarks-rbd.md.
 #
+# Then the memory section (benches/memory.sh): pcache's peak anonymous
+# memory under hostile and heavy clients, against its --io-memory; its
+# report is docs/benchmarks-memory.md.
+#
 # Environment (all optional):
 #   ROUNDS=3 RUNTIME=10 RAMP=2        rounds, measured and ramp seconds per point
 #   DISK_SIZE=4G CACHE_SIZE=2G WS=256M  disk, pcache cache, hit working set
@@ -37,8 +41,8 @@
 #   QUIET_WAIT=300                    seconds to wait at start for load < 1.0 and no qemu-system
 #   ENGINE_CACHE=4G                   cache size for the engine-alone bench at the end (0: skip)
 #   SUS_ROUNDS=1 SUS_RUNTIME=60       sustained section rounds (0: skip) and seconds per point
-#   SECTIONS="main rbd"               which sections run: main (with the sustained one) and rbd;
-#                                     SECTIONS=rbd re-measures only the RBD section
+#   SECTIONS="main rbd memory"        which sections run: main (with the sustained one), rbd
+#                                     and memory; SECTIONS=rbd re-measures only the RBD section
 #   RBD_SIZE=4G                       the RBD image
 #   OUT_MD=docs/benchmarks.md OUT_SVG=docs/benchmarks-latency.svg OUT_SUS_SVG=docs/benchmarks-sustained.svg
 #   OUT_RBD_MD=docs/benchmarks-rbd.md
@@ -65,7 +69,7 @@ OUT_MD=${OUT_MD:-$ROOT/docs/benchmarks.md}
 OUT_SVG=${OUT_SVG:-$ROOT/docs/benchmarks-latency.svg}
 OUT_SUS_SVG=${OUT_SUS_SVG:-$ROOT/docs/benchmarks-sustained.svg}
 OUT_RBD_MD=${OUT_RBD_MD:-$ROOT/docs/benchmarks-rbd.md}
-SECTIONS=${SECTIONS:-main rbd}
+SECTIONS=${SECTIONS:-main rbd memory}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 SERVER_CPU=0
 CLIENT_CPU=1
@@ -187,7 +191,7 @@ start_server() {
         rbd) cmd=("$QSD" --blockdev "driver=rbd,node-name=r0,pool=rbd,image=$RBD_IMAGE,conf=$CEPH_CONF,user=admin,cache.direct=on"
             --export "type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1") ;;
         pcrbd | pcrbdn) cmd=("$PCACHE_BIN" serve --socket "$SOCK" --control "$CTL" --cache "$CACHE"
-            --cache-size "$CACHE_SIZE" --backing "rbd:rbd/$RBD_IMAGE:conf=$CEPH_CONF" --format --num-queues 2 ${PCACHE_SERVE_ARGS}) # word splitting wanted
+            --cache-size "$CACHE_SIZE" --backing "rbd:rbd/$RBD_IMAGE:conf=$CEPH_CONF" --format --num-queues 2 ${PCACHE_SERVE_ARGS} ${PCACHE_EXTRA:-}) # word splitting wanted
             if [[ $peer == pcrbdn ]]; then cmd+=(--writeback-order newest); fi ;;
         *) die "unknown peer $peer" ;;
     esac
@@ -321,11 +325,25 @@ run_qsd_file() {
     client "$peer" wf1 "$r" "${W4[@]}" --qd 1 --flush-every 1 --size "$WS_BYTES" "${T[@]}"
     client "$peer" r32miss "$r" "${R4[@]}" --qd 32 --random-map "${T[@]}"
     if [[ $peer == direct ]]; then
+        big_misses "$peer" "$r"
         client "$peer" wf1poll "$r" "${W4[@]}" --qd 1 --flush-every 1 --poll --size "$WS_BYTES" "${WCAP[@]}"
         client "$peer" w32disk "$r" "${W4[@]}" --qd 32 --random-map --runtime "$RUNTIME" --ramp 0 --total "$DRAIN_BYTES"
         client "$peer" burst "$r" --rw write --bs "$SEQ_BS" --qd 32 --runtime 0 --ramp 0 --total "$BURST_BYTES"
     fi
     stop_server
+}
+
+# big_misses PEER ROUND: 1 MiB random reads QD8, QD32 and QD128, every
+# one a miss (each block once, 3 GiB of the 4 GiB disk); pcache gets a fresh
+# cache for each, so the earlier ones fill nothing the later ones read.
+big_misses() {
+    local peer=$1 r=$2 qd
+    for qd in 8 32 128; do
+        if [[ $peer == pcache ]]; then start_server pcache; fi
+        client "$peer" "r1m${qd}miss" "$r" --rw randread --bs 1M --qd "$qd" --random-map \
+            --runtime 0 --ramp 0 --total 3G
+        if [[ $peer == pcache ]]; then save_status "r1m${qd}miss" "$r"; fi
+    done
 }
 
 run_pcache() {
@@ -362,6 +380,15 @@ run_pcache() {
         esac
         save_status "$p" "$r"
     done
+    # Write-through and write-around: every write goes to the disk.
+    for p in w32wt w32wa; do
+        if [[ $p == w32wt ]]; then PCACHE_EXTRA="--mode writethrough"; else PCACHE_EXTRA="--mode writearound"; fi
+        start_server pcache
+        client pcache "$p" "$r" "${W4[@]}" --qd 32 --size "$WS_BYTES" "${WCAP[@]}"
+        save_status "$p" "$r"
+    done
+    PCACHE_EXTRA=""
+    big_misses pcache "$r"
     # Misses: a fresh cache, every block read once (--random-map) over the whole disk.
     start_server pcache
     client pcache r32miss "$r" "${R4[@]}" --qd 32 --random-map "${T[@]}"
@@ -452,6 +479,12 @@ if section rbd; then
     T_RBD=$SECONDS
     rbd_section
     RBD_ELAPSED=$((SECONDS - T_RBD))
+fi
+if section memory; then
+    stop_server
+    log "memory section: benches/memory.sh"
+    PCACHE_BIN=$PCACHE_BIN VUB_BENCH=$VUB_BENCH BENCH_DIR=$BENCH_DIR RAW=$RAW OUT_MD=${OUT_MEM_MD:-$ROOT/docs/benchmarks-memory.md} \
+        "$ROOT/benches/memory.sh" >&2 || echo "memory section failed" >>"$RES/anomalies.txt"
 fi
 ELAPSED=$((SECONDS - T_START))
 log "measured in $ELAPSED s"

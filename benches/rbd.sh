@@ -9,7 +9,8 @@
 #           tmpfs for each write point)
 #   pcrbdn  the same with --writeback-order newest (the sustained point only)
 # Points (4 KiB): write + FLUSH QD1, random write QD1 (latency), random
-# write QD32 within the cache, random read QD32 of every block once (all
+# write QD32 within the cache (and, for pcache, in write-through and
+# write-around mode too), random read QD32 of every block once (all
 # misses), and a sustained hot set of a quarter of the cache with a FLUSH
 # every 64 writes for SUS_RUNTIME seconds. The Ceph daemons run unpinned.
 
@@ -53,15 +54,21 @@ rbd_round() {
         return
     fi
     # pcache: a fresh cache for each write point, so each stays within it.
-    for p in rbd_wf1 rbd_w1 rbd_w32; do
+    for p in rbd_wf1 rbd_w1 rbd_w32 rbd_w32wt rbd_w32wa; do
+        case $p in
+            rbd_w32wt) PCACHE_EXTRA="--mode writethrough" ;;
+            rbd_w32wa) PCACHE_EXTRA="--mode writearound" ;;
+            *) PCACHE_EXTRA="" ;;
+        esac
         start_server pcrbd
         case $p in
             rbd_wf1) client pcrbd rbd_wf1 "$r" "${W4[@]}" --qd 1 --flush-every 1 --size "$WS_BYTES" "${T[@]}" ;;
             rbd_w1) client pcrbd rbd_w1 "$r" "${W4[@]}" --qd 1 --size "$WS_BYTES" "${WCAP[@]}" ;;
-            rbd_w32) client pcrbd rbd_w32 "$r" "${W4[@]}" --qd 32 --size "$WS_BYTES" "${WCAP[@]}" ;;
+            rbd_w32 | rbd_w32wt | rbd_w32wa) client pcrbd "$p" "$r" "${W4[@]}" --qd 32 --size "$WS_BYTES" "${WCAP[@]}" ;;
         esac
         save_status "$p" "$r"
     done
+    PCACHE_EXTRA=""
     start_server pcrbd
     client pcrbd rbd_r32miss "$r" "${R4[@]}" --qd 32 --random-map --size "$RBD_BYTES" "${T[@]}"
     save_status rbd_r32miss "$r"

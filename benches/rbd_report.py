@@ -24,6 +24,8 @@ POINTS = {
     "rbd_wf1": "4k randwrite+FLUSH QD1",
     "rbd_w1": "4k randwrite QD1",
     "rbd_w32": "4k randwrite QD32 (within the cache)",
+    "rbd_w32wt": "4k randwrite QD32, pcache --mode writethrough",
+    "rbd_w32wa": "4k randwrite QD32, pcache --mode writearound",
     "rbd_r32miss": "4k randread QD32 whole image, each block once",
     "rbd_hotf64": "4k randwrite QD32, hot set 25 % of the cache, FLUSH every 64",
 }
@@ -109,6 +111,10 @@ def main():
          sustained("pcrbdn"), sustained("rbd"), ">= 10x", lambda r: r >= 10),
         ("4 KiB random read QD32, all misses", "IOPS",
          m("pcrbd", "rbd_r32miss", "iops"), m("rbd", "rbd_r32miss", "iops"), ">= 0.9x", lambda r: r >= 0.9),
+        ("4 KiB random write QD32, write-through", "IOPS",
+         m("pcrbd", "rbd_w32wt", "iops"), m("rbd", "rbd_w32", "iops"), ">= 0.9x", lambda r: r >= 0.9),
+        ("4 KiB random write QD32, write-around", "IOPS",
+         m("pcrbd", "rbd_w32wa", "iops"), m("rbd", "rbd_w32", "iops"), ">= 0.9x", lambda r: r >= 0.9),
     ]
     mc = machine()
     rev = a.pcache_rev or git_rev()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use vhost_user_backend::VringT;
 use vm_memory::GuestAddressSpace;
 
-use super::chain::{answer, Bytes, Chain, Done};
+use super::chain::{answer, Bytes, Chain, Done, StatusByte};
 use super::conn::Conn;
 use super::counters::Track;
 use super::guest::Mem;
@@ -43,7 +43,10 @@ const MAX_PENDING: usize = 128;
 struct Taken {
     head: u16,
     /// Where its status byte goes.
-    status: IoVec<'static>,
+    status: StatusByte,
+    /// Keeps the memory table the request was found in mapped until it is
+    /// answered.
+    _mem: Arc<Mem>,
     /// Bytes a successful answer returns (a read's length).
     data: u32,
 }
@@ -278,7 +281,7 @@ impl QueueState {
         };
         let header = bytes.header();
         let range = header.filter(needs_range).and_then(|_| bytes.range());
-        let readable = bytes.readable.len().saturating_sub(HEADER_BYTES);
+        let readable = bytes.readable_len().saturating_sub(HEADER_BYTES);
         self.track.header(head, header.as_ref());
         let kind = match parse(
             header,
@@ -302,15 +305,15 @@ impl QueueState {
                 let n = s.len().min(ID_BYTES);
                 id[..n].copy_from_slice(&s[..n]);
                 let n = data_w.min(ID_BYTES);
-                bytes.writable.copy_in(0, &id[..n]);
+                bytes.writable(n).copy_in(0, &id[..n]);
                 return Some(answer(head, &st, status::OK, n as u32));
             }
             RequestKind::Read { off, len } => {
-                let buf = bytes.writable.slice(0, len as usize);
+                let buf = bytes.writable(len as usize);
                 (Op::Read, off, len, buf, len as u32)
             }
             RequestKind::Write { off, len } => {
-                let buf = bytes.readable.slice(HEADER_BYTES, len as usize);
+                let buf = bytes.readable(HEADER_BYTES, len as usize);
                 (Op::Write, off, len, buf, 0)
             }
             RequestKind::Flush => (Op::Flush, 0, 0, IoVec::empty(), 0),
@@ -341,6 +344,7 @@ impl QueueState {
                     Taken {
                         head,
                         status: st,
+                        _mem: mem.clone(),
                         data,
                     },
                 );

@@ -130,6 +130,24 @@ impl Throttle {
 
 impl Drop for Throttle {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
+        // Lift the limits first: a process killed in the cgroup may still
+        // have I/O to finish (the cgroup cannot go until it has), and must
+        // not be held at the test's trickle for hours.
+        for f in [
+            "blkio.throttle.read_iops_device",
+            "blkio.throttle.write_bps_device",
+        ] {
+            let _ = std::fs::write(self.dir.join(f), format!("{} 0", self.device));
+        }
+        let _ = std::fs::write(
+            self.dir.join("io.max"),
+            format!("{} riops=max wbps=max", self.device),
+        );
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 }
