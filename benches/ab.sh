@@ -5,12 +5,17 @@
 #
 #   benches/ab.sh OLD_PCACHE NEW_PCACHE
 #
-# Each round runs every point on OLD then NEW (server on core 0, client on
-# core 1), each point on a fresh cache on /dev/shm in front of a sparse
-# backing file; prints each point's median over the rounds and NEW/OLD.
+# Each round runs each point on OLD, then on NEW (server on core 0, client
+# on core 1), each on a fresh cache on /dev/shm in front of a sparse backing
+# file on /dev/shm; the misses, as in benches/compare.sh, read a fully
+# allocated file on disk with O_DIRECT (a store on tmpfs is no disk: its
+# reads are memory copies, which io_uring hands to a kernel worker). Prints
+# each point's median over the rounds and NEW/OLD.
 #
 # Environment: ROUNDS (default 3), RUNTIME seconds per point (default 10),
-# VUB_BENCH (default target/release/examples/vub_bench, built if missing).
+# BENCH_DIR for the file the misses read (default target/bench, as
+# benches/compare.sh; created when missing), VUB_BENCH (default
+# target/release/examples/vub_bench, built if missing).
 set -euo pipefail
 
 die() {
@@ -40,6 +45,14 @@ cleanup() {
 }
 trap cleanup EXIT
 truncate -s 4G "$W/disk.raw"
+BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench}
+mkdir -p "$BENCH_DIR"
+RAW=$BENCH_DIR/disk.raw
+[[ $(stat -f -c %T "$BENCH_DIR") != tmpfs ]] || die "BENCH_DIR must not be tmpfs (O_DIRECT)"
+if [[ ! -f $RAW || $(stat -c %s "$RAW") -ne $((4 << 30)) ]]; then
+    echo "writing $RAW (4 GiB of zeros, fully allocated)" >&2
+    dd if=/dev/zero of="$RAW" bs=1M count=4096 oflag=direct status=none
+fi
 
 # The points: name, then vub_bench arguments.
 POINTS=(
@@ -54,12 +67,13 @@ POINTS=(
     "r32miss:--rw randread --qd 32 --random-map"
 )
 
+# serve BINARY BACKING
 serve() {
     rm -f "$W/cache.img" "$W/s.sock"
     # No sequential cutoff: the sequential fill before the hit points must
     # go into the cache.
     taskset -c 0 "$1" serve --socket "$W/s.sock" --cache "$W/cache.img" --cache-size 2G \
-        --backing "$W/disk.raw" --format --num-queues 2 --sequential-cutoff 0 >"$W/server.log" 2>&1 &
+        --backing "$2" --format --num-queues 2 --sequential-cutoff 0 >"$W/server.log" 2>&1 &
     SPID=$!
     for _ in $(seq 300); do
         [[ -S $W/s.ctl ]] && return 0
@@ -80,12 +94,12 @@ bench() {
 
 : >"$W/results"
 for r in $(seq "$ROUNDS"); do
-    for bin in old new; do
-        [[ $bin == old ]] && b=$OLD || b=$NEW
-        for p in "${POINTS[@]}"; do
-            name=${p%%:*}
-            read -ra args <<<"${p#*:}"
-            serve "$b"
+    for p in "${POINTS[@]}"; do
+        name=${p%%:*}
+        read -ra args <<<"${p#*:}"
+        for bin in old new; do
+            [[ $bin == old ]] && b=$OLD || b=$NEW
+            if [[ $name == *miss ]]; then serve "$b" "$RAW"; else serve "$b" "$W/disk.raw"; fi
             if [[ $name == r* && $name != *miss ]]; then
                 # Reads hit: the region is written first.
                 bench --rw write --bs 128k --qd 32 --size 256M --total 256M --runtime 0 >/dev/null

@@ -93,6 +93,9 @@ pub struct Engine {
     /// Kset closes that wait for I/O are left to the log closer instead of
     /// the guest's request (`kset.rs`).
     pub(super) defer_closes: AtomicBool,
+    /// A guest request found a kset's lock taken (`LogBusy`): the log
+    /// closer signals space once it has had every kset's lock since.
+    pub(super) log_waiters: AtomicBool,
     /// Guest writes in progress.
     pub(super) writers: AtomicU64,
     pub(super) stats: Stats,

@@ -2,6 +2,7 @@
 //! medium first), closing ksets into the log, flushes and commits, and the
 //! log closer's work.
 
+use std::sync::atomic::Ordering;
 use std::sync::{MutexGuard, TryLockError};
 use std::time::Duration;
 
@@ -131,6 +132,10 @@ impl Engine {
         match m.try_lock() {
             Ok(g) => Ok(g),
             Err(TryLockError::WouldBlock) => {
+                // Whoever holds it may signal nothing when done: the log
+                // closer, which waits for the lock, signals space after.
+                self.log_waiters.store(true, Ordering::SeqCst);
+                self.closer_kick.kick();
                 stats::add(&self.stats.log_busy, 1);
                 Err(Error::LogBusy { done: 0 })
             }
@@ -170,23 +175,25 @@ impl Engine {
 
     /// Close the ksets the guest's requests left (nearly) full (the log
     /// closer, when closes wait for I/O), then signal space so that
-    /// requests that found one full retry.
+    /// requests that found one full, or found one's lock taken, retry.
     pub(super) fn close_full_ksets(&self) -> Result<()> {
-        if self.read_only || self.has_failed() {
-            return Ok(());
-        }
+        // Taken before the locks: a request that finds one taken later
+        // sets it again, and kicks another pass.
+        let waiters = self.log_waiters.swap(false, Ordering::SeqCst);
         let mut closed = false;
+        let mut result = Ok(());
         for ks in self.ksets.iter() {
             let mut ks = ks.lock().expect("kset lock");
-            if ks.nearly_full() {
-                self.kset_close(&mut ks)?;
-                closed = true;
+            if self.read_only || self.has_failed() || result.is_err() || !ks.nearly_full() {
+                continue;
             }
+            result = self.kset_close(&mut ks);
+            closed |= result.is_ok();
         }
-        if closed {
+        if closed || waiters {
             self.segs.notify_space();
         }
-        Ok(())
+        result
     }
 
     /// See [`Engine::flush`].

@@ -290,6 +290,7 @@ impl Engine {
             handing_over: AtomicBool::new(false),
             writes_paused: AtomicBool::new(false),
             defer_closes: AtomicBool::new(false),
+            log_waiters: AtomicBool::new(false),
             writers: std::sync::atomic::AtomicU64::new(0),
             stats: Stats::default(),
             writeback_kick: Kick::default(),
