@@ -204,3 +204,57 @@ fn a_failed_backing_write_fails_the_request_and_keeps_the_old_data() {
     assert_eq!(q.read(0, 4096), (Status::Ok, pattern(1, 4096)));
     assert_eq!(bad.inner().image()[..4096], pattern(1, 4096)[..]);
 }
+
+#[test]
+fn a_write_through_copy_shows_only_once_the_store_has_it_and_an_abandoned_one_is_reclaimed() {
+    // The cache takes a write-through write's copy before the store has
+    // it (the store is written from that copy), but nothing reads it until
+    // the store's write is back; a request abandoned meanwhile leaves no
+    // space held once its write is done.
+    let dir = tempfile::tempdir().unwrap();
+    let slow = Arc::new(FaultyBacking::new(MemBacking::new(64 * MIB), 1));
+    let d = default_disk(dir.path(), slow.clone(), CacheMode::Writethrough);
+    let e = d.engine().clone();
+    let fresh = e.segs_used();
+    let mut q = Driver::new(&d);
+    let mut reader = Driver::new(&d);
+    assert_eq!(q.write(0, &pattern(1, 8192)), Status::Ok);
+    slow.add(FaultPlan::new(
+        FaultOp::Write,
+        FaultKind::Delay(Duration::from_millis(300)),
+    ));
+    let t = q.submit(Op::Write, 0, 8192, IoVec::owned(pattern(2, 8192)));
+    assert_eq!(q.answer(t), None);
+    assert_eq!(
+        reader.read(0, 8192),
+        (Status::Ok, pattern(1, 8192)),
+        "the new copy was read before the store had it"
+    );
+    assert_eq!(q.wait(t, Duration::from_secs(10)), Status::Ok);
+    assert_eq!(reader.read(0, 8192), (Status::Ok, pattern(2, 8192)));
+    let hits = e.stats().snapshot().read_hit_bytes;
+    assert_eq!(reader.read(0, 8192).1, pattern(2, 8192));
+    assert_eq!(
+        e.stats().snapshot().read_hit_bytes - hits,
+        8192,
+        "the write-through copy is not in the cache"
+    );
+    // Abandoned with their writes out: the queue goes away at once.
+    for i in 0..16u64 {
+        q.submit(
+            Op::Write,
+            MIB + i * 4096,
+            4096,
+            IoVec::owned(pattern(i, 4096)),
+        );
+    }
+    drop(q);
+    drop(reader);
+    slow.clear();
+    e.invalidate(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        e.segs_used(),
+        fresh,
+        "segments still held after every request ended and the cache was emptied"
+    );
+}

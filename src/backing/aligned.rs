@@ -115,6 +115,20 @@ impl AlignedBuf {
         }
     }
 
+    /// A buffer over `len` bytes at `ptr` that another owner lends for an
+    /// I/O: `home.release(ptr)` is called when the buffer is dropped, and
+    /// until then the memory must stay valid.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be readable and writable, aligned to
+    /// [`IO_ALIGN`], and stay valid and untouched by anyone else until
+    /// `home.release(ptr)` is called.
+    pub unsafe fn lent(ptr: NonNull<u8>, len: usize, home: Arc<dyn Home>) -> AlignedBuf {
+        debug_assert_eq!(ptr.as_ptr() as usize % IO_ALIGN, 0);
+        // SAFETY: the caller's guarantees are those of an arena's block.
+        unsafe { AlignedBuf::from_arena(ptr, len, len, home) }
+    }
+
     /// An aligned copy of `data`.
     pub fn from_slice(data: &[u8]) -> AlignedBuf {
         let mut buf = AlignedBuf::new(data.len());

@@ -20,7 +20,7 @@ mod rbd;
 mod spec;
 mod store;
 
-pub use aligned::{AlignedBuf, BufPool, IO_ALIGN};
+pub use aligned::{AlignedBuf, BufPool, Home, IO_ALIGN};
 pub use arena::Arena;
 #[cfg(any(test, feature = "test-doubles"))]
 pub(crate) use file::check_range;

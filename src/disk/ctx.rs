@@ -14,8 +14,8 @@ use super::request::Status;
 use super::shared::Shared;
 use super::stream::Streams;
 use super::syncer::{Mailbox, SyncOp};
-use crate::backing::{AlignedBuf, BackingQueue, IoOp};
-use crate::engine::{DataHead, Engine, Error as EngineError, Miss};
+use crate::backing::{AlignedBuf, BackingQueue, Home, IoOp};
+use crate::engine::{DataHead, Engine, Error as EngineError, Miss, Placed};
 
 /// A job's slot in its queue.
 pub(super) type JobId = u32;
@@ -67,12 +67,25 @@ pub(super) struct Ctx {
     pub streams: Streams,
     /// The queue is being settled: nothing is paced any more.
     pub unpaced: bool,
+    /// Takes back the cache bytes lent to backing writes.
+    pins: Arc<dyn Home>,
+}
+
+/// Takes back cache bytes lent to a backing write (see
+/// `engine/placed.rs`) when the write's buffer is dropped.
+struct Pins(Arc<Engine>);
+
+impl Home for Pins {
+    fn release(&self, ptr: *mut u8) {
+        self.0.unpin_placed(ptr);
+    }
 }
 
 impl Ctx {
     pub fn new(shared: Arc<Shared>, bq: BackingQueue, wake: Arc<EventFd>, timer: TimerFd) -> Ctx {
         let key = shared.new_id();
         Ctx {
+            pins: Arc::new(Pins(shared.engine.clone())),
             mailbox: Mailbox::new(wake.clone()),
             shared,
             head: DataHead::default(),
@@ -94,6 +107,17 @@ impl Ctx {
     /// or 64 requests was slower for misses and for write-through).
     pub fn kick(&mut self) {
         self.bq.start();
+    }
+
+    /// A buffer over `p`'s bytes in the cache, for its backing write.
+    #[allow(unsafe_code)]
+    pub fn lend(&self, p: &Placed) -> AlignedBuf {
+        let ptr = self.shared.engine.pin_placed(p);
+        let ptr = std::ptr::NonNull::new(ptr).expect("a mapping is never at address 0");
+        // SAFETY: the pin keeps the segment (so the bytes) from being
+        // reused until `Pins::release`; the bytes are aligned (`place` was
+        // asked for IO_ALIGN) and only read by the write they are lent to.
+        unsafe { AlignedBuf::lent(ptr, p.len(), self.pins.clone()) }
     }
 
     /// Send piece `piece` of job `job` to the backing store.

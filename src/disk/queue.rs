@@ -37,7 +37,9 @@ pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 /// Backing operations a queue keeps in the kernel at once.
 const BACKING_DEPTH: u32 = 128;
 
-/// A request that did not complete at once.
+/// A request that did not complete at once. Jobs live in a slab: boxing
+/// the large variant would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Job {
     Read(ReadJob),
     Write(WriteJob),
@@ -80,7 +82,7 @@ impl Job {
     fn on_io(&mut self, cx: &mut Ctx, piece: u32, c: Completion) {
         match self {
             Job::Read(j) => j.on_io(cx, piece, c),
-            Job::Write(j) => j.on_io(cx, c),
+            Job::Write(j) => j.on_io(cx, piece, c),
             Job::Flush(j) => j.on_io(cx, c),
         }
     }

@@ -26,6 +26,8 @@ pub(super) struct ReadJob {
     /// Put what the misses read into the cache (not for a long
     /// sequential stream).
     fill: bool,
+    /// It found the budget short (and may hold a reservation).
+    starved: bool,
 }
 
 /// How a read starts.
@@ -65,6 +67,7 @@ impl ReadJob {
             in_flight: 0,
             failed: false,
             fill,
+            starved: false,
         })
     }
 
@@ -85,6 +88,7 @@ impl ReadJob {
             let Some(b) = cx.shared.budget.read_buf(n as usize, cx.job_key(id)) else {
                 cx.wait_for_memory();
                 starved = true;
+                self.starved = true;
                 break;
             };
             cx.submit(
@@ -144,6 +148,8 @@ impl ReadJob {
 
     /// Nothing more will be done (the request is answered or abandoned).
     pub fn release(&mut self, cx: &mut Ctx, id: JobId) {
-        cx.shared.budget.guest().forget(cx.job_key(id));
+        if self.starved {
+            cx.shared.budget.guest().forget(cx.job_key(id));
+        }
     }
 }

@@ -4,8 +4,12 @@
 //!   buffers into the medium, nothing else; a full cache (or a full key log
 //!   that only the log closer may close) makes it wait for a space signal,
 //!   and a write paced while a writeback batch runs waits for its time;
-//! - through the cache (write-through): to the backing store from a buffer
-//!   of the I/O budget, then into the cache as clean data from that buffer;
+//! - through the cache (write-through): copied into the cache first, but
+//!   not visible, then to the backing store from that copy, which becomes
+//!   visible as clean data once the store has it (`engine/placed.rs`; no
+//!   buffer of the I/O budget, no second copy). Where the cache takes no
+//!   copy now (full, or a head not aligned for O_DIRECT), from a buffer of
+//!   the I/O budget, then into the cache from that buffer;
 //! - around the cache (write-around, none, and in write-back mode a long
 //!   sequential write or any write during a migration's copy, where nothing
 //!   dirty is cached for its range): to the backing store, then the range is
@@ -22,15 +26,21 @@
 //! the persisting thread.
 
 use std::collections::VecDeque;
+
+use smallvec::SmallVec;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use super::ctx::{with_room, Ctx, JobId, Step};
 use super::request::Status;
 use super::syncer::{SyncOp, Synced};
-use crate::backing::{AlignedBuf, Completion, IoOp};
-use crate::engine::{CacheMode, Error as EngineError};
+use crate::backing::{AlignedBuf, Completion, IoOp, IO_ALIGN};
+use crate::engine::{CacheMode, Error as EngineError, Placed};
 use crate::iovec::IoVec;
+
+/// Piece numbers of backing writes from a placed copy (the index into
+/// `WriteJob::placed` below this bit).
+const PLACED: u32 = 1 << 23;
 
 /// How the data reaches the backing store.
 #[derive(Debug)]
@@ -90,6 +100,14 @@ pub(super) struct WriteJob {
     /// Write-through pieces back from the store whose clean copy did not
     /// fit in the cache yet: (offset, data).
     clean: VecDeque<(u64, AlignedBuf)>,
+    /// Write-through copies placed in the cache, by piece, while their
+    /// backing write is out; then in `landed` until they are published.
+    placed: SmallVec<[Option<Placed>; 1]>,
+    landed: SmallVec<[Placed; 1]>,
+    /// Give up placing (the cache took no copy): bounce the rest.
+    bounce: bool,
+    /// It found the budget short (and may hold a reservation).
+    starved: bool,
     /// A flush or commit was asked for and not answered yet.
     asked: bool,
     synced: Option<Synced>,
@@ -131,6 +149,10 @@ impl WriteJob {
             held: false,
             backed: false,
             clean: VecDeque::new(),
+            placed: SmallVec::new(),
+            landed: SmallVec::new(),
+            bounce: false,
+            starved: false,
             asked: false,
             synced: None,
             room: None,
@@ -334,10 +356,45 @@ impl WriteJob {
         }
         let piece = cx.shared.budget.write_piece() as u64;
         let mut out = false;
+        let place =
+            matches!(self.via, Via::Through) && cx.shared.engine.mode() == CacheMode::Writethrough;
         while !self.failed && self.sent < l {
             let n = (l - self.sent).min(piece);
+            if place && !self.bounce && self.placed.len() < PLACED as usize {
+                let e = &cx.shared.engine;
+                let at = (self.base + self.sent) as usize;
+                match e.place(
+                    &mut cx.head,
+                    o + self.sent,
+                    &self.buf,
+                    at,
+                    n as usize,
+                    IO_ALIGN,
+                ) {
+                    Some(p) => {
+                        let b = cx.lend(&p);
+                        let n = p.len() as u64;
+                        let idx = PLACED | self.placed.len() as u32;
+                        cx.submit(
+                            id,
+                            idx,
+                            IoOp::Write {
+                                off: p.off(),
+                                buf: b,
+                            },
+                        );
+                        self.placed.push(Some(p));
+                        self.in_flight += 1;
+                        self.sent += n;
+                        out = true;
+                        continue;
+                    }
+                    None => self.bounce = true,
+                }
+            }
             let Some(mut b) = cx.shared.budget.write_buf(n as usize, cx.job_key(id)) else {
                 cx.wait_for_memory();
+                self.starved = true;
                 break;
             };
             self.buf.copy_out((self.base + self.sent) as usize, &mut b);
@@ -360,6 +417,23 @@ impl WriteJob {
     /// Put pending write-through pieces into the cache; false while one
     /// still waits for space.
     fn put_clean(&mut self, cx: &mut Ctx) -> bool {
+        while let Some(p) = self.landed.first() {
+            let e = &cx.shared.engine;
+            match with_room(&mut self.room, e, || e.publish_placed(p)) {
+                None => return false,
+                Some(Ok(())) => {
+                    // Its segment reference is the key's now.
+                    let _published = self.landed.remove(0);
+                }
+                Some(Err(e)) if e.retry_from().is_some() => return false,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "write-through: caching a clean copy failed");
+                    self.failed = true;
+                    let p = self.landed.remove(0);
+                    cx.shared.engine.discard_placed(p);
+                }
+            }
+        }
         while let Some((at, b)) = self.clean.front() {
             let (e, head) = (&cx.shared.engine, &mut cx.head);
             match with_room(&mut self.room, e, || e.write_clean(head, *at, b.as_slice())) {
@@ -445,11 +519,29 @@ impl WriteJob {
     }
 
     /// A backing operation of this job came back.
-    pub fn on_io(&mut self, cx: &mut Ctx, c: Completion) {
+    pub fn on_io(&mut self, cx: &mut Ctx, piece: u32, c: Completion) {
         self.in_flight -= 1;
+        // Dropping the completion's buffer gives a lent copy's pin back.
+        let placed = (piece & PLACED != 0)
+            .then(|| {
+                self.placed
+                    .get_mut((piece & !PLACED) as usize)
+                    .and_then(Option::take)
+            })
+            .flatten();
         if let Err(e) = c.result {
             tracing::warn!(off = self.off, len = self.len, error = %e, "backing {} failed", self.what());
             self.failed = true;
+            if let Some(p) = placed {
+                cx.shared.engine.discard_placed(p);
+            }
+            return;
+        }
+        if let Some(p) = placed {
+            // The store has it: the copy becomes visible now, or as soon
+            // as the key log has room.
+            self.landed.push(p);
+            self.put_clean(cx);
             return;
         }
         if let (Via::Through, IoOp::Write { off, buf }) = (&self.via, c.op) {
@@ -477,10 +569,17 @@ impl WriteJob {
     /// Nothing more will be done (answered or abandoned): let go of the
     /// range and any reservation.
     pub fn release(&mut self, cx: &mut Ctx, id: JobId) {
+        // A copy still being written keeps its pin (in the write's buffer).
+        let e = &cx.shared.engine;
+        for p in self.placed.drain(..).flatten().chain(self.landed.drain(..)) {
+            e.discard_placed(p);
+        }
         if std::mem::take(&mut self.held) {
             let (o, l) = self.backing_range();
             cx.shared.locks.release(o, l);
         }
-        cx.shared.budget.guest().forget(cx.job_key(id));
+        if self.starved {
+            cx.shared.budget.guest().forget(cx.job_key(id));
+        }
     }
 }

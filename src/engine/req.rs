@@ -35,6 +35,17 @@ pub struct DataHead {
     gen: u64,
 }
 
+impl DataHead {
+    /// Where in its segment's data area the next allocation starts.
+    pub(super) fn next_off(&self) -> u32 {
+        if self.seg.is_some() {
+            self.off
+        } else {
+            0
+        }
+    }
+}
+
 /// A piece of a read that the cache did not hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Miss {
@@ -63,18 +74,18 @@ impl Miss {
 }
 
 /// Space handed out by a data head.
-struct Alloc {
-    seg: u32,
-    off: u32,
-    len: u32,
-    gen: u64,
+pub(super) struct Alloc {
+    pub seg: u32,
+    pub off: u32,
+    pub len: u32,
+    pub gen: u64,
 }
 
 impl Engine {
     /// Carve up to `want` bytes out of `head`'s segment, taking a segment
     /// reference for the key that will point there. May return less than
     /// `want` (the end of a segment); `None` when the cache is full.
-    fn data_alloc(&self, head: &mut DataHead, want: u32) -> Option<Alloc> {
+    pub(super) fn data_alloc(&self, head: &mut DataHead, want: u32) -> Option<Alloc> {
         let seg = match head.seg {
             Some(s) => s,
             None => {
@@ -213,7 +224,7 @@ impl Engine {
         Ok(())
     }
 
-    fn put_key_ref(&self, seg: u32) {
+    pub(super) fn put_key_ref(&self, seg: u32) {
         if let Err(e) = self.segs.put_ref(&self.region, seg) {
             self.note_persist_error(e);
         }
@@ -223,7 +234,7 @@ impl Engine {
     /// shard lock so log order equals index order. With `fill_version`,
     /// the insert is skipped (Ok(false)) when a write reached the region
     /// since that version.
-    fn key_insert(&self, key: &KeyOnMedia, fill_version: Option<u64>) -> Result<bool> {
+    pub(super) fn key_insert(&self, key: &KeyOnMedia, fill_version: Option<u64>) -> Result<bool> {
         let region = region_of(key.off);
         let shard = self.shard_or_create(region);
         let mut sh = shard.lock().expect("shard lock");

@@ -317,6 +317,16 @@ impl Region {
         }
     }
 
+    /// The address of `len` bytes at `off` in the mapping, for the kernel
+    /// to read or write directly (a write to the backing store from cached
+    /// data). Valid while the region lives; what the caller does through it
+    /// must respect the same rules as the copies here.
+    pub fn address(&self, off: u64, len: usize) -> *mut u8 {
+        let o = self.check(off, len);
+        // SAFETY: `check` proved o..o+len lies inside the mapping.
+        unsafe { self.ptr.add(o) }
+    }
+
     /// Copy `buf.len()` bytes at `off` into `buf`.
     pub fn read(&self, off: u64, buf: &mut [u8]) {
         let o = self.check(off, buf.len());
