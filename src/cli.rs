@@ -386,6 +386,7 @@ impl ServeArgs {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     init_logging();
+    abort_on_panic();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -393,6 +394,23 @@ pub fn main() -> i32 {
             1
         }
     }
+}
+
+/// A panic anywhere ends the process. A worker thread that panicked would
+/// otherwise leave the rest running with its queue dead and its locks
+/// poisoned; ended, the process is restarted (systemd) and the frontend
+/// reconnects and runs again what was in flight (QEMU's inflight region).
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            "a panic ends pcache: {info}"
+        );
+        std::process::abort();
+    }));
 }
 
 fn init_logging() {
@@ -503,12 +521,16 @@ pub fn run(cli: Cli) -> AnyResult<i32> {
             gc_percent,
             force,
         } => {
+            if let Some(sz) = cache_size {
+                format::check_new_cache_size(sz)?;
+            }
+            // The lock first: a refused format changes nothing.
+            let (owner, _) = media::claim_cache(&cache, cache_size.is_some())?;
             let b = media::open_backing(&backing, &cache, true, false, None)?;
-            media::prepare_cache_file(&cache, cache_size, force)?;
-            let _owner = media::lock(&cache, Lock::Exclusive, "Cache")?;
             let sb = media::format_cache(
+                &owner,
                 &cache,
-                None,
+                cache_size,
                 &FormatOptions {
                     backing_bytes: b.size(),
                     data_crc,
@@ -643,12 +665,17 @@ const INVALIDATE_DIRTY_LEFT: u64 = 32 << 20;
 /// A `--timeout` in seconds.
 fn seconds(t: Option<f64>) -> AnyResult<Option<Duration>> {
     match t {
-        Some(t) if !(t.is_finite() && t >= 0.0) => {
-            Err(format!("--timeout must be a number of seconds, not {t}").into())
-        }
+        Some(t) if !(t.is_finite() && (0.0..=MAX_TIMEOUT_SECS).contains(&t)) => Err(format!(
+            "--timeout must be a number of seconds from 0 to {MAX_TIMEOUT_SECS}, not {t}"
+        )
+        .into()),
         t => Ok(t.map(Duration::from_secs_f64)),
     }
 }
+
+/// The longest `--timeout` (a day): anything longer is a typo, and a
+/// timeout must fit a deadline.
+const MAX_TIMEOUT_SECS: f64 = 86_400.0;
 
 fn control_ok(path: &Path, req: &crate::control::Request) -> AnyResult<()> {
     let r = crate::control::request(path, req)?;

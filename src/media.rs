@@ -12,7 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -35,7 +35,7 @@ pub enum Lock {
 /// A held lock on a file; released when dropped (or when the process ends).
 #[derive(Debug)]
 pub struct Owner {
-    _file: File,
+    file: File,
 }
 
 /// Lock `path` (`what` names it in the error), without waiting.
@@ -45,6 +45,11 @@ pub fn lock(path: &Path, how: Lock, what: &str) -> AnyResult<Owner> {
         .write(how == Lock::Exclusive)
         .open(path)
         .map_err(|e| format!("Cannot open {what} {}: {e}", path.display()))?;
+    lock_file(file, path, how, what)
+}
+
+/// Take `file`'s lock (`path` and `what` name it in the error).
+fn lock_file(file: File, path: &Path, how: Lock, what: &str) -> AnyResult<Owner> {
     let fl = libc::flock {
         l_type: match how {
             Lock::Exclusive => libc::F_WRLCK,
@@ -57,7 +62,7 @@ pub fn lock(path: &Path, how: Lock, what: &str) -> AnyResult<Owner> {
     };
     // SAFETY: fcntl with a flock that lives across the call.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
-        return Ok(Owner { _file: file });
+        return Ok(Owner { file });
     }
     let err = std::io::Error::last_os_error();
     if !matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
@@ -68,7 +73,7 @@ pub fn lock(path: &Path, how: Lock, what: &str) -> AnyResult<Owner> {
         None => "another process".into(),
     };
     Err(format!(
-        "{what} {} is in use by {holder} ({}); refusing to open it",
+        "{what} {} is in use by {holder} ({}); refusing to open it. Nothing was changed",
         path.display(),
         match how {
             Lock::Exclusive => "a running pcache serve, or a command writing to it",
@@ -76,6 +81,45 @@ pub fn lock(path: &Path, how: Lock, what: &str) -> AnyResult<Owner> {
         }
     )
     .into())
+}
+
+/// Become the owner of the cache medium at `path` for a command that may
+/// write it, before anything touches it: open it (with `create`, creating
+/// a missing file, empty and mode 0600) and take its exclusive lock. A
+/// refused command has changed nothing. Returns the lock and whether the
+/// file was created; [`size_cache_file`] then sizes it.
+pub fn claim_cache(path: &Path, create: bool) -> AnyResult<(Owner, bool)> {
+    let open = |new: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true);
+        if new {
+            o.create_new(true).mode(0o600);
+        }
+        o.open(path)
+    };
+    let (file, created) = match open(false) {
+        Ok(f) => (f, false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => match open(true) {
+            Ok(f) => (f, true),
+            // Created by someone else meanwhile: theirs, then.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (
+                open(false).map_err(|e| format!("Cannot open cache {}: {e}", path.display()))?,
+                false,
+            ),
+            Err(e) => {
+                return Err(format!("Cannot create cache file {}: {e}", path.display()).into())
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "Cache {} does not exist; give --cache-size to create it",
+                path.display()
+            )
+            .into())
+        }
+        Err(e) => return Err(format!("Cannot open cache {}: {e}", path.display()).into()),
+    };
+    Ok((lock_file(file, path, Lock::Exclusive, "Cache")?, created))
 }
 
 /// The pid of a process holding a lock on `file`'s inode: OFD locks show
@@ -136,23 +180,21 @@ pub fn holds_pcache(path: &Path) -> AnyResult<Option<Result<Superblock, format::
     Ok(Some(Superblock::decode(&sb, region.len())))
 }
 
-/// Create or size a cache file before formatting.
-pub fn prepare_cache_file(cache: &Path, size: Option<u64>, force: bool) -> AnyResult<()> {
-    let meta = std::fs::metadata(cache).ok();
-    match (meta, size) {
-        (None, None) => Err(format!(
-            "Cache {} does not exist; give --cache-size to create it",
-            cache.display()
-        )
-        .into()),
-        (None, Some(sz)) => {
-            check_new_cache_size(sz)?;
-            let f = File::create(cache)
-                .map_err(|e| format!("Cannot create cache file {}: {e}", cache.display()))?;
-            f.set_len(sz)?;
-            Ok(())
-        }
-        (Some(m), Some(sz)) if m.is_file() && m.len() != sz => {
+/// Size the cache file `owner` holds (see [`claim_cache`]) before
+/// formatting: a new (empty) file takes `size`; an existing one of another
+/// size only with `force`. Block and DAX devices keep their size.
+pub fn size_cache_file(
+    owner: &Owner,
+    cache: &Path,
+    size: Option<u64>,
+    force: bool,
+) -> AnyResult<()> {
+    let m = owner
+        .file
+        .metadata()
+        .map_err(|e| format!("Cannot read {}: {e}", cache.display()))?;
+    match size {
+        Some(sz) if m.is_file() && m.len() != sz => {
             check_new_cache_size(sz)?;
             if !force && m.len() > 0 {
                 return Err(format!(
@@ -162,10 +204,16 @@ pub fn prepare_cache_file(cache: &Path, size: Option<u64>, force: bool) -> AnyRe
                 )
                 .into());
             }
-            OpenOptions::new().write(true).open(cache)?.set_len(sz)?;
+            owner
+                .file
+                .set_len(sz)
+                .map_err(|e| format!("Cannot size cache file {}: {e}", cache.display()))?;
             Ok(())
         }
-        (Some(m), _) => {
+        None if m.is_file() && m.len() == 0 => {
+            Err(format!("Cache file {} is empty; give --cache-size", cache.display()).into())
+        }
+        _ => {
             if m.is_file() {
                 format::segs_for_size(m.len())?;
             }
@@ -174,14 +222,15 @@ pub fn prepare_cache_file(cache: &Path, size: Option<u64>, force: bool) -> AnyRe
     }
 }
 
-/// Format the cache at `cache` (created or sized first) for a backing
-/// store of `opts.backing_bytes`. The caller holds the cache's lock.
+/// Format the cache at `cache`, whose lock `owner` is (sized first, see
+/// [`size_cache_file`]), for a backing store of `opts.backing_bytes`.
 pub fn format_cache(
+    owner: &Owner,
     cache: &Path,
     size: Option<u64>,
     opts: &FormatOptions,
 ) -> AnyResult<Superblock> {
-    prepare_cache_file(cache, size, opts.force)?;
+    size_cache_file(owner, cache, size, opts.force)?;
     let region = Region::open(cache, RegionOptions::default())?;
     Ok(Engine::format(&region, opts)?)
 }

@@ -209,16 +209,25 @@ fn take_cache(o: &ServeOptions) -> AnyResult<(Owner, bool)> {
     if o.cfg.read_only {
         return Ok((take_cache_read_only(o)?, false));
     }
-    let is_new = !o.cache.exists();
-    if is_new {
-        media::prepare_cache_file(&o.cache, o.cache_size.or(Some(DEFAULT_CACHE_BYTES)), true)?;
+    if let Some(sz) = o.cache_size {
+        format::check_new_cache_size(sz)?;
     }
-    Ok((media::lock(&o.cache, Lock::Exclusive, "Cache")?, is_new))
+    let (owner, is_new) = media::claim_cache(&o.cache, true)?;
+    if is_new {
+        let size = o.cache_size.or(Some(DEFAULT_CACHE_BYTES));
+        media::size_cache_file(&owner, &o.cache, size, true)?;
+    }
+    Ok((owner, is_new))
 }
 
 /// Format the cache (whose lock we hold) when it is new or `--format` was
 /// given, and open it.
-fn open_cache(o: &ServeOptions, is_new: bool, backing_bytes: u64) -> AnyResult<Arc<Engine>> {
+fn open_cache(
+    o: &ServeOptions,
+    owner: &Owner,
+    is_new: bool,
+    backing_bytes: u64,
+) -> AnyResult<Arc<Engine>> {
     if o.cfg.read_only {
         return media::open_cache_read_only(&o.cache);
     }
@@ -239,6 +248,7 @@ fn open_cache(o: &ServeOptions, is_new: bool, backing_bytes: u64) -> AnyResult<A
     };
     if must_format {
         media::format_cache(
+            owner,
             &o.cache,
             o.cache_size,
             &FormatOptions {
@@ -361,7 +371,7 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     if let Some(dir) = o.cache.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let (_owner, is_new) = take_cache(&o)?;
+    let (owner, is_new) = take_cache(&o)?;
     let backing = match open_backing(&o) {
         Ok(b) => b,
         Err(e) => {
@@ -373,7 +383,7 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
         }
     };
     let backing_bytes = backing.size();
-    let engine = open_cache(&o, is_new, backing_bytes)?;
+    let engine = open_cache(&o, &owner, is_new, backing_bytes)?;
     media::check_backing_size(&engine, &*backing, &o.backing)?;
     if backing_bytes > engine.size() && !o.cfg.read_only {
         // It grew while pcache was down.

@@ -299,3 +299,27 @@ fn check_data_names_each_dirty_extent_that_fails_its_crc() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("without data CRCs"), "{}", text(&o));
 }
+
+#[test]
+fn timeouts_out_of_range_are_refused_with_a_clear_message() {
+    // Checked before anything is asked of a server: none runs here.
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("none.ctl");
+    let ctl = ctl.to_str().unwrap();
+    for t in ["1e300", "-1", "inf", "NaN", "86401"] {
+        let t = format!("--timeout={t}");
+        for cmd in [
+            vec!["drain", "--control", ctl, &t],
+            vec!["mode", "--control", ctl, "writethrough", &t],
+            vec!["invalidate", "--control", ctl, &t],
+        ] {
+            let o = pcache(&cmd);
+            assert_eq!(o.status.code(), Some(1), "{cmd:?}: {}", text(&o));
+            assert!(
+                text(&o).contains("--timeout must be a number of seconds from 0 to 86400"),
+                "{cmd:?}: {}",
+                text(&o)
+            );
+        }
+    }
+}

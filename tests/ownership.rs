@@ -187,3 +187,134 @@ fn the_socket_appears_only_once_the_server_is_ready() {
         .status();
     assert!(child.wait().unwrap().success());
 }
+
+/// Size, permission bits and a crc32c of every byte of `path`.
+fn fingerprint(path: &std::path::Path) -> (u64, u32, u32) {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::metadata(path).unwrap();
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 8 << 20];
+    let mut crc = 0u32;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+    }
+    (m.len(), m.permissions().mode(), crc)
+}
+
+#[test]
+fn every_command_that_could_write_a_cache_someone_owns_is_refused_and_changes_nothing() {
+    // The owner here is this test, holding the lock pcache takes: each
+    // command is refused before it touches the file, so the cache keeps
+    // its size, its bytes and its mode, whatever it was asked to do.
+    let disk = Disk::new(32 * MIB, None);
+    let cache = disk.cache.to_str().unwrap();
+    let backing = disk.backing.to_str().unwrap();
+    let o = pcache(&[
+        "format",
+        "--cache",
+        cache,
+        "--cache-size",
+        "512M",
+        "--backing",
+        backing,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk.cache)
+        .unwrap();
+    let fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: fcntl with a flock that lives across the call.
+    let r = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&held),
+            libc::F_OFD_SETLK,
+            &fl,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let before = fingerprint(&disk.cache);
+    let me = std::process::id();
+    let sock = disk.socket.to_str().unwrap();
+    let serve = |extra: &[&str]| {
+        let mut a = vec![
+            "serve",
+            "--socket",
+            sock,
+            "--cache",
+            cache,
+            "--backing",
+            backing,
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let commands: Vec<Vec<String>> = vec![
+        ["format", "--cache", cache, "--backing", backing, "--force"]
+            .map(String::from)
+            .to_vec(),
+        [
+            "format",
+            "--cache",
+            cache,
+            "--cache-size",
+            "1G",
+            "--backing",
+            backing,
+            "--force",
+        ]
+        .map(String::from)
+        .to_vec(),
+        [
+            "format",
+            "--cache",
+            cache,
+            "--cache-size",
+            "512M",
+            "--backing",
+            backing,
+        ]
+        .map(String::from)
+        .to_vec(),
+        ["writeback", "--cache", cache, "--backing", backing]
+            .map(String::from)
+            .to_vec(),
+        serve(&[]),
+        serve(&["--format", "--cache-size", "1G"]),
+        serve(&["--format", "--data-crc", "--gc-percent", "50"]),
+        serve(&["--mode", "writethrough"]),
+        serve(&["--read-only"]),
+    ];
+    for args in &commands {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = pcache(&args);
+        let what = args.join(" ");
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", text(&o));
+        assert!(
+            text(&o).contains(&format!("in use by process {me}")),
+            "{what} must name the owner {me}: {}",
+            text(&o)
+        );
+        assert_eq!(
+            fingerprint(&disk.cache),
+            before,
+            "{what} changed the cache it was refused"
+        );
+        assert!(!disk.socket.exists(), "{what} made its socket");
+    }
+    drop(held);
+    let o = pcache(&["check", "--cache", cache]);
+    assert!(o.status.success(), "{}", text(&o));
+}

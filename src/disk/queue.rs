@@ -165,6 +165,8 @@ impl DiskQueue {
     /// Start `req`. Some(status) when it is answered already; otherwise its
     /// answer comes from [`DiskQueue::process`].
     pub fn submit(&mut self, req: Request) -> Option<Status> {
+        #[cfg(feature = "test-doubles")]
+        panic_when_asked();
         let Request {
             op,
             off,
@@ -466,6 +468,26 @@ impl DiskQueue {
         self.queued.retain(|&id| self.jobs[id as usize].is_some());
         self.stalled.retain(|&id| self.jobs[id as usize].is_some());
         out.append(&mut self.answers);
+    }
+}
+
+/// Test builds only: `PCACHE_TEST_PANIC_AT=N` makes the Nth request of
+/// the process panic its queue worker, to show that a panic ends pcache.
+#[cfg(feature = "test-doubles")]
+fn panic_when_asked() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    let at = AT.get_or_init(|| {
+        std::env::var("PCACHE_TEST_PANIC_AT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(n) = *at {
+        if SEEN.fetch_add(1, Ordering::Relaxed) + 1 == n {
+            panic!("PCACHE_TEST_PANIC_AT={n}: a test asked for this panic");
+        }
     }
 }
 

@@ -69,7 +69,9 @@ impl WbState {
 
     /// How long a batch of `bytes` distinct bytes should take.
     pub(super) fn expected(&self, bytes: u64) -> Duration {
-        Duration::from_secs_f64(bytes as f64 / self.rate + self.fixed)
+        // A rate that measured nothing (or overflowed) must not panic.
+        Duration::try_from_secs_f64(bytes as f64 / self.rate + self.fixed)
+            .unwrap_or(Duration::from_secs(3600))
     }
 
     /// Fold a finished pass into the estimates: its bytes over the time its
