@@ -387,6 +387,9 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     init_logging();
     abort_on_panic();
+    // Nothing pcache creates (a cache, a backing file, a record beside
+    // them) is for other users: guests' data lives in them.
+    crate::util::set_umask(0o077);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

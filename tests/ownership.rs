@@ -318,3 +318,43 @@ fn every_command_that_could_write_a_cache_someone_owns_is_refused_and_changes_no
     let o = pcache(&["check", "--cache", cache]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn what_pcache_creates_is_not_readable_by_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    // A socket name without `.sock`: its control socket is its name
+    // plus `.ctl`, not a name a sibling disk would share.
+    let socket = p("vm1.disk0");
+    let args: Vec<String> = [
+        "serve",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--cache",
+        p("cache.img").to_str().unwrap(),
+        "--cache-size",
+        "512M",
+        "--backing",
+        p("disk.img").to_str().unwrap(),
+        "--backing-size",
+        "16M",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pcache"));
+    cmd.args(&args);
+    let server = common::Server::start_cmd(cmd, &socket);
+    let ctl = p("vm1.disk0.ctl");
+    assert!(ctl.exists(), "no control socket at {}", ctl.display());
+    assert!(!p("vm1.ctl").exists());
+    for f in ["cache.img", "disk.img", "vm1.disk0", "vm1.disk0.ctl"] {
+        let mode = std::fs::metadata(p(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "{f} is mode {mode:o}: other users can reach it"
+        );
+    }
+    drop(server);
+}

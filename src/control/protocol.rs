@@ -171,9 +171,16 @@ pub fn request(path: &Path, req: &Request) -> io::Result<Reply> {
     })
 }
 
-/// Default control socket beside a vhost socket: `X.sock` -> `X.ctl`.
+/// Default control socket beside a vhost socket: `X.sock` -> `X.ctl`; any
+/// other name gets `.ctl` appended (`vm1.disk0` -> `vm1.disk0.ctl`), so
+/// `vm1.disk0` and `vm1.disk1` never share one.
 pub fn default_path(socket: &Path) -> PathBuf {
-    socket.with_extension("ctl")
+    if socket.extension().is_some_and(|e| e == "sock") {
+        return socket.with_extension("ctl");
+    }
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".ctl");
+    PathBuf::from(name)
 }
 
 fn migration_text(m: &crate::disk::HandoverStatus) -> String {
@@ -290,5 +297,27 @@ impl Status {
                 "ok"
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::default_path;
+    use std::path::Path;
+
+    #[test]
+    fn control_paths_of_two_disks_never_collide() {
+        let p = |s: &str| default_path(Path::new(s));
+        assert_eq!(p("/run/pcache/vm1.sock"), Path::new("/run/pcache/vm1.ctl"));
+        assert_eq!(
+            p("/run/pcache/vm1.disk0"),
+            Path::new("/run/pcache/vm1.disk0.ctl")
+        );
+        assert_eq!(
+            p("/run/pcache/vm1.disk1"),
+            Path::new("/run/pcache/vm1.disk1.ctl")
+        );
+        assert_eq!(p("/run/pcache/vm1"), Path::new("/run/pcache/vm1.ctl"));
+        assert_eq!(p("disk0.sock.d/x"), Path::new("disk0.sock.d/x.ctl"));
     }
 }
