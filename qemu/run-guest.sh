@@ -15,10 +15,10 @@
 #   PCACHE_GUEST_QUEUE_SIZE  queue-size (default 128)
 #   PCACHE_GUEST_TIMEOUT     seconds before QEMU is killed (default 600)
 #   PCACHE_GUEST_SMP         vCPUs (default 2)
-#   PCACHE_GUEST_CPU         -cpu model (default max; the migration tests use
-#                            qemu64: QEMU 7.2's TCG corrupts migrated guests
-#                            now and then, `-cpu max` ones sooner)
-#   PCACHE_GUEST_MEM         guest memory (default 1G)
+#   PCACHE_GUEST_CPU         -cpu model (default max)
+#   PCACHE_GUEST_MEM         guest memory (default 1G; a guest that migrates
+#                            needs a size that is not a multiple of 256 KiB:
+#                            see GUEST_MEM in tests/migration.rs)
 #   PCACHE_GUEST_APPEND      extra kernel command line
 #   PCACHE_GUEST_BIOS        firmware for -bios (default: QEMU's, SeaBIOS, which
 #                            drives the disk itself before Linux does;

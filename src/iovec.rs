@@ -22,6 +22,8 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
+use crate::fault::Stamp;
+
 /// One contiguous piece of an [`IoVec`].
 #[derive(Debug, Clone, Copy)]
 struct Seg {
@@ -36,6 +38,8 @@ pub struct IoVec<'a> {
     len: usize,
     /// Keeps the memory mapped (a guest memory table) while we hold it.
     _keep: Option<Arc<dyn Send + Sync>>,
+    /// For memory a frontend mapped: its connection's fault stamp.
+    since: Option<Stamp>,
     _borrow: PhantomData<&'a mut [u8]>,
 }
 
@@ -112,18 +116,35 @@ impl IoVec<'static> {
             segs: SmallVec::new(),
             len: 0,
             _keep: None,
+            since: None,
             _borrow: PhantomData,
         }
     }
 }
 
 impl<'a> IoVec<'a> {
+    /// The same bytes, in memory a frontend mapped for a connection whose
+    /// fault stamp is `since` (see [`IoVec::intact`]).
+    pub fn watched(mut self, since: Stamp) -> IoVec<'a> {
+        self.since = Some(since);
+        self
+    }
+
+    /// Can what was copied out of these bytes be trusted? False once a
+    /// frontend mapping faulted since the connection began: a page may
+    /// then be a stand-in of zeros (`crate::fault`). Check after copying,
+    /// before making the copy visible.
+    pub fn intact(&self) -> bool {
+        self.since.is_none_or(|s| s.intact())
+    }
+
     /// An `IoVec` over a buffer of our own (tools and tests).
     pub fn from_mut(buf: &'a mut [u8]) -> IoVec<'a> {
         let mut v = IoVec {
             segs: SmallVec::new(),
             len: 0,
             _keep: None,
+            since: None,
             _borrow: PhantomData,
         };
         v.push(buf.as_mut_ptr(), buf.len());
@@ -137,6 +158,7 @@ impl<'a> IoVec<'a> {
             segs: SmallVec::new(),
             len: 0,
             _keep: None,
+            since: None,
             _borrow: PhantomData,
         };
         for b in bufs {
@@ -165,6 +187,7 @@ impl<'a> IoVec<'a> {
             segs: SmallVec::new(),
             len: 0,
             _keep: self._keep.clone(),
+            since: self.since,
             _borrow: PhantomData,
         };
         for (p, n) in self.pieces(at, len) {

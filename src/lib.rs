@@ -15,6 +15,8 @@
 //!   the guest's write-cache choice, and handing the disk to another host
 //!   in a live migration.
 //! - [`iovec`]: a request's buffers in memory shared with a guest.
+//! - [`fault`]: SIGBUS from mappings of files that shrink under us (a
+//!   frontend's costs its connection, the medium's stops the process).
 //! - [`control`]: the runtime control socket (status, gc_percent, flush).
 //! - [`metrics`]: Prometheus metrics over HTTP (`serve --metrics`).
 //! - [`media`]: opening the cache and the backing store for a command, and
@@ -34,6 +36,7 @@ pub mod control;
 pub mod crc;
 pub mod disk;
 pub mod engine;
+pub mod fault;
 pub mod format;
 pub mod iovec;
 pub mod media;

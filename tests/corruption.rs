@@ -170,3 +170,52 @@ fn a_damaged_kset_in_the_middle_of_the_log_is_refused() {
     let o = pcache(&["check", "--cache", c]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// A cache file cut short (by a careless `truncate`, a full disk during a
+/// copy) is refused by every command that reads it, naming the cause;
+/// nothing panics and nothing writes.
+#[test]
+fn a_cache_file_cut_short_is_refused_by_every_command_that_reads_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (cache, backing) = cache_with_history(d.path());
+    // Shorter each time: what a cut removed stays removed.
+    let short = &[
+        "bytes but the medium has",
+        "metadata before the first segment",
+    ][..];
+    for (bytes, says) in [
+        (256u64 << 20, short),
+        (100 << 10, short),
+        (8192, short),
+        (4096, &["No pcache superblock"][..]),
+    ] {
+        std::fs::File::options()
+            .write(true)
+            .open(&cache)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        let c = cache.to_str().unwrap();
+        for args in [
+            vec!["check", "--cache", c],
+            vec!["inspect", "--cache", c],
+            vec![
+                "serve",
+                "--cache",
+                c,
+                "--backing",
+                backing.to_str().unwrap(),
+            ],
+        ] {
+            let o = pcache(&args);
+            let t = text(&o);
+            assert!(!o.status.success(), "{args:?} on {bytes} bytes: {t}");
+            assert!(
+                says.iter().any(|s| t.contains(s)),
+                "{args:?} on {bytes} bytes: {t}"
+            );
+            assert!(!t.contains("panic"), "{args:?} on {bytes} bytes: {t}");
+            assert_eq!(std::fs::metadata(&cache).unwrap().len(), bytes);
+        }
+    }
+}

@@ -20,6 +20,8 @@
 //! length.
 
 mod common;
+#[path = "common/knobs.rs"]
+mod knobs;
 
 #[path = "common/sectors.rs"]
 mod sectors;
@@ -349,14 +351,9 @@ fn run(mode: CacheMode, write_cache: bool, seed: u64, ops: u64) {
 }
 
 fn seed_and_ops(default_seed: u64) -> (u64, u64) {
-    let seed = std::env::var("PCACHE_MODEL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default_seed);
-    let ops = std::env::var("PCACHE_DISK_MODEL_OPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20_000);
+    let seed = knobs::seed("PCACHE_MODEL_SEED", default_seed);
+    // Fewer operations reach too few of the states the model checks.
+    let ops = knobs::size("PCACHE_DISK_MODEL_OPS", 20_000, 2_000);
     (seed, ops)
 }
 

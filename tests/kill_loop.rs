@@ -9,6 +9,8 @@
 //! the seed.
 
 mod common;
+#[path = "common/knobs.rs"]
+mod knobs;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -30,12 +32,13 @@ struct BlockModel {
     running: HashMap<u64, Vec<u64>>,
 }
 
+/// Fewer kills than this rarely land one in the middle of a log append
+/// or a writeback pass.
+const MIN_KILLS: u64 = 10;
+
 #[test]
 fn sigkill_at_random_moments_never_loses_a_completed_write() {
-    let kills: usize = std::env::var("PCACHE_KILLS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
+    let kills = knobs::size("PCACHE_KILLS", 50, MIN_KILLS) as usize;
     kill_loop(Disk::new(DISK, None), kills, &[]);
 }
 
@@ -44,10 +47,7 @@ fn sigkill_at_random_moments_never_loses_a_completed_write() {
 /// restart takes over the dead pcache's image lock).
 #[test]
 fn sigkill_at_random_moments_never_loses_a_completed_write_on_rbd() {
-    let kills: usize = std::env::var("PCACHE_KILLS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
+    let kills = knobs::size("PCACHE_KILLS", 50, MIN_KILLS) as usize;
     kill_loop(
         Disk::rbd("killloop", DISK),
         kills,
@@ -58,10 +58,7 @@ fn sigkill_at_random_moments_never_loses_a_completed_write_on_rbd() {
 /// Kill `pcache serve` (with `extra` flags) `kills` times under load on
 /// `disk`, checking every block after each restart.
 fn kill_loop(disk: Disk, kills: usize, extra: &[&str]) {
-    let seed: u64 = std::env::var("PCACHE_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0xdead_beef);
+    let seed = knobs::seed("PCACHE_KILL_SEED", 0xdead_beef);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut args = vec!["--num-queues", "1"];
     args.extend_from_slice(extra);

@@ -23,6 +23,8 @@ use pcache::testing::MemBacking;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/knobs.rs"]
+mod knobs;
 #[path = "common/sectors.rs"]
 mod sectors;
 use sectors::{fill_sector, sector_id};
@@ -371,14 +373,9 @@ fn run_model_in(seed: u64, ops: u64, data_crc: bool, order: WritebackOrder) {
 }
 
 fn seed_and_ops(default_seed: u64) -> (u64, u64) {
-    let seed = std::env::var("PCACHE_MODEL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default_seed);
-    let ops = std::env::var("PCACHE_MODEL_OPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000);
+    let seed = knobs::seed("PCACHE_MODEL_SEED", default_seed);
+    // Fewer operations reach too few of the states the model checks.
+    let ops = knobs::size("PCACHE_MODEL_OPS", 100_000, 10_000);
     (seed, ops)
 }
 

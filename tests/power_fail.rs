@@ -34,6 +34,8 @@ use pcache::testing::MemBacking;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/knobs.rs"]
+mod knobs;
 #[path = "common/sectors.rs"]
 mod sectors;
 use sectors::{fill_sector, sector_id};
@@ -41,14 +43,6 @@ use sectors::{fill_sector, sector_id};
 const SECTOR: u64 = 512;
 const DISK: u64 = 4 << 20;
 const SECTORS: u64 = DISK / SECTOR;
-
-/// A number from the environment, or `default`.
-fn env_or(var: &str, default: u64) -> u64 {
-    std::env::var(var)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 fn tracked_region(path: &Path) -> Arc<Region> {
     Arc::new(
@@ -99,8 +93,8 @@ enum Crash {
 
 #[test]
 fn power_failures_and_process_deaths_at_random_points_lose_nothing_promised() {
-    let points: u64 = env_or("PCACHE_CRASH_POINTS", 3000);
-    let seed: u64 = env_or("PCACHE_CRASH_SEED", 77);
+    let points: u64 = knobs::size("PCACHE_CRASH_POINTS", 3000, 300);
+    let seed: u64 = knobs::seed("PCACHE_CRASH_SEED", 77);
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let region = new_cache(dir.path());
@@ -522,7 +516,7 @@ fn writeback_under_failures(order: WritebackOrder, seed: u64) -> (u64, u64, u64)
 
 #[test]
 fn backing_store_alone_is_a_flush_boundary_after_every_writeback_batch() {
-    let seed: u64 = env_or("PCACHE_CRASH_SEED", 78);
+    let seed: u64 = knobs::seed("PCACHE_CRASH_SEED", 78);
     let (failures, passes, epochs) = writeback_under_failures(WritebackOrder::Batch, seed);
     println!(
         "backing crash consistency, batch order (seed {seed}): {failures} failures of both media during writeback, {passes} batches checked, {epochs} epochs"
@@ -531,7 +525,7 @@ fn backing_store_alone_is_a_flush_boundary_after_every_writeback_batch() {
 
 #[test]
 fn newest_order_skips_replaced_versions_and_loses_nothing_through_failures_of_both_media() {
-    let seed: u64 = env_or("PCACHE_CRASH_SEED", 80);
+    let seed: u64 = knobs::seed("PCACHE_CRASH_SEED", 80);
     let (failures, passes, epochs) = writeback_under_failures(WritebackOrder::Newest, seed);
     println!(
         "newest order (seed {seed}): {failures} failures of both media during writeback, {passes} batches, {epochs} epochs; drained store checked"
@@ -540,7 +534,7 @@ fn newest_order_skips_replaced_versions_and_loses_nothing_through_failures_of_bo
 
 #[test]
 fn strict_order_keeps_the_backing_store_a_flush_boundary_at_every_instant() {
-    let seed: u64 = env_or("PCACHE_CRASH_SEED", 79);
+    let seed: u64 = knobs::seed("PCACHE_CRASH_SEED", 79);
     let (failures, passes, epochs) = writeback_under_failures(WritebackOrder::Strict, seed);
     println!(
         "backing crash consistency, strict order (seed {seed}): {failures} failures of both media during writeback, each checked, {passes} batches checked, {epochs} epochs"

@@ -398,6 +398,11 @@ impl WriteJob {
                 break;
             };
             self.buf.copy_out((self.base + self.sent) as usize, &mut b);
+            if !self.buf.intact() {
+                // The guest's memory faulted: its bytes are a stand-in's.
+                self.failed = true;
+                break;
+            }
             let at = o + self.sent;
             cx.submit(
                 id,

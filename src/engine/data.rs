@@ -15,6 +15,11 @@ pub trait DataIn {
     }
     /// Copy bytes `at..at+len` to `off` of the medium.
     fn store(&self, region: &Region, off: u64, at: usize, len: usize);
+    /// Can what was stored be trusted (see [`IoVec::intact`])? Asked after
+    /// the copy, before anything points at it.
+    fn intact(&self) -> bool {
+        true
+    }
 }
 
 /// Room for bytes read from the cache.
@@ -64,6 +69,9 @@ impl DataIn for IoVec<'_> {
     }
     fn store(&self, region: &Region, off: u64, at: usize, len: usize) {
         region.write_iov(off, self, at, len);
+    }
+    fn intact(&self) -> bool {
+        IoVec::intact(self)
     }
 }
 

@@ -65,6 +65,10 @@ pub enum Error {
         /// Length.
         len: u64,
     },
+    /// The request's buffers are in memory that faulted (a frontend's file
+    /// shrank under its mapping): nothing of it was cached.
+    #[error("The request's buffers faulted (the frontend's memory shrank); nothing was cached")]
+    SourceFaulted,
     /// The backing store failed.
     #[error("Backing store I/O failed")]
     Backing(#[source] io::Error),

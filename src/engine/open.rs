@@ -183,6 +183,22 @@ impl Engine {
     /// the key log and rebuild the index. Background workers are not
     /// started (see [`super::workers::Workers`]).
     pub fn open(region: Arc<Region>, opts: &OpenOptions) -> Result<Arc<Engine>> {
+        // Every fixed record must lie inside the medium before one is read
+        // (a file cut short, a small foreign device).
+        if region.len() < format::SEGMENTS_OFF {
+            return Err(if region.len() < SB_OFF + format::SB_BYTES as u64 {
+                format::Error::NotPcache
+            } else {
+                format::Error::BadSize {
+                    bytes: region.len(),
+                    detail: format!(
+                        "smaller than the {} bytes of metadata before the first segment",
+                        format::SEGMENTS_OFF
+                    ),
+                }
+            }
+            .into());
+        }
         let sb_bytes = read_vec(&region, SB_OFF, format::SB_BYTES);
         let sb = Superblock::decode(&sb_bytes, region.len())?;
         let n_segs = sb.seg_num;

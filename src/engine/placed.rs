@@ -82,6 +82,11 @@ impl Engine {
         } = self.data_alloc(head, want)?;
         let at_medium = data_off(seg, seg_off);
         self.region.write_iov(at_medium, data, at, len as usize);
+        if !data.intact() {
+            // The fallback copy fails the same check.
+            self.put_key_ref(seg);
+            return None;
+        }
         self.region.fence();
         let crc = if self.data_crc {
             self.region.crc32c(at_medium, len as usize)

@@ -175,6 +175,10 @@ impl Engine {
             // that points to it can.
             let at = data_off(a.seg, a.off);
             data.store(&self.region, at, done as usize, a.len as usize);
+            if !data.intact() {
+                self.put_key_ref(a.seg);
+                return Err(Error::SourceFaulted);
+            }
             self.region.fence();
             // Of our copy: a guest may change its buffer meanwhile.
             let crc = if self.data_crc {

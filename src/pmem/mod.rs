@@ -144,6 +144,9 @@ pub struct Region {
     tracker: Option<tracked::Tracker>,
     path: PathBuf,
     _file: File,
+    /// A fault in the mapping (the file truncated, a media error) stops
+    /// the process with a line saying so (`crate::fault`).
+    watch: Option<crate::fault::Watch>,
 }
 
 // SAFETY: the mapping is shared memory owned by `Region`; all access goes
@@ -256,7 +259,9 @@ impl Region {
             %durability,
             "mapped cache medium"
         );
+        let watch = crate::fault::Watch::medium(ptr.cast(), ulen).ok();
         Ok(Region {
+            watch,
             ptr: ptr.cast(),
             len: ulen,
             mode,
@@ -607,6 +612,7 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
+        self.watch.take();
         // SAFETY: ptr/len are the mapping made in `open`, unmapped once here.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }

@@ -21,6 +21,7 @@ use vm_memory::GuestMemoryBackend;
 
 use super::guest::Mem;
 use super::request::{status, HEADER_BYTES, RANGE_BYTES};
+use crate::fault::Stamp;
 use crate::iovec::IoVec;
 
 /// A descriptor chain, holding the guest memory table it was read with.
@@ -62,19 +63,22 @@ pub struct Bytes<'m> {
     writable: Pieces,
     writable_len: usize,
     mem: &'m Arc<Mem>,
+    since: Stamp,
 }
 
 impl<'m> Bytes<'m> {
     /// Map the descriptors of `chain`, found in the memory table `mem`
     /// (the one the chain holds). None if any lies outside guest memory:
-    /// nothing can be written back then, not even a status.
-    pub fn of(chain: &Chain, mem: &'m Arc<Mem>) -> Option<Bytes<'m>> {
+    /// nothing can be written back then, not even a status. `since`: the
+    /// connection's fault stamp, which the request's buffers carry.
+    pub fn of(chain: &Chain, mem: &'m Arc<Mem>, since: Stamp) -> Option<Bytes<'m>> {
         let mut b = Bytes {
             readable: SmallVec::new(),
             readable_len: 0,
             writable: SmallVec::new(),
             writable_len: 0,
             mem,
+            since,
         };
         for desc in chain.clone() {
             let len = desc.len() as usize;
@@ -175,7 +179,7 @@ impl<'m> Bytes<'m> {
         // it), and the range inside it; `keep` holds the table mapped for as
         // long as the IoVec lives; guest memory is never referenced by Rust
         // code.
-        unsafe { IoVec::from_raw(range, keep) }
+        unsafe { IoVec::from_raw(range, keep) }.watched(self.since)
     }
 
     /// The readable bytes `at..at+len` (a write's data).

@@ -10,6 +10,7 @@ use super::counters::Counters;
 use super::dirty::DirtyLog;
 use super::guest::Gm;
 use crate::disk::Disk;
+use crate::fault::Stamp;
 
 /// What the backend serves.
 #[derive(Debug, Clone)]
@@ -49,11 +50,38 @@ pub struct Conn {
     pub event_idx: AtomicBool,
     /// Set when the process is stopping: no new request is taken.
     pub stopping: AtomicBool,
+    /// Frontend mappings' faults when the connection began: after one, no
+    /// byte of guest memory can be trusted (`crate::fault`).
+    pub since: Stamp,
+    /// The connection's socket, shut down when its memory faulted.
+    pub sock: std::sync::Mutex<Option<std::os::unix::net::UnixStream>>,
+    /// The fault was reported (once).
+    pub faulted: AtomicBool,
 }
 
 impl Conn {
     /// Is the process stopping (no new request is taken)?
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// End the connection if a frontend mapping faulted since it began (a
+    /// file shrank under us): every request still taken fails, and the
+    /// frontend sees the socket close. Returns whether it did.
+    pub fn end_if_faulted(&self) -> bool {
+        if self.since.intact() {
+            return false;
+        }
+        if !self.faulted.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                address = format_args!("{:#x}", crate::fault::last_frontend_fault()),
+                "the frontend's memory faulted (a file it gave us shrank under our mapping): \
+                 failing the connection's requests and closing it"
+            );
+            if let Some(s) = &*self.sock.lock().unwrap_or_else(|e| e.into_inner()) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        true
     }
 }

@@ -34,10 +34,11 @@ impl Device {
     /// A device serving `disk`, with guest memory `mem` (filled in by the
     /// frontend's memory table).
     pub fn new(disk: Arc<Disk>, cfg: ServeConfig, mem: Gm) -> io::Result<Device> {
+        let since = crate::fault::Stamp::now();
         let mut queues = Vec::new();
         for q in 0..cfg.num_queues as usize {
             let track = Track::new(cfg.counters.clone(), q, cfg.queue_size);
-            queues.push(Mutex::new(QueueState::new(disk.queue()?, track)));
+            queues.push(Mutex::new(QueueState::new(disk.queue()?, track, since)));
         }
         Ok(Device {
             conn: Conn {
@@ -47,6 +48,9 @@ impl Device {
                 mem,
                 event_idx: AtomicBool::new(false),
                 stopping: AtomicBool::new(false),
+                since,
+                sock: Mutex::new(None),
+                faulted: AtomicBool::new(false),
             },
             acked: AtomicU64::new(0),
             queues,

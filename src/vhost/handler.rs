@@ -31,14 +31,16 @@ use vhost::vhost_user::{Backend, Error, GpuBackend, Result, VhostUserBackendReqH
 use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
+use vm_memory::mmap::MmapRegion;
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
 };
 
 use super::device::Device;
-use super::guest::Vring;
+use super::guest::{Mem, Vring};
 use super::inflight::InflightRegion;
 use super::ring::{chains_for, Ring};
+use super::shm::{guest_region, Owner};
 use super::worker::Worker;
 
 /// Memory slots offered (the kernel's vhost limit, as QEMU's libvhost-user).
@@ -195,7 +197,7 @@ impl Handler {
         Ok(())
     }
 
-    fn replace_memory(&mut self, mem: GuestMemoryMmap<()>) {
+    fn replace_memory(&mut self, mem: Mem) {
         tracing::debug!(regions = mem.iter().count(), "guest memory table");
         self.dev.memory().lock().expect("memory lock").replace(mem);
     }
@@ -215,6 +217,15 @@ impl Handler {
         }
         self.workers.clear();
     }
+}
+
+/// Map a region of the frontend's memory table, checked first; a refusal
+/// is logged (the error ends the connection).
+fn map_region(file: &File, offset: u64, size: u64) -> Result<MmapRegion<Owner>> {
+    guest_region(file, offset, size).map_err(|e| {
+        tracing::error!(error = %e, "refusing the frontend's memory table; closing the connection");
+        Error::ReqHandlerError(e)
+    })
 }
 
 impl VhostUserBackendReqHandlerMut for Handler {
@@ -283,7 +294,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         let mut mappings = Vec::new();
         for (region, file) in ctx.iter().zip(files) {
             let r = GuestRegionMmap::new(
-                region.mmap_region(file)?,
+                map_region(&file, region.mmap_offset, region.memory_size)?,
                 GuestAddress(region.guest_phys_addr),
             )
             .ok_or_else(|| req_err("memory region overflows"))?;
@@ -498,7 +509,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         }
         let r = Arc::new(
             GuestRegionMmap::new(
-                region.mmap_region(file)?,
+                map_region(&file, region.mmap_offset, region.memory_size)?,
                 GuestAddress(region.guest_phys_addr),
             )
             .ok_or_else(|| req_err("memory region overflows"))?,

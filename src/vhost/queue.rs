@@ -24,6 +24,7 @@ use super::poll::PollWindow;
 use super::request::{needs_range, parse, status, RequestKind, HEADER_BYTES, ID_BYTES};
 use super::ring::Ring;
 use crate::disk::{self, DiskQueue, Op, Request, Status};
+use crate::fault::Stamp;
 use crate::iovec::IoVec;
 
 /// How long stopping a ring waits for requests waiting for space.
@@ -66,11 +67,14 @@ pub struct QueueState {
     pub(super) track: Track,
     /// How long to busy-poll after the ring runs dry.
     poll: PollWindow,
+    /// The connection's fault stamp: once a frontend mapping faulted,
+    /// every answer is an error.
+    since: Stamp,
 }
 
 impl QueueState {
     /// An idle queue on `dq`, counting its requests through `track`.
-    pub fn new(dq: DiskQueue, track: Track) -> QueueState {
+    pub fn new(dq: DiskQueue, track: Track, since: Stamp) -> QueueState {
         QueueState {
             ring: None,
             dq,
@@ -80,6 +84,16 @@ impl QueueState {
             answers: Vec::new(),
             track,
             poll: PollWindow::default(),
+            since,
+        }
+    }
+
+    /// The status byte for `s`: an error whatever `s` once guest memory
+    /// faulted (the data moved may be a stand-in page's).
+    fn status_byte(&self, s: Status) -> u8 {
+        match s {
+            Status::Ok if self.since.intact() => status::OK,
+            _ => status::IOERR,
         }
     }
 
@@ -96,10 +110,7 @@ impl QueueState {
             let Some(t) = self.taken.remove(&a.tag) else {
                 continue;
             };
-            let st = match a.status {
-                Status::Ok => status::OK,
-                Status::IoErr => status::IOERR,
-            };
+            let st = self.status_byte(a.status);
             let done = answer(t.head, &t.status, st, t.data);
             self.track.done(&done);
             if let Some(r) = ring {
@@ -269,7 +280,7 @@ impl QueueState {
     /// later.
     fn start(&mut self, c: &Conn, chain: &Chain, mem: &Arc<Mem>) -> Option<Done> {
         let head = chain.head_index();
-        let Some(bytes) = Bytes::of(chain, mem) else {
+        let Some(bytes) = Bytes::of(chain, mem, self.since) else {
             // Buffers outside guest memory: nothing can be written back,
             // not even a status. Return the chain so the ring moves on.
             tracing::warn!(head, "request with descriptors outside guest memory");
@@ -332,10 +343,7 @@ impl QueueState {
         };
         match self.dq.submit(req) {
             Some(s) => {
-                let st_byte = match s {
-                    Status::Ok => status::OK,
-                    Status::IoErr => status::IOERR,
-                };
+                let st_byte = self.status_byte(s);
                 Some(answer(head, &st, st_byte, data))
             }
             None => {

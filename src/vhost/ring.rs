@@ -164,8 +164,12 @@ pub fn chains_for(vring: &Vring, mem: &Gm, heads: &[u16]) -> io::Result<Vec<(Cha
         .next_multiple_of(4096);
     let used_off = (6 + 2 * size as u64).next_multiple_of(64);
     let bytes = (used_off + 6 + 8 * size as u64).next_multiple_of(4096);
-    let own = GuestRegionMmap::<()>::from_range(GuestAddress(avail_at), bytes as usize, None)
-        .map_err(|e| io::Error::other(format!("cannot map a private ring: {e}")))?;
+    let own = GuestRegionMmap::<super::shm::Owner>::from_range(
+        GuestAddress(avail_at),
+        bytes as usize,
+        None,
+    )
+    .map_err(|e| io::Error::other(format!("cannot map a private ring: {e}")))?;
     let table: Mem = guest
         .insert_region(Arc::new(own))
         .map_err(|e| io::Error::other(format!("cannot place a private ring: {e}")))?;

@@ -105,10 +105,11 @@ pub fn serve(
     cfg: ServeConfig,
     hook: &dyn SessionHook,
 ) -> io::Result<()> {
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<super::shm::Owner>::new());
     let dev = Arc::new(Device::new(disk.clone(), cfg, mem)?);
     let handler = Arc::new(Mutex::new(Handler::new(dev.clone())?));
     let conn = Arc::new(stream.try_clone()?);
+    *dev.conn.sock.lock().expect("socket lock") = Some(stream.try_clone()?);
     hook.enter(Active {
         dev: dev.clone(),
         conn,
@@ -123,7 +124,11 @@ pub fn serve(
             // The read that follows reports it.
             Err(e) => tracing::debug!(error = %e, "peek at the next message"),
         }
-        match req.handle_request() {
+        let r = req.handle_request();
+        if dev.conn.end_if_faulted() {
+            break Ok(());
+        }
+        match r {
             Ok(()) => {}
             Err(VuError::Disconnected | VuError::PartialMessage) => {
                 tracing::info!("frontend disconnected");

@@ -128,5 +128,7 @@ fn run(dev: &Device, q: usize, epoll: &Epoll, wake: &EventFd) {
                 tracing::warn!(queue = q, error = %e, "queue worker");
             }
         }
+        // Requests keep failing until the session ends and stops us.
+        dev.conn.end_if_faulted();
     }
 }

@@ -226,21 +226,68 @@ const KERNEL_FAULTS: &[&str] = &[
     "invalid opcode",
 ];
 
-/// The kernel-fault lines printed by every guest booted with it, kept for
-/// a test to read after those guests are gone (after a panic too).
+/// Console text by which a guest's data check says it read back the wrong
+/// bytes (fio's verification, the test scripts' own checks).
+const DATA_CHECKS: &[&str] = &[
+    "CHECK FAILED",
+    "WRITE FAILED",
+    "verify: ",
+    "verify failed",
+    "MISMATCH",
+];
+
+/// What every guest booted with it printed that a test must weigh after
+/// those guests are gone (after a panic too): kernel faults printed once
+/// [`FaultWatch::migrated`] was called, and failed data checks.
 #[derive(Clone, Default)]
-pub struct FaultWatch(Arc<Mutex<Vec<String>>>);
+pub struct FaultWatch(Arc<Watched>);
+
+#[derive(Default)]
+struct Watched {
+    migrated: std::sync::atomic::AtomicBool,
+    faults: Mutex<Vec<String>>,
+    checks: Mutex<Vec<String>>,
+}
 
 impl FaultWatch {
-    /// Every kernel-fault line seen so far.
+    /// Kernel-fault lines printed after the first migration.
     pub fn lines(&self) -> Vec<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Lines by which a data check failed.
+    pub fn failed_checks(&self) -> Vec<String> {
+        self.0
+            .checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A migration started: kernel faults from now on may be TCG's.
+    pub fn migrated(&self) {
+        self.0
+            .migrated
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn see(&self, line: &str) {
-        if KERNEL_FAULTS.iter().any(|f| line.contains(f)) {
-            let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            v.push(line.to_string());
+        let keep = |v: &Mutex<Vec<String>>| {
+            v.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(line.to_string())
+        };
+        if DATA_CHECKS.iter().any(|f| line.contains(f)) {
+            keep(&self.0.checks);
+        }
+        if KERNEL_FAULTS.iter().any(|f| line.contains(f))
+            && self.0.migrated.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            keep(&self.0.faults);
         }
     }
 }

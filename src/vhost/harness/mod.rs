@@ -241,8 +241,11 @@ impl Harness {
         let _ = std::fs::remove_file(cache);
         let engine = opened?;
         let backing: Arc<dyn Backing> = Arc::new(MemBacking::new(o.backing_bytes));
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), o.guest_bytes as usize)])
-            .map_err(other)?;
+        let mem = GuestMemoryMmap::<super::shm::Owner>::from_ranges(&[(
+            GuestAddress(0),
+            o.guest_bytes as usize,
+        )])
+        .map_err(other)?;
         let gm = GuestMemoryAtomic::new(mem);
         let disk = Disk::new(
             engine,
