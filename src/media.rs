@@ -40,9 +40,12 @@ pub struct Owner {
 
 /// Lock `path` (`what` names it in the error), without waiting.
 pub fn lock(path: &Path, how: Lock, what: &str) -> AnyResult<Owner> {
+    // Never through a link: a lock file someone replaced with one would
+    // have us open (and create) whatever it points to.
     let file = OpenOptions::new()
         .read(true)
         .write(how == Lock::Exclusive)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| format!("Cannot open {what} {}: {e}", path.display()))?;
     lock_file(file, path, how, what)

@@ -7,13 +7,14 @@
 //! socket left by a process that died); if something does, the bind is
 //! refused. The claim comes first and the socket file last: once the file
 //! exists, the rest of the process (its control socket, its claim on the
-//! store) is ready. The socket is created mode 0600 and then given its
-//! owner and mode, so no one else can connect in between.
+//! store) is ready. The socket file is created with its final mode (the
+//! umask around the bind), so it never has a wider one, and is then given
+//! its owner through a descriptor of the file itself: nothing follows a
+//! path someone could have swapped for a link.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -57,8 +58,15 @@ pub fn claim(socket: &Path) -> AnyResult<Owner> {
         std::fs::create_dir_all(dir)?;
     }
     let lock = lock_path(socket);
-    if !lock.exists() {
-        std::fs::File::create(&lock)
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never through a link someone left at the lock's path.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&lock)
             .map_err(|e| format!("Cannot create {}: {e}", lock.display()))?;
     }
     let owner = media::lock(&lock, Lock::Exclusive, "Socket path lock")?;
@@ -93,13 +101,63 @@ pub fn claim(socket: &Path) -> AnyResult<Owner> {
 
 /// Bind the socket path `owner` claimed (see [`claim`]) and apply `access`.
 pub fn bind(socket: &Path, access: &Access, _owner: &Owner) -> AnyResult<UnixListener> {
-    // Created with no group/other access; widened below.
-    let old = crate::util::set_umask(0o177);
+    let old = crate::util::set_umask(!access.mode & 0o777);
     let l = UnixListener::bind(socket);
     crate::util::set_umask(old);
     let l = l.map_err(|e| format!("Cannot listen on {}: {e}", socket.display()))?;
-    apply(socket, access)?;
+    if access.user.is_some() || access.group.is_some() {
+        give(socket, access).map_err(|e| {
+            let _ = std::fs::remove_file(socket);
+            format!(
+                "Cannot give {} to user {:?} group {:?}: {e}",
+                socket.display(),
+                access.user,
+                access.group
+            )
+        })?;
+    }
     Ok(l)
+}
+
+/// Give the socket file at `path` the owner and group of `access`,
+/// through a descriptor of the file itself (O_PATH, never following a
+/// link), once it is known to be a socket. Until then only we can open
+/// it: it was made with our ids.
+fn give(path: &Path, access: &Access) -> io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path; the flags are valid.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a plain C struct, all zeroes is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat of our descriptor into that struct.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::other("the path is no longer our socket"));
+    }
+    let (u, g) = (
+        access.user.unwrap_or(u32::MAX),
+        access.group.unwrap_or(u32::MAX),
+    );
+    // SAFETY: fchownat on our descriptor, empty path.
+    let rc = unsafe { libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), u, g, libc::AT_EMPTY_PATH) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The listening socket systemd passed (socket activation: LISTEN_FDS and
@@ -125,22 +183,6 @@ pub fn inherited() -> AnyResult<Option<UnixListener>> {
         )
         .into()),
     }
-}
-
-/// Give `path` the owner, group and mode of `access`.
-pub fn apply(path: &Path, access: &Access) -> AnyResult<()> {
-    if access.user.is_some() || access.group.is_some() {
-        std::os::unix::fs::chown(path, access.user, access.group).map_err(|e| {
-            format!(
-                "Cannot give {} to user {:?} group {:?}: {e}",
-                path.display(),
-                access.user,
-                access.group
-            )
-        })?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))?;
-    Ok(())
 }
 
 /// A user name or number, as a uid.
@@ -177,6 +219,7 @@ pub fn parse_group(s: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn take(s: &Path) -> AnyResult<(UnixListener, Owner)> {
         let owner = claim(s)?;

@@ -358,3 +358,66 @@ fn what_pcache_creates_is_not_readable_by_other_users() {
     }
     drop(server);
 }
+
+/// The vhost socket is born with the mode asked for and given its owner
+/// and group through a descriptor (nothing changes them by path), and a
+/// link left where pcache keeps a lock file is never followed: the file it
+/// points to stays as it was, and pcache refuses to start.
+#[test]
+fn a_socket_is_born_with_its_owner_and_mode_and_no_lock_link_is_followed() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let serve = |socket: &std::path::Path, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "serve",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--cache",
+            p("cache.img").to_str().unwrap(),
+            "--cache-size",
+            "512M",
+            "--backing",
+            p("disk.img").to_str().unwrap(),
+            "--backing-size",
+            "16M",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let socket = p("vm1.sock");
+    let args = serve(
+        &socket,
+        &[
+            "--socket-user",
+            "65534",
+            "--socket-group",
+            "65534",
+            "--socket-mode",
+            "660",
+        ],
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pcache"));
+    cmd.args(&args);
+    let server = common::Server::start_cmd(cmd, &socket);
+    let m = std::fs::symlink_metadata(&socket).unwrap();
+    assert_eq!((m.uid(), m.gid()), (65534, 65534));
+    assert_eq!(m.permissions().mode() & 0o777, 0o660);
+    server.stop();
+
+    // A link where the next socket's lock file goes.
+    let victim = p("victim");
+    std::fs::write(&victim, b"someone else's").unwrap();
+    std::os::unix::fs::symlink(&victim, p("vm2.sock.lock")).unwrap();
+    let o = common::pcache(
+        &serve(&p("vm2.sock"), &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(!o.status.success(), "{}", common::text(&o));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"someone else's");
+    assert!(!p("vm2.sock").exists());
+}

@@ -2,7 +2,6 @@
 //! each answering requests from the engine and the serve loop's probes.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -110,8 +109,11 @@ fn handle(srv: &Server, line: &str) -> Reply {
 /// Listen on `path` (mode 0600) and answer requests on a thread.
 pub fn spawn_server(path: &Path, srv: Server) -> io::Result<()> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // Made 0600 by the bind itself: no window with a wider mode.
+    let old = crate::util::set_umask(0o177);
+    let listener = UnixListener::bind(path);
+    crate::util::set_umask(old);
+    let listener = listener?;
     std::thread::Builder::new()
         .name("pcache-control".into())
         .spawn(move || {
