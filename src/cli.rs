@@ -234,6 +234,18 @@ pub struct ServeArgs {
     /// Give the vhost socket to this user (a name or a number).
     #[arg(long, value_parser = crate::sockets::parse_user)]
     pub socket_user: Option<u32>,
+    /// Run as this user (a name or a number) once the cache, the backing
+    /// store (librbd's keyring included) and the sockets are open.
+    #[arg(long, value_parser = crate::sockets::parse_user)]
+    pub user: Option<u32>,
+    /// Run as this group [default: --user's primary group].
+    #[arg(long, value_parser = crate::sockets::parse_group)]
+    pub group: Option<u32>,
+    /// The system-call allowlist: enforce (a call outside it ends the
+    /// process, naming the call), log (allowed, and logged by the kernel)
+    /// or off.
+    #[arg(long, default_value = "enforce", value_name = "enforce|log|off")]
+    pub seccomp: crate::sandbox::SeccompMode,
     /// Write back at full speed once dirty data reaches this percent of the
     /// cache (0 = write back everything as soon as it is dirty).
     #[arg(long, default_value_t = WritebackPolicy::default().high_percent,
@@ -370,6 +382,9 @@ impl ServeArgs {
                 user: self.socket_user,
                 group: self.socket_group,
             },
+            user: self.user,
+            group: self.group,
+            seccomp: self.seccomp,
             writeback: WritebackPolicy {
                 high_percent: self.writeback_high,
                 low_percent: self
@@ -406,12 +421,14 @@ pub fn main() -> i32 {
 fn abort_on_panic() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        report(info);
+        // Our line first: the default report's backtrace needs calls a
+        // sandboxed thread may not make.
         let thread = std::thread::current();
         tracing::error!(
             thread = thread.name().unwrap_or("unnamed"),
             "a panic ends pcache: {info}"
         );
+        report(info);
         std::process::abort();
     }));
 }

@@ -24,6 +24,8 @@
 //! - [`sockets`]: binding the vhost-user socket (never over a live one).
 //! - [`serve`]: `pcache serve`, tying the above together.
 //! - [`report`]: the view of an open cache shown by inspect and status.
+//! - [`sandbox`]: least privilege for `pcache serve` (no_new_privs,
+//!   landlock, capabilities, `--user`, seccomp allowlists).
 //! - [`cli`]: the command line.
 //! - `testing` (feature `test-doubles`, for the tests): backing stores that
 //!   lose unflushed writes or inject faults.
@@ -43,6 +45,7 @@ pub mod media;
 pub mod metrics;
 pub mod pmem;
 pub mod report;
+pub mod sandbox;
 pub mod serve;
 pub mod sockets;
 #[cfg(any(test, feature = "test-doubles"))]

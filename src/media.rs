@@ -280,7 +280,7 @@ pub fn open_backing(
 /// Where the RBD lock owner of the pcache using `cache` is recorded: beside
 /// a cache file (`CACHE.rbd-owner`). None for a device: a restart after a
 /// crash then waits for the cluster to time the dead owner out.
-fn lock_record(cache: &Path) -> Option<std::path::PathBuf> {
+pub fn lock_record(cache: &Path) -> Option<std::path::PathBuf> {
     let meta = std::fs::metadata(cache).ok()?;
     if !meta.is_file() {
         return None;

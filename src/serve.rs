@@ -78,6 +78,55 @@ pub struct ServeOptions {
     pub writeback: WritebackPolicy,
     /// Where to serve Prometheus metrics (`--metrics`).
     pub metrics: Option<SocketAddr>,
+    /// `--user`: who to run as once everything is open.
+    pub user: Option<u32>,
+    /// `--group`.
+    pub group: Option<u32>,
+    /// `--seccomp`.
+    pub seccomp: crate::sandbox::SeccompMode,
+}
+
+/// What the sandbox leaves `serve` (see `crate::sandbox`).
+fn sandbox_plan(o: &ServeOptions) -> crate::sandbox::Plan {
+    let dir_of = |p: &Path| {
+        p.parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    };
+    let mut plan = crate::sandbox::Plan {
+        read_write: vec![o.cache.clone()],
+        make_in: vec![dir_of(&o.socket), dir_of(&o.control)],
+        read_only: Vec::new(),
+        user: o.user,
+        group: o.group,
+        seccomp: o.seccomp,
+    };
+    if !o.cache.exists() {
+        plan.make_in.push(dir_of(&o.cache));
+    }
+    match &o.backing {
+        BackingSpec::File(p) => {
+            plan.read_write.push(p.clone());
+            if !p.exists() {
+                plan.make_in.push(dir_of(p));
+            }
+        }
+        BackingSpec::Rbd(spec) => {
+            if let Some(r) = media::lock_record(&o.cache).filter(|_| !o.cfg.read_only) {
+                plan.read_write.push(r);
+            }
+            // librbd reads its config and keyring (next to it, in the
+            // test cluster; under /etc/ceph otherwise, already readable).
+            let conf = spec
+                .conf
+                .clone()
+                .or_else(|| std::env::var("CEPH_CONF").ok());
+            if let Some(c) = conf {
+                plan.read_only.push(dir_of(Path::new(&c)));
+            }
+        }
+    }
+    plan
 }
 
 use crate::util::AnyResult;
@@ -368,10 +417,32 @@ struct Stop {
 pub fn run(o: ServeOptions) -> AnyResult<i32> {
     crate::util::block_termination_signals();
     o.writeback.validate()?;
-    if let Some(dir) = o.cache.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+    for p in [&o.cache, &o.socket, &o.control] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
     }
     let (owner, is_new) = take_cache(&o)?;
+    // Claimed before the sandbox, which hides other processes' /proc
+    // entries: a refusal names the process holding the socket.
+    let socket = Socket::claim(&o)?;
+    // Before the backing store: librbd's threads inherit it.
+    let plan = sandbox_plan(&o);
+    for f in &plan.read_write {
+        // The RBD lock record, made now: the sandbox makes no file there.
+        if !f.exists() && Some(f) == media::lock_record(&o.cache).as_ref() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(f)
+                .map_err(|e| format!("Cannot create {}: {e}", f.display()))?;
+        }
+    }
+    let landlock = crate::sandbox::confine(&plan)
+        .map_err(|e| format!("Cannot confine pcache (no_new_privs, capabilities): {e}"))?;
     let backing = match open_backing(&o) {
         Ok(b) => b,
         Err(e) => {
@@ -392,7 +463,6 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
     // Bound before the vhost socket: once a frontend can connect, scrapes
     // are answered.
     let metrics = o.metrics.map(crate::metrics::http::bind).transpose()?;
-    let socket = Socket::claim(&o)?;
     let backing: Arc<dyn Backing> = Arc::from(backing);
     // Dirty data is written back from now on, and a mode switch drains:
     // the store must be ours. Otherwise it is claimed when a guest starts
@@ -510,6 +580,15 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
                 }
             })?;
     }
+    let c = crate::sandbox::lock_down(&plan, landlock)
+        .map_err(|e| format!("Cannot lock pcache down (--user, --group, --seccomp): {e}"))?;
+    tracing::info!(
+        landlock = %c.landlock,
+        seccomp = %c.seccomp,
+        uid = c.uid,
+        gid = c.gid,
+        "sandboxed"
+    );
     print_hint(&o, backing_bytes, listening.bound.is_some());
     let status = format!("serving {} through {}", o.backing, o.cache.display());
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);

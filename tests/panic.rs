@@ -1,7 +1,8 @@
 //! A panic anywhere ends pcache, so that the next process (systemd's
 //! restart, QEMU's reconnect) takes over, rather than a process that goes
-//! on with a dead queue and poisoned locks. The panic comes from a hook
-//! only test builds have (`PCACHE_TEST_PANIC_AT`).
+//! on with a dead queue and poisoned locks; so does a system call the
+//! sandbox forbids, named in the log. Both come from hooks only test
+//! builds have (`PCACHE_TEST_PANIC_AT`, `PCACHE_TEST_FORBIDDEN_AT`).
 
 mod common;
 
@@ -17,12 +18,30 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn a_panic_in_a_queue_worker_ends_the_process_and_loses_no_completed_write() {
+    ends_at_the_40th_request(
+        "PCACHE_TEST_PANIC_AT",
+        &["a panic ends pcache", "PCACHE_TEST_PANIC_AT=40"],
+    );
+}
+
+#[test]
+fn a_forbidden_system_call_ends_the_process_naming_it_and_loses_no_completed_write() {
+    ends_at_the_40th_request(
+        "PCACHE_TEST_FORBIDDEN_AT",
+        &["the sandbox refused system call ptrace (101) in thread pcache-q0"],
+    );
+}
+
+/// Serve with the hook `var` set to 40; the 40th request ends the process
+/// (SIGABRT) with `says` in its log, and the next process has every write
+/// completed before.
+fn ends_at_the_40th_request(var: &str, says: &[&str]) {
     let disk = Disk::new(32 * MIB, None);
     let log = disk.dir.path().join("stderr.log");
     let args = disk.serve_args(&["--num-queues", "1", "--cache-size", "512M"]);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcache"));
     cmd.args(&args)
-        .env("PCACHE_TEST_PANIC_AT", "40")
+        .env(var, "40")
         .stderr(std::fs::File::create(&log).unwrap());
     let mut server = Server::start_cmd(cmd, &disk.socket);
     let mut c = Client::connect(&disk.socket, 1, 1 << 20);
@@ -42,19 +61,19 @@ fn a_panic_in_a_queue_worker_ends_the_process_and_loses_no_completed_write() {
         }
         assert!(
             t0.elapsed() < Duration::from_secs(10),
-            "pcache still runs 10 s after a worker panicked"
+            "pcache still runs 10 s after {var}"
         );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(
         status.signal(),
         Some(libc::SIGABRT),
-        "a panic must abort the process: {status}"
+        "{var} must abort the process: {status}"
     );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        text.contains("a panic ends pcache") && text.contains("PCACHE_TEST_PANIC_AT=40"),
-        "the log must say why it ended: {text}"
+        says.iter().all(|s| text.contains(s)),
+        "the log must say why it ended ({says:?}): {text}"
     );
     drop(c);
     drop(server);

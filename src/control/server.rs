@@ -118,13 +118,17 @@ pub fn spawn_server(path: &Path, srv: Server) -> io::Result<()> {
         .name("pcache-control".into())
         .spawn(move || {
             for conn in listener.incoming() {
+                crate::sandbox::narrow(crate::sandbox::Kind::Control);
                 let Ok(conn) = conn else { continue };
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
                 let srv = srv.clone();
                 // A slow client must not hold up the next one.
                 let _ = std::thread::Builder::new()
                     .name("pcache-control-conn".into())
-                    .spawn(move || serve_conn(conn, &srv));
+                    .spawn(move || {
+                        crate::sandbox::narrow(crate::sandbox::Kind::Control);
+                        serve_conn(conn, &srv)
+                    });
             }
         })?;
     Ok(())

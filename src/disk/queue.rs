@@ -472,22 +472,27 @@ impl DiskQueue {
 }
 
 /// Test builds only: `PCACHE_TEST_PANIC_AT=N` makes the Nth request of
-/// the process panic its queue worker, to show that a panic ends pcache.
+/// the process panic its queue worker, to show that a panic ends pcache;
+/// `PCACHE_TEST_FORBIDDEN_AT=N` makes it call what the sandbox forbids.
 #[cfg(feature = "test-doubles")]
 fn panic_when_asked() {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
-    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    static AT: OnceLock<(Option<u64>, Option<u64>)> = OnceLock::new();
     static SEEN: AtomicU64 = AtomicU64::new(0);
     let at = AT.get_or_init(|| {
-        std::env::var("PCACHE_TEST_PANIC_AT")
-            .ok()
-            .and_then(|v| v.parse().ok())
+        let n = |v: &str| std::env::var(v).ok().and_then(|v| v.parse().ok());
+        (n("PCACHE_TEST_PANIC_AT"), n("PCACHE_TEST_FORBIDDEN_AT"))
     });
-    if let Some(n) = *at {
-        if SEEN.fetch_add(1, Ordering::Relaxed) + 1 == n {
-            panic!("PCACHE_TEST_PANIC_AT={n}: a test asked for this panic");
-        }
+    if *at == (None, None) {
+        return;
+    }
+    let seen = SEEN.fetch_add(1, Ordering::Relaxed) + 1;
+    if at.0 == Some(seen) {
+        panic!("PCACHE_TEST_PANIC_AT={seen}: a test asked for this panic");
+    }
+    if at.1 == Some(seen) {
+        crate::sandbox::forbidden_call();
     }
 }
 

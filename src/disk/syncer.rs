@@ -145,6 +145,7 @@ impl Drop for Syncer {
 
 fn run(engine: &Engine, rx: &Receiver<Ask>) {
     while let Ok(first) = rx.recv() {
+        crate::sandbox::narrow(crate::sandbox::Kind::Background);
         let mut asks = vec![first];
         asks.extend(rx.try_iter());
         if asks.iter().any(|a| a.op == SyncOp::Flush) {

@@ -111,6 +111,7 @@ fn writeback_loop(
     // Memory writeback held is given back once nothing is dirty.
     let mut trimmed = true;
     while !stop.load(Ordering::Relaxed) {
+        crate::sandbox::narrow(crate::sandbox::Kind::Background);
         let seen = e.observe();
         if seen.dirty_lsn >= seen.head_lsn && !trimmed {
             e.trim_writeback_memory();
@@ -152,6 +153,7 @@ fn writeback_loop(
 
 fn gc_loop(e: &Engine, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
+        crate::sandbox::narrow(crate::sandbox::Kind::Background);
         e.gc_kick.wait(IDLE_POLL);
         if stop.load(Ordering::Relaxed) {
             break;
@@ -169,6 +171,7 @@ fn gc_loop(e: &Engine, stop: &AtomicBool) {
 fn timer_loop(e: &Engine, stop: &AtomicBool) {
     let mut next_tick = Instant::now() + TIMER_TICK;
     while !stop.load(Ordering::Relaxed) {
+        crate::sandbox::narrow(crate::sandbox::Kind::Background);
         let wait = next_tick.saturating_duration_since(Instant::now());
         if e.closer_kick.wait(wait) {
             if let Err(err) = e.close_full_ksets() {

@@ -39,6 +39,7 @@ pub fn spawn(
         .name("pcache-metrics".into())
         .spawn(move || {
             for conn in listener.incoming() {
+                crate::sandbox::narrow(crate::sandbox::Kind::Metrics);
                 match conn {
                     Ok(c) => {
                         if let Err(e) = answer(c, &render) {

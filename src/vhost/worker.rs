@@ -99,6 +99,7 @@ impl Drop for Worker {
 fn run(dev: &Device, q: usize, epoll: &Epoll, wake: &EventFd) {
     let mut events = vec![EpollEvent::default(); 8];
     loop {
+        crate::sandbox::narrow(crate::sandbox::Kind::Queue);
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -158,6 +158,7 @@ fn pool_thread(
     notifier: Option<&OwnedFd>,
 ) {
     loop {
+        crate::sandbox::narrow(crate::sandbox::Kind::Background);
         let job = {
             let mut jobs = shared.lock();
             loop {

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 
 use std::collections::VecDeque;
@@ -78,7 +79,11 @@ impl Uring {
     /// Set up a ring of `depth` entries for `fd`, check the opcodes we need
     /// and register the notifier.
     pub(super) fn new(fd: RawFd, depth: u32, notifier: Option<RawFd>) -> io::Result<Uring> {
-        let ring = IoUring::new(depth.clamp(1, MAX_RING_ENTRIES))?;
+        // Created disabled, so the operations it may carry are fixed before
+        // it runs: seccomp does not see what a ring does.
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            .build(depth.clamp(1, MAX_RING_ENTRIES))?;
         let mut probe = Probe::new();
         ring.submitter()
             .register_probe(&mut probe)
@@ -99,6 +104,16 @@ impl Uring {
         if let Some(efd) = notifier {
             ring.submitter().register_eventfd(efd)?;
         }
+        let mut allowed = vec![
+            Restriction::sqe_op(opcode::Read::CODE),
+            Restriction::sqe_op(opcode::Write::CODE),
+            Restriction::sqe_op(opcode::Fsync::CODE),
+        ];
+        if fallocate {
+            allowed.push(Restriction::sqe_op(opcode::Fallocate::CODE));
+        }
+        ring.submitter().register_restrictions(&mut allowed)?;
+        ring.submitter().register_enable_rings()?;
         let limit = ring.params().sq_entries() as usize;
         Ok(Uring {
             ring,

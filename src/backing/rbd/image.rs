@@ -334,17 +334,21 @@ impl RbdBacking {
         }
     }
 
-    /// Write our own lock owner name to `path` (atomically), for the next
-    /// pcache on this cache. Failure only costs a slower restart.
+    /// Write our own lock owner name to `path`, for the next pcache on
+    /// this cache; in place, in a file that exists before the sandbox
+    /// (which lets pcache make no file beside its cache). A torn or failed
+    /// write only costs a slower restart.
     fn record_owner(&self, path: &Path) {
         let owners = self.lock_owners().unwrap_or_default();
         let [me] = owners.as_slice() else {
             tracing::warn!(?owners, "cannot tell our own lock owner name");
             return;
         };
-        let tmp = path.with_extension("tmp");
-        let written =
-            std::fs::write(&tmp, format!("{me}\n")).and_then(|()| std::fs::rename(&tmp, path));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{me}\n").as_bytes()));
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), "cannot record the lock owner ({e}); a restart after a crash will wait for the cluster to time the lock out");
         }
@@ -596,7 +600,10 @@ impl Backing for RbdBacking {
             // Not ours any more: a later pcache on this cache must not
             // take the next owner for a dead predecessor.
             if let Some(p) = &self.lock_record {
-                let _ = std::fs::remove_file(p);
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(p);
             }
         }
         Ok(())
