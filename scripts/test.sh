@@ -32,3 +32,7 @@ PCACHE_TEST_CEPH_CONF=$(scripts/ceph-cluster.sh start "$CEPH_DIR")
 export PCACHE_TEST_CEPH_CONF
 
 cargo test --all-targets
+
+# Every fuzz target, built and run over its saved corpus (the regression
+# cases), then 20 s each on new inputs.
+FUZZ_SECONDS=${FUZZ_SECONDS:-20} scripts/fuzz.sh

@@ -86,6 +86,26 @@ pub struct ServeOptions {
     pub seccomp: crate::sandbox::SeccompMode,
 }
 
+/// Make the RBD lock record beside the cache now (the sandbox makes no
+/// file there later), owned by `--user` (who writes it once the image is
+/// locked). Never through a link.
+fn prepare_lock_record(path: &Path, user: Option<u32>, group: Option<u32>) -> AnyResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| format!("Cannot create {}: {e}", path.display()))?;
+    if user.is_some() || group.is_some() {
+        std::os::unix::fs::fchown(&f, user, group)
+            .map_err(|e| format!("Cannot give {} to --user: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// What the sandbox leaves `serve` (see `crate::sandbox`).
 fn sandbox_plan(o: &ServeOptions) -> crate::sandbox::Plan {
     let dir_of = |p: &Path| {
@@ -422,24 +442,15 @@ pub fn run(o: ServeOptions) -> AnyResult<i32> {
             std::fs::create_dir_all(dir)?;
         }
     }
-    let (owner, is_new) = take_cache(&o)?;
-    // Claimed before the sandbox, which hides other processes' /proc
-    // entries: a refusal names the process holding the socket.
+    // Claimed first (before the cache is made, and before the sandbox,
+    // which hides other processes' /proc entries: a refusal names the
+    // process holding the socket).
     let socket = Socket::claim(&o)?;
+    let (owner, is_new) = take_cache(&o)?;
     // Before the backing store: librbd's threads inherit it.
     let plan = sandbox_plan(&o);
-    for f in &plan.read_write {
-        // The RBD lock record, made now: the sandbox makes no file there.
-        if !f.exists() && Some(f) == media::lock_record(&o.cache).as_ref() {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(f)
-                .map_err(|e| format!("Cannot create {}: {e}", f.display()))?;
-        }
+    if let Some(r) = media::lock_record(&o.cache).filter(|r| plan.read_write.contains(r)) {
+        prepare_lock_record(&r, o.user, o.group)?;
     }
     let landlock = crate::sandbox::confine(&plan)
         .map_err(|e| format!("Cannot confine pcache (no_new_privs, capabilities): {e}"))?;

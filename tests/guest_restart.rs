@@ -277,3 +277,73 @@ fn a_guest_verifies_every_write_across_ten_restarts_of_pcache() {
         "no restart had requests in flight to run again"
     );
 }
+
+/// A system call the sandbox forbids ends pcache under a running guest
+/// (through a hook only test builds have, in the middle of a request): the
+/// log names the call, and the next pcache runs the requests the dead one
+/// had taken again from QEMU's inflight region; the guest's fio passes
+/// verify and its kernel sees no I/O error.
+#[test]
+fn a_forbidden_call_under_a_guest_ends_pcache_and_the_next_runs_its_requests_again() {
+    preflight();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(256 * MIB)
+        .unwrap();
+    let cache = dir.path().join("cache.img");
+    let sock = dir.path().join("vub.sock");
+    let serve = |n: usize, hook: Option<&str>| {
+        let mut cmd = serve_cmd_on(&cache, &disk, &sock, QUEUES, &["--cache-size", "512M"]);
+        if let Some(at) = hook {
+            cmd.env("PCACHE_TEST_FORBIDDEN_AT", at);
+        }
+        Server::start(cmd, dir.path(), &sock, &format!("serve-{n}"))
+    };
+    let mut first = serve(0, Some("3000"));
+    let cmd = r#"F="fio --filename=/dev/vda --iodepth=16 --ioengine=libaio --direct=1 --eta=never --output=/tmp/fio --verify=crc32c --name=w --rw=randwrite --bs=4k --size=16M"
+for p in 1 2 3 4 5 6; do
+ $F --offset=$(( (p % 2) * 32 ))M --randseed=$p || { echo "CHECK FAILED pass $p"; cat /tmp/fio; exit 1; }
+ echo "PASS $p"
+done
+dmesg | grep -qiE "I/O error|blk_update_request" && { echo "DMESG-ERRORS"; dmesg | tail -20; exit 1; }
+echo ALL-VERIFIED"#;
+    let g = Guest::boot(
+        &sock,
+        cmd,
+        "forbidden",
+        &[
+            ("PCACHE_GUEST_QUEUES", QUEUES),
+            ("PCACHE_GUEST_RECONNECT", "1"),
+        ],
+    );
+    let st = first
+        .ended_within(Duration::from_secs(240))
+        .unwrap_or_else(|| {
+            panic!(
+                "pcache did not end at its forbidden call\n{}",
+                first.log_text()
+            )
+        });
+    let log = std::fs::read_to_string(&first.log).unwrap();
+    assert!(
+        log.contains("the sandbox refused system call ptrace (101)"),
+        "pcache ended ({st}) without naming the call:\n{}",
+        first.log_text()
+    );
+    let second = serve(1, None);
+    let (st, lines) = g.finish();
+    assert!(
+        st.success() && lines.iter().any(|l| l.contains("ALL-VERIFIED")),
+        "the guest failed ({st}) after the forbidden call\n{}",
+        second.log_text()
+    );
+    let again = std::fs::read_to_string(&second.log).unwrap();
+    assert!(
+        again.contains("running again the requests the previous backend left"),
+        "the next pcache ran nothing again:\n{}",
+        second.log_text()
+    );
+    second.stop();
+}

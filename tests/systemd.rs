@@ -70,6 +70,47 @@ fn the_template_units_pass_systemd_analyze_verify() {
     );
 }
 
+/// The service's own hardening, as `systemd-analyze security` scores it
+/// without a running systemd: at most 3.0 ("OK"; docs/operations.md says
+/// which settings remain open and why).
+#[test]
+fn the_service_unit_is_hardened() {
+    need("systemd-analyze");
+    let dir = tempfile::tempdir().unwrap();
+    let units = Path::new(ROOT).join("systemd");
+    std::fs::copy(
+        units.join("pcache@.service"),
+        dir.path().join("pcache@vm1-disk0.service"),
+    )
+    .unwrap();
+    let o = Command::new("systemd-analyze")
+        .current_dir(dir.path())
+        .args([
+            "security",
+            "--offline=true",
+            "--no-pager",
+            "./pcache@vm1-disk0.service",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let level: f64 = out
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for pcache@vm1-disk0.service: ")
+                .nth(1)
+        })
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level in:\n{out}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+    assert!(level <= 3.0, "exposure {level} (above 3.0):\n{out}");
+}
+
 /// Messages the service manager would get, as one string each.
 fn read_notes(sock: &UnixDatagram, until: &str, limit: Duration) -> Vec<String> {
     let end = Instant::now() + limit;

@@ -73,6 +73,8 @@ pub fn lock_down(plan: &Plan, landlock: String) -> io::Result<Confinement> {
     privs::become_user(plan.user, plan.group)?;
     privs::drop_capabilities()?;
     seccomp::install(plan.seccomp)?;
+    #[cfg(feature = "test-doubles")]
+    try_reads_for_tests();
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     Ok(Confinement {
@@ -88,6 +90,21 @@ pub fn lock_down(plan: &Plan, landlock: String) -> io::Result<Confinement> {
 /// first call in a thread). Threads call it where they loop.
 pub fn narrow(kind: Kind) {
     seccomp::narrow(kind)
+}
+
+/// Test builds only: `PCACHE_TEST_TRY_READ=A:B` makes the locked-down
+/// process try to read each path and say on stderr whether it could.
+#[cfg(feature = "test-doubles")]
+fn try_reads_for_tests() {
+    let Ok(paths) = std::env::var("PCACHE_TEST_TRY_READ") else {
+        return;
+    };
+    for p in paths.split(':').filter(|p| !p.is_empty()) {
+        match std::fs::read(p) {
+            Ok(_) => eprintln!("test read {p}: allowed"),
+            Err(e) => eprintln!("test read {p}: denied ({e})"),
+        }
+    }
 }
 
 /// Make a system call no allowlist has, for the tests (feature

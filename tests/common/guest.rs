@@ -131,6 +131,20 @@ impl Server {
         tail(&self.log)
     }
 
+    /// Wait up to `limit` for the server to end by itself; its status.
+    pub fn ended_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t = Instant::now();
+        let c = self.child.as_mut().expect("running");
+        while t.elapsed() < limit {
+            if let Some(st) = c.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// SIGKILL, and wait for it to die.
     pub fn kill(mut self) {
         let mut c = self.child.take().expect("running");

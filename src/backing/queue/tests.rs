@@ -698,3 +698,18 @@ fn queue_is_send() {
     assert_send::<BackingQueue>();
     assert_send::<Completion>();
 }
+
+#[test]
+fn a_ring_carries_only_the_operations_pcache_submits() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(disk_file(dir.path(), 1 << 20))
+        .unwrap();
+    let mut ring = match super::uring::Uring::new(std::os::fd::AsRawFd::as_raw_fd(&f), 4, None) {
+        Ok(r) => r,
+        Err(e) => panic!("io_uring with restrictions: {e} (a kernel of 5.10 or later has both)"),
+    };
+    assert_eq!(ring.nop_result(), -libc::EACCES);
+}

@@ -421,3 +421,19 @@ fn sqe_for(fd: RawFd, slots: &mut [Option<Slot>], idx: usize) -> Option<squeue::
     };
     Some(entry.user_data(idx as u64))
 }
+
+#[cfg(test)]
+impl Uring {
+    /// Submit one NOP, an operation pcache never uses; its result.
+    pub(super) fn nop_result(&mut self) -> i32 {
+        let e = opcode::Nop::new().build().user_data(u64::MAX);
+        // SAFETY: a NOP carries no buffer.
+        unsafe { self.ring.submission().push(&e) }.expect("a free entry");
+        self.ring.submit_and_wait(1).expect("submit");
+        self.ring
+            .completion()
+            .next()
+            .expect("a completion")
+            .result()
+    }
+}

@@ -38,6 +38,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 mod case;
+mod frontend;
+
+pub use frontend::Frontends;
 
 use super::conn::ServeConfig;
 use super::counters::Counters;
