@@ -117,8 +117,12 @@ fn make_base(kind: u8) -> Base {
 
 /// The first ksets of the log, walked from key_tail.
 fn find_ksets(path: &PathBuf) -> Vec<(u64, usize)> {
-    let img = std::fs::read(path).unwrap_or_default();
-    let at = |o: u64, n: usize| img.get(o as usize..o as usize + n);
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let at = |o: u64, n: usize| {
+        let mut v = vec![0u8; n];
+        f.read_exact_at(&mut v, o).ok().map(|()| v)
+    };
     let mut out = Vec::new();
     let (Some(a), Some(b)) = (
         at(KEY_TAIL_OFF[0], PosOnMedia::BYTES),
@@ -126,13 +130,15 @@ fn find_ksets(path: &PathBuf) -> Vec<(u64, usize)> {
     ) else {
         return out;
     };
-    let Ok(tail) = pick_latest::<PosOnMedia>([a, b], KEY_TAIL_OFF) else {
+    let Ok(tail) = pick_latest::<PosOnMedia>([&a, &b], KEY_TAIL_OFF) else {
         return out;
     };
     let tail = tail.rec;
     let mut pos = data_off(tail.seg, tail.off);
     while out.len() < 32 {
-        let Some(h) = at(pos, KSET_HEADER_BYTES) else { break };
+        let Some(h) = at(pos, KSET_HEADER_BYTES) else {
+            break;
+        };
         let magic = u64::from_le_bytes(h[8..16].try_into().unwrap());
         let n = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
         if magic != KSET_MAGIC || n > 128 {

@@ -130,25 +130,27 @@ impl Engine {
                 .map(|_| lsn)
         };
         // Scan the rest of the segment in chunks for the magic at 8-byte
-        // aligned offsets (ksets are 48 + 40n bytes from an aligned start).
+        // aligned offsets (ksets are 48 + 40n bytes from an aligned start),
+        // with a vectorised search: up to 16 MiB on every open.
         const CHUNK: usize = 64 << 10;
+        let magic = format::KSET_MAGIC.to_le_bytes();
+        let finder = memchr::memmem::Finder::new(&magic);
         let mut chunk = vec![0u8; CHUNK];
         let mut base = end.off as u64 + 8;
         while base + format::KSET_HEADER_BYTES as u64 <= SEG_DATA_BYTES {
             let n = (SEG_DATA_BYTES - base).min(CHUNK as u64) as usize;
             self.region
                 .read(data_off(end.seg, base as u32), &mut chunk[..n]);
-            let mut i = 0;
-            while i + 16 <= n {
-                if u64::from_le_bytes(chunk[i + 8..i + 16].try_into().expect("8 bytes"))
-                    == format::KSET_MAGIC
-                {
-                    let off = (base + i as u64) as u32;
-                    if let Some(lsn) = probe(end.seg, off) {
-                        return Some(((end.seg, off), lsn));
-                    }
+            // The magic sits 8 bytes into a header that starts at an
+            // offset from `base` that is a multiple of 8.
+            for p in finder.find_iter(&chunk[..n]) {
+                if p < 8 || (p - 8) % 8 != 0 {
+                    continue;
                 }
-                i += 8;
+                let off = (base + (p - 8) as u64) as u32;
+                if let Some(lsn) = probe(end.seg, off) {
+                    return Some(((end.seg, off), lsn));
+                }
             }
             // Step back 8 so a header straddling the chunk edge is seen.
             base += (n as u64).saturating_sub(8).max(8);
