@@ -70,6 +70,8 @@ pub struct QueueState {
     /// The connection's fault stamp: once a frontend mapping faulted,
     /// every answer is an error.
     since: Stamp,
+    /// A broken available ring was reported (once per connection).
+    broken_ring_said: bool,
 }
 
 impl QueueState {
@@ -85,6 +87,7 @@ impl QueueState {
             track,
             poll: PollWindow::default(),
             since,
+            broken_ring_said: false,
         }
     }
 
@@ -142,11 +145,13 @@ impl QueueState {
                     .disable_notification()
                     .map_err(io::Error::other)?;
             }
+            let before = ring.vring.queue_next_avail();
             if self.drain_avail(c, ring)? {
                 // Full: notifications stay off; answers bring the worker
                 // back to the ring (`on_disk`).
                 break;
             }
+            let took_none = ring.vring.queue_next_avail() == before;
             if c.is_stopping() {
                 // Nothing more is taken: what the driver adds now is left
                 // in the ring for the next process.
@@ -156,6 +161,20 @@ impl QueueState {
                 continue;
             }
             if !event_idx || !ring.vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+            if took_none && !ring.avail_pending(&c.mem.memory()) {
+                // The ring says more is there but nothing could be taken:
+                // an available index the driver broke (more ahead than the
+                // ring holds). Spinning on it would give the guest a core;
+                // the next kick looks again.
+                if !self.broken_ring_said {
+                    self.broken_ring_said = true;
+                    tracing::warn!(
+                        next = before,
+                        "the driver's available ring index is invalid; waiting for the next kick"
+                    );
+                }
                 break;
             }
         }

@@ -125,13 +125,17 @@ impl Ring {
     /// now. One load from guest memory; no notification state changes. A
     /// ring being stopped (not ready) has none: what the driver added stays
     /// for whoever starts it next, and a worker polling it must not spin on
-    /// requests it can no longer take.
+    /// requests it can no longer take. Nor on an index more than the ring
+    /// holds ahead of ours: a broken driver's, from which nothing can be
+    /// taken.
     pub fn avail_pending(&self, mem: &Mem) -> bool {
         let st = self.vring.get_ref();
         let q = st.get_queue();
         q.ready()
-            && q.avail_idx(mem, Ordering::Acquire)
-                .is_ok_and(|avail| avail.0 != q.next_avail())
+            && q.avail_idx(mem, Ordering::Acquire).is_ok_and(|avail| {
+                let ahead = avail.0.wrapping_sub(q.next_avail());
+                ahead != 0 && ahead <= q.size()
+            })
     }
 }
 
