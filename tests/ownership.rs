@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Output;
 
 use common::{check_block, fill_block, pcache, text, Client, Disk};
@@ -319,6 +320,27 @@ fn every_command_that_could_write_a_cache_someone_owns_is_refused_and_changes_no
     assert!(o.status.success(), "{}", text(&o));
 }
 
+/// `pcache serve` on `socket`, with a new cache and backing file in `dir`,
+/// and `extra`.
+fn serve_new_in(dir: &Path, socket: &Path, extra: &[&str]) -> Vec<String> {
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let mut args: Vec<String> = ["serve", "--socket", socket.to_str().unwrap()]
+        .map(String::from)
+        .to_vec();
+    args.extend([
+        "--cache".into(),
+        p("cache.img"),
+        "--cache-size".into(),
+        "512M".into(),
+        "--backing".into(),
+        p("disk.img"),
+        "--backing-size".into(),
+        "16M".into(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 #[test]
 fn what_pcache_creates_is_not_readable_by_other_users() {
     use std::os::unix::fs::PermissionsExt;
@@ -327,21 +349,7 @@ fn what_pcache_creates_is_not_readable_by_other_users() {
     // A socket name without `.sock`: its control socket is its name
     // plus `.ctl`, not a name a sibling disk would share.
     let socket = p("vm1.disk0");
-    let args: Vec<String> = [
-        "serve",
-        "--socket",
-        socket.to_str().unwrap(),
-        "--cache",
-        p("cache.img").to_str().unwrap(),
-        "--cache-size",
-        "512M",
-        "--backing",
-        p("disk.img").to_str().unwrap(),
-        "--backing-size",
-        "16M",
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = serve_new_in(dir.path(), &socket, &[]);
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pcache"));
     cmd.args(&args);
     let server = common::Server::start_cmd(cmd, &socket);
@@ -368,25 +376,7 @@ fn a_socket_is_born_with_its_owner_and_mode_and_no_lock_link_is_followed() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    let serve = |socket: &std::path::Path, extra: &[&str]| {
-        let mut args: Vec<String> = [
-            "serve",
-            "--socket",
-            socket.to_str().unwrap(),
-            "--cache",
-            p("cache.img").to_str().unwrap(),
-            "--cache-size",
-            "512M",
-            "--backing",
-            p("disk.img").to_str().unwrap(),
-            "--backing-size",
-            "16M",
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
-    };
+    let serve = |socket: &Path, extra: &[&str]| serve_new_in(dir.path(), socket, extra);
     let socket = p("vm1.sock");
     let args = serve(
         &socket,
