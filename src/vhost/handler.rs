@@ -390,6 +390,13 @@ impl VhostUserBackendReqHandlerMut for Handler {
         let vring = self.vring(q as u32)?.clone();
         // The old fd is about to close: stop watching it first.
         self.workers[q].set_kick(None);
+        if let Some(f) = &file {
+            // A worker woken by the old fd reads the new one: with a
+            // blocking fd a frontend gave (QEMU's are not), that read
+            // would wait forever holding the ring, and the next message
+            // with it.
+            crate::util::set_nonblocking(f.as_raw_fd()).map_err(Error::ReqHandlerError)?;
+        }
         vring.set_kick(file);
         self.maybe_start(q)?;
         self.update_registration(q);
@@ -399,6 +406,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
     fn set_vring_call(&mut self, index: u8, file: Option<File>) -> Result<()> {
         let q = index as usize;
         let vring = self.vring(q as u32)?.clone();
+        if let Some(f) = &file {
+            // An eventfd a frontend filled to its limit would block our
+            // signal, with the ring held.
+            crate::util::set_nonblocking(f.as_raw_fd()).map_err(Error::ReqHandlerError)?;
+        }
         vring.set_call(file);
         self.maybe_start(q)?;
         // Requests returned while the ring had no call fd (QEMU sets it
