@@ -22,9 +22,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use pcache::engine::{DataHead, Engine, FormatOptions, OpenOptions};
 use pcache::format::{
-    data_off, pick_latest, record_crc, seg_off, MetaRecord, PosOnMedia, CACHE_INFO_OFF, DIRTY_TAIL_OFF, KEY_BYTES,
-    KEY_TAIL_OFF, KSET_HEADER_BYTES, KSET_MAGIC, SB_BYTES, SB_OFF, SEG_GEN_OFF, SEG_INFO_OFF,
-    SLOT_HEADER_BYTES, WB_TARGET_OFF,
+    data_off, pick_latest, record_crc, seg_off, MetaRecord, PosOnMedia, CACHE_INFO_OFF,
+    DIRTY_TAIL_OFF, KEY_BYTES, KEY_TAIL_OFF, KSET_HEADER_BYTES, KSET_MAGIC, SB_BYTES, SB_OFF,
+    SEG_GEN_OFF, SEG_INFO_OFF, SLOT_HEADER_BYTES, WB_TARGET_OFF,
 };
 use pcache::pmem::{Region, RegionOptions};
 
@@ -33,9 +33,9 @@ const BACKING_BYTES: u64 = 256 << 20;
 
 /// One base image, mapped once for the run (an input's damage is written
 /// through the file and seen through the mapping), and where its records
-/// are.
+/// are. Its file is unlinked once open: the run leaves nothing on tmpfs.
 struct Base {
-    path: PathBuf,
+    file: std::fs::File,
     region: Arc<Region>,
     /// Byte offsets and lengths of the first ksets of the log.
     ksets: Vec<(u64, usize)>,
@@ -108,8 +108,15 @@ fn make_base(kind: u8) -> Base {
         )
         .unwrap(),
     );
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&d);
     Base {
-        path,
+        file,
         region,
         ksets,
     }
@@ -160,7 +167,10 @@ fn record(base: &Base, what: u8, index: u8) -> Option<(u64, usize)> {
         2 => (KEY_TAIL_OFF[r], PosOnMedia::BYTES),
         3 => (DIRTY_TAIL_OFF[r], PosOnMedia::BYTES),
         4 => (WB_TARGET_OFF[r], 32),
-        5 => (pcache::format::slot_off(index as usize % 16), SLOT_HEADER_BYTES),
+        5 => (
+            pcache::format::slot_off(index as usize % 16),
+            SLOT_HEADER_BYTES,
+        ),
         6 => (
             pcache::format::staged_key_off(index as usize % 16, (index / 16) as usize % 4),
             KEY_BYTES,
@@ -177,11 +187,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let bases = bases().lock().unwrap();
     let base = &bases[pick as usize % bases.len()];
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&base.path)
-        .unwrap();
+    let file = &base.file;
     use std::os::unix::fs::FileExt;
     // (offset, bytes before), to undo.
     let mut undo: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -204,7 +210,7 @@ fuzz_target!(|data: &[u8]| {
         }
         file.write_all_at(&rec, off).unwrap();
     }
-    let before = std::fs::metadata(&base.path).unwrap().modified().ok();
+    let before = file.metadata().unwrap().modified().ok();
     {
         if let Ok(e) = Engine::open(base.region.clone(), &OpenOptions { read_only: true }) {
             // Read through whatever index the keys built.
@@ -219,7 +225,7 @@ fuzz_target!(|data: &[u8]| {
     }
     // Opening read-only never writes.
     assert_eq!(
-        std::fs::metadata(&base.path).unwrap().modified().ok(),
+        file.metadata().unwrap().modified().ok(),
         before,
         "a read-only open wrote the image"
     );
