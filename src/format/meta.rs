@@ -228,9 +228,22 @@ impl CacheInfo {
     /// superblock was formatted for (a smaller `disk_sectors` is corrupt).
     pub fn disk_bytes(&self, backing_bytes: u64) -> Result<u64> {
         if self.disk_sectors == 0 {
+            // Every table sized by the disk assumes at most MAX_DISK_BYTES.
+            if backing_bytes > super::layout::MAX_DISK_BYTES {
+                return Err(Error::Corrupt {
+                    what: "superblock",
+                    offset: super::layout::SB_OFF,
+                    detail: format!(
+                        "backing size {backing_bytes} above {}",
+                        super::layout::MAX_DISK_BYTES
+                    ),
+                });
+            }
             return Ok(backing_bytes);
         }
-        let bytes = self.disk_sectors * super::layout::SECTOR_BYTES;
+        let bytes = self
+            .disk_sectors
+            .saturating_mul(super::layout::SECTOR_BYTES);
         if bytes < backing_bytes || bytes > super::layout::MAX_DISK_BYTES {
             return Err(Error::Corrupt {
                 what: Self::NAME,

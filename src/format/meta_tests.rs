@@ -230,6 +230,13 @@ fn an_unknown_cache_mode_is_corrupt_and_the_disk_size_is_checked() {
     assert!(info(crate::format::MAX_DISK_BYTES / 512 + 1)
         .disk_bytes(sb.backing_bytes)
         .is_err());
+    // A superblock's backing size past the largest disk, with no disk size
+    // of its own in cache_info: refused, not sized into the index (the
+    // image fuzz target's crash).
+    assert!(info(0)
+        .disk_bytes(crate::format::MAX_DISK_BYTES + 512)
+        .is_err());
+    assert!(info(u64::MAX).disk_bytes(sb.backing_bytes).is_err());
 }
 
 /// Two replicas of `pos()` with sequence numbers `s0` and `s1`.
