@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{check_block, fill_block, Client, Disk, Server};
+use common::{fill_block, verify_all_blocks, write_all_blocks, Client, Disk, Server};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
@@ -116,14 +116,8 @@ fn assert_closed(f: &mut Frontend, after: &str) {
 /// A client writes blocks and reads them back: the process still serves.
 fn serves_and_verifies(sock: &Path, version: u64) {
     let mut c = Client::connect(sock, 1, 1 << 20);
-    for b in 0..64u64 {
-        fill_block(&mut c.mem()[..BLOCK], b, version);
-        assert_eq!(c.write_sync(0, b * BLOCK as u64, 0, BLOCK), 0);
-    }
-    for b in 0..64u64 {
-        assert_eq!(c.read_sync(0, b * BLOCK as u64, 0, BLOCK), 0);
-        assert_eq!(check_block(&c.mem()[..BLOCK], b), Ok(version));
-    }
+    write_all_blocks(&mut c, 0, 64, version);
+    verify_all_blocks(&mut c, 0, 64, |_| version);
 }
 
 #[test]

@@ -9,10 +9,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use common::{check_block, fill_block, Client, Disk, Server};
+use common::{verify_all_blocks, write_all_blocks, Client, Disk, Server};
 
 const MIB: u64 = 1 << 20;
-const BLOCK: usize = 4096;
 
 /// `Name:` fields of /proc/PID/task/TID/status, for every thread.
 fn threads(pid: u32) -> Vec<BTreeMap<String, String>> {
@@ -35,14 +34,8 @@ fn threads(pid: u32) -> Vec<BTreeMap<String, String>> {
 }
 
 fn write_and_verify(c: &mut Client, version: u64) {
-    for b in 0..64u64 {
-        fill_block(&mut c.mem()[..BLOCK], b, version);
-        assert_eq!(c.write_sync(0, b * BLOCK as u64, 0, BLOCK), 0);
-    }
-    for b in 0..64u64 {
-        assert_eq!(c.read_sync(0, b * BLOCK as u64, 0, BLOCK), 0);
-        assert_eq!(check_block(&c.mem()[..BLOCK], b), Ok(version));
-    }
+    write_all_blocks(c, 0, 64, version);
+    verify_all_blocks(c, 0, 64, |_| version);
 }
 
 #[test]
@@ -108,10 +101,7 @@ fn with_user_every_thread_runs_as_that_user_without_capabilities() {
     // What it wrote as that user is there for the next process.
     let server = disk.serve(&["--num-queues", "1"]);
     let mut c = Client::connect(&disk.socket, 1, 1 << 20);
-    for b in 0..64u64 {
-        assert_eq!(c.read_sync(0, b * BLOCK as u64, 0, BLOCK), 0);
-        assert_eq!(check_block(&c.mem()[..BLOCK], b), Ok(1));
-    }
+    verify_all_blocks(&mut c, 0, 64, |_| 1);
     drop(c);
     server.stop();
 }

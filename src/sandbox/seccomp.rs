@@ -250,41 +250,40 @@ thread_local! {
     static NARROWED: Cell<bool> = const { Cell::new(false) };
 }
 
-fn program(calls: &[i64], mode: SeccompMode) -> io::Result<BpfProgram> {
+/// A filter that answers `calls` with `on_match` and everything else
+/// with `otherwise`, compiled for this machine.
+fn compile(
+    calls: &[i64],
+    otherwise: SeccompAction,
+    on_match: SeccompAction,
+) -> io::Result<BpfProgram> {
+    let err = |e: &dyn std::fmt::Display| io::Error::other(format!("seccomp: {e}"));
     let rules: BTreeMap<i64, Vec<SeccompRule>> = calls.iter().map(|&c| (c, vec![])).collect();
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| io::Error::other(format!("seccomp: {e:?}")))?;
+    let filter = SeccompFilter::new(rules, otherwise, on_match, arch).map_err(|e| err(&e))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| err(&e))
+}
+
+/// The allowlist `calls`: anything else traps (or is logged).
+fn program(calls: &[i64], mode: SeccompMode) -> io::Result<BpfProgram> {
     let mismatch = match mode {
         SeccompMode::Log => SeccompAction::Log,
         _ => SeccompAction::Trap,
     };
-    let filter = SeccompFilter::new(
-        rules,
-        mismatch,
-        SeccompAction::Allow,
-        std::env::consts::ARCH
-            .try_into()
-            .map_err(|e| io::Error::other(format!("seccomp: {e:?}")))?,
-    )
-    .map_err(|e| io::Error::other(format!("seccomp: {e}")))?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| io::Error::other(format!("seccomp: {e}")))
+    compile(calls, mismatch, SeccompAction::Allow)
 }
 
 /// `clone3` answers ENOSYS; everything else passes this filter.
 fn no_clone3() -> io::Result<BpfProgram> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_clone3, vec![])].into();
-    let filter = SeccompFilter::new(
-        rules,
+    compile(
+        &[libc::SYS_clone3],
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
-        std::env::consts::ARCH
-            .try_into()
-            .map_err(|e| io::Error::other(format!("seccomp: {e:?}")))?,
     )
-    .map_err(|e| io::Error::other(format!("seccomp: {e}")))?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| io::Error::other(format!("seccomp: {e}")))
 }
 
 /// Install the process list on every thread (see the module doc).

@@ -50,6 +50,8 @@ mod worker;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;
 #[cfg(test)]
+mod spin_tests;
+#[cfg(test)]
 mod tests;
 
 pub use config::{BlkConfig, PROTOCOL_FEATURES, VIRTIO_FEATURES};

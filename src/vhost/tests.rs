@@ -14,7 +14,7 @@ use crate::vhost::{Op, Outcome as Answer};
 
 const SERIAL: &str = "pcache-hostile-0001";
 
-fn harness(o: Options) -> Harness {
+pub(super) fn harness(o: Options) -> Harness {
     static N: AtomicUsize = AtomicUsize::new(0);
     let shm = std::path::Path::new("/dev/shm");
     let dir = if shm.is_dir() {
@@ -34,7 +34,7 @@ fn rw() -> Harness {
     harness(Options::default())
 }
 
-fn hdr(ty: u32, sector: u64) -> [u8; 16] {
+pub(super) fn hdr(ty: u32, sector: u64) -> [u8; 16] {
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&ty.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -725,95 +725,4 @@ fn while_logging_every_page_the_device_writes_is_marked_and_no_other() {
     let (_, st) = request(&mut h, hdr(types::IN, 0), &[Desc::w(0x10000, 4096)]);
     assert_eq!(st, status::OK);
     assert_eq!(dirty_pages(&log), Vec::<u64>::new());
-}
-
-#[test]
-fn a_worker_polling_a_ring_that_is_being_stopped_does_not_spin() {
-    worker_on_a_ring_being_stopped(false);
-}
-
-#[test]
-fn a_worker_re_enabling_notifications_on_a_ring_being_stopped_does_not_spin() {
-    worker_on_a_ring_being_stopped(true);
-}
-
-fn worker_on_a_ring_being_stopped(event_idx: bool) {
-    let mut h = harness(Options {
-        poll_us: 100_000,
-        ..Options::default()
-    });
-    h.set_event_idx(event_idx);
-    // Writes: they complete at once, in the cache.
-    let write = [
-        Desc::r(0x2000, 16),
-        Desc::r(0x10000, 512),
-        Desc::w(0x3000, 1),
-    ];
-    assert!(h.write_mem(0x2000, &hdr(types::OUT, 0)));
-    // Batches in quick succession open the polling window.
-    for _ in 0..12 {
-        h.offer_chain(&write);
-        h.kick().expect("kick");
-    }
-    assert_eq!(h.take_used().len(), 12);
-    // The frontend stops the ring while the driver has a request available
-    // that the worker has not taken: it stays for the next backend, and
-    // the worker must go back to sleep rather than poll for it forever
-    // (the frontend's GET_VRING_BASE waits for the worker's queue lock).
-    h.offer_chain(&write);
-    h.set_ready(false);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let r = h.kick();
-        let _ = tx.send((r.is_ok(), h.take_used().len()));
-    });
-    let (ok, used) = rx
-        .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("the worker kept polling a ring that is not ready");
-    assert!(ok);
-    assert_eq!(used, 0, "a request was taken from a stopped ring");
-}
-
-/// A driver that sets its available index further ahead than the ring
-/// holds (nothing can be taken from it) does not get a worker spinning on
-/// it, with or without EVENT_IDX and polling; the queue serves again once
-/// the index is sane. (Found by the `frontend` fuzz target.)
-#[test]
-fn an_available_index_past_the_ring_does_not_make_the_worker_spin() {
-    for event_idx in [false, true] {
-        let mut h = harness(Options {
-            poll_us: 100_000,
-            ..Options::default()
-        });
-        h.set_event_idx(event_idx);
-        let write = [
-            Desc::r(0x2000, 16),
-            Desc::r(0x10000, 512),
-            Desc::w(0x3000, 1),
-        ];
-        assert!(h.write_mem(0x2000, &hdr(types::OUT, 0)));
-        h.offer_chain(&write);
-        h.kick().expect("kick");
-        assert_eq!(h.take_used().len(), 1);
-        let next = h.read_mem(super::harness::AVAIL_RING + 2, 2).unwrap();
-        let next = u16::from_le_bytes([next[0], next[1]]);
-        // Ahead by more than the ring's 256 entries.
-        let avail_idx = super::harness::AVAIL_RING + 2;
-        assert!(h.write_mem(avail_idx, &next.wrapping_add(QUEUE_SIZE + 7).to_le_bytes()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let r = h.kick();
-            let _ = tx.send((r.is_ok(), h));
-        });
-        let (ok, mut h) = rx
-            .recv_timeout(std::time::Duration::from_secs(10))
-            .expect("the worker spins on a broken available index");
-        assert!(ok);
-        assert!(h.take_used().is_empty());
-        // Sane again: the next request is served.
-        assert!(h.write_mem(avail_idx, &next.to_le_bytes()));
-        h.offer_chain(&write);
-        h.kick().expect("kick");
-        assert_eq!(h.take_used().len(), 1, "event_idx {event_idx}");
-    }
 }
